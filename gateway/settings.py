@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="redis://... sends jobs to Celery workers")
     result_backend_url: str | None = Field(None, description="Celery result backend; default: the broker")
     artifact_url: str = Field("", description="file://... or s3://bucket/prefix")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://minio:9000")
     models_dir: Path = Field(Path("./models"), description="model cards and checkpoints")
     default_model: str = Field("demo-shapes-t2i", description="model used when a request names none")
     policy_file: Path = Field(
