@@ -1,0 +1,267 @@
+"""The `llamagen-gateway` command."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.settings import get_settings
+
+SUBCOMMAND_MODULES = ("gateway.commands.policy", "gateway.commands.audit", "gateway.commands.provenance")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line, with the request id and any extra fields."""
+
+    RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname,
+                                 "logger": record.name, "message": record.getMessage()}
+        entry.update({k: v for k, v in vars(record).items() if k not in self.RESERVED and not k.startswith("_")})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(json_logs: bool, level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if json_logs else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.main import create_app
+
+    settings = get_settings()
+    configure_logging(settings.log_json)
+    mode = "embedded (in-process worker)" if settings.embedded else f"distributed (broker {settings.broker_url})"
+    logging.getLogger("gateway").info("starting gateway on %s:%s, %s", args.host, args.port, mode)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None, access_log=False)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    if settings.embedded:
+        print("error: LLAMAGEN_GATEWAY_BROKER_URL is not set; the embedded gateway runs its own worker",
+              file=sys.stderr)
+        return 2
+    configure_logging(settings.log_json)
+    from generator.celery_app import GPU_QUEUE, app
+
+    argv = ["worker", "-Q", GPU_QUEUE, "--concurrency", str(args.concurrency or settings.worker_concurrency),
+            "--pool", args.pool, "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from audit.db import upgrade_database
+
+    settings = get_settings()
+    if settings.database_url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_database(settings.database_url)
+    print(f"database at {settings.database_url.split('@')[-1]} is at the latest schema")
+    return 0
+
+
+def cmd_dev_setup(args: argparse.Namespace) -> int:
+    """Embedded development set-up: the development CA and a development admin key (kept under DATA_DIR)."""
+    from audit.db import make_engine, make_session_factory
+    from audit.provenance import ensure_dev_ca
+    from gateway.auth import authenticate, create_key
+    from gateway.errors import Unauthorized
+
+    settings = get_settings()
+    if settings.env != "dev":
+        print("error: dev-setup is for LLAMAGEN_GATEWAY_ENV=dev only", file=sys.stderr)
+        return 2
+    if settings.uses_dev_ca:
+        ca = ensure_dev_ca(settings.dev_ca_dir)
+        print(f"development-only signing CA (not for production): {ca.chain_pem_path}")
+    key_file = settings.data_dir / "DEV-ONLY-api-key.txt"
+    sessions = make_session_factory(make_engine(settings.database_url))
+    with sessions() as session, session.begin():
+        token = key_file.read_text().strip() if key_file.is_file() else ""
+        try:
+            authenticate(session, token)
+        except Unauthorized:
+            token = create_key(session, role="admin", team="dev", name="development key (make run)",
+                               created_by="dev-setup")
+            key_file.write_text(token + "\n")
+            key_file.chmod(0o600)
+    print(f"development API key (role admin, team dev; also in {key_file}):")
+    print(token)
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from audit.db import make_engine, make_session_factory
+    from gateway.auth import create_key
+
+    settings = get_settings()
+    sessions = make_session_factory(make_engine(settings.database_url))
+    try:
+        with sessions() as session, session.begin():
+            token = create_key(session, role=args.role, team=args.team, name=args.name,
+                               created_by=f"cli:{getpass.getuser()}")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"created a {args.role} key for team {args.team}; it is shown once and stored only as a hash:")
+    print(token)
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from audit.db import make_engine, make_session_factory
+    from gateway.auth import revoke_key
+    from gateway.errors import NotFound
+
+    sessions = make_session_factory(make_engine(get_settings().database_url))
+    try:
+        with sessions() as session, session.begin():
+            revoke_key(session, args.key_id, revoked_by=f"cli:{getpass.getuser()}")
+    except NotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"revoked key {args.key_id}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from generator.registry import Registry
+
+    settings = get_settings()
+    cards = Registry(settings.models_dir).cards()
+    if not cards:
+        print(f"no model cards under {settings.models_dir}")
+    for card in cards:
+        state = "servable" if card.servable else "card only (weights not installed)"
+        print(f"{card.name:28} {card.task:4} v{card.version:8} {state}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """One governed generation from the shell: the full pipeline, in-process."""
+    from gateway.auth import Principal
+    from gateway.errors import ApiError
+    from gateway.schemas import GenerationCreate
+    from gateway.services import get_generation, submit_generation
+    from gateway.state import build_state, close_state
+
+    settings = get_settings()
+    configure_logging(json_logs=False, level=logging.WARNING)
+    try:
+        request = GenerationCreate.model_validate({
+            "model": args.model, "prompt": args.prompt, "class_id": args.class_id,
+            "params": {k: v for k, v in {"seed": args.seed, "cfg_scale": args.cfg_scale,
+                                          "num_images": args.num_images}.items() if v is not None}})
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    state = build_state(settings.model_copy(update={"broker_url": None}))
+    principal = Principal(key_id=f"cli:{getpass.getuser()}", role="creator", team=args.team)
+    try:
+        job = submit_generation(state=state, principal=principal, request=request, request_id="cli")
+        state.dispatcher.drain(timeout=args.timeout)  # type: ignore[attr-defined]
+        with state.ctx.sessions() as session:
+            job = get_generation(session=session, principal=principal, job_id=job.id)
+            print(f"generation {job.id}: {job.status} (policy {job.policy_revision})")
+            if job.error:
+                print(f"  {job.error}")
+            out = Path(args.output)
+            for image in job.images:
+                target = out if len(job.images) == 1 else out.with_stem(f"{out.stem}-{image['index']}")
+                target.write_bytes(state.ctx.artifacts.get(image["uri"]))
+                print(f"  wrote {target} (sha256 {image['sha256'][:16]}…, C2PA manifest {image['manifest_id']})")
+        return 0 if job.status == "completed" else 1
+    except ApiError as exc:
+        print(f"{exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        close_state(state)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamagen-gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gateway (embedded worker unless a broker is configured)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run a Celery GPU worker (queue gpu)")
+    p.add_argument("--concurrency", type=int, default=None)
+    p.add_argument("--pool", default="solo", choices=["solo", "prefork", "threads"])
+    p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--hostname", default=None)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("migrate", help="upgrade the database to the latest schema")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("dev-setup", help="embedded mode: development CA and a development API key")
+    p.set_defaults(func=cmd_dev_setup)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    p = keys.add_parser("create", help="create a key; prints it on the last line")
+    p.add_argument("--role", required=True, choices=["creator", "reviewer", "auditor", "policy_admin", "admin"])
+    p.add_argument("--team", required=True)
+    p.add_argument("--name", default="")
+    p.set_defaults(func=cmd_keys_create)
+    p = keys.add_parser("revoke", help="revoke a key by its id")
+    p.add_argument("key_id")
+    p.set_defaults(func=cmd_keys_revoke)
+
+    models = sub.add_parser("models", help="model cards").add_subparsers(dest="models_command", required=True)
+    p = models.add_parser("list", help="list model cards")
+    p.set_defaults(func=cmd_models_list)
+
+    p = sub.add_parser("generate", help="one governed generation from the shell (full pipeline)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--class-id", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--cfg-scale", type=float, default=None)
+    p.add_argument("--num-images", type=int, default=None)
+    p.add_argument("--team", default="cli")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("-o", "--output", default="generation.png")
+    p.set_defaults(func=cmd_generate)
+
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValidationError as exc:  # settings from the environment: name the variable, no traceback
+        for err in exc.errors():
+            name = "LLAMAGEN_GATEWAY_" + "_".join(str(p) for p in err["loc"]).upper()
+            print(f"configuration error: {name}: {err['msg']}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Dependency aliases, declared once: state, settings, database session and the authenticated caller."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from gateway.auth import Principal, authenticate
+from gateway.errors import ServiceUnavailable, Unauthorized
+from gateway.services import GatewayState
+from gateway.settings import Settings
+
+
+def get_state(request: Request) -> GatewayState:
+    state: GatewayState | None = getattr(request.app.state, "gateway", None)
+    if state is None:
+        raise ServiceUnavailable("the gateway is still starting")
+    return state
+
+
+StateDep = Annotated[GatewayState, Depends(get_state)]
+
+
+def get_settings_dep(state: StateDep) -> Settings:
+    return state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+def get_session(state: StateDep) -> Iterator[Session]:
+    with state.ctx.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if header and scheme.lower() != "bearer":
+        raise Unauthorized("use 'Authorization: Bearer <key>'")
+    return token.strip() or None
+
+
+def get_caller(request: Request, state: StateDep) -> Principal:
+    token = bearer_token(request)
+    try:
+        with state.ctx.sessions() as session:
+            principal = authenticate(session, token)
+    except Unauthorized:
+        raise
+    except Exception as exc:  # the key store is the database: if it is down, say so (503), never 500
+        raise ServiceUnavailable(f"the database is unavailable: {exc}") from exc
+    request.state.principal = principal
+    return principal
+
+
+CallerDep = Annotated[Principal, Depends(get_caller)]
+
+
+def request_id(request: Request) -> str:
+    return str(getattr(request.state, "request_id", ""))
+
+
+RequestIdDep = Annotated[str, Depends(request_id)]

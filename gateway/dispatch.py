@@ -1,0 +1,109 @@
+"""Hands accepted jobs to a worker: Celery (distributed) or an in-process worker thread (embedded).
+
+Both end in the same plain function, `generator.pipeline.run_jobs`; only settings choose which.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Protocol
+
+from generator.pipeline import PipelineContext, run_jobs
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher(Protocol):
+    def submit(self, job_id: str) -> None: ...
+
+    def close(self) -> None: ...
+
+    def ping(self) -> None: ...
+
+
+class LocalWorker:
+    """Embedded mode: one background thread drains the queue, batching up to `batch_size` jobs per run."""
+
+    def __init__(self, ctx: PipelineContext, *, batch_size: int, batch_wait_s: float) -> None:
+        self._ctx = ctx
+        self._batch_size = batch_size
+        self._batch_wait_s = batch_wait_s
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._loop, name="embedded-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, job_id: str) -> None:
+        self._idle.clear()
+        self._queue.put(job_id)
+
+    def ping(self) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError("the embedded worker thread has stopped")
+
+    def drain(self, timeout: float = 60.0) -> bool:
+        """Wait until every submitted job was run (tests and shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._queue.unfinished_tasks == 0:
+                return True
+            time.sleep(0.01)
+        return False
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                self._queue.task_done()
+                return
+            batch = [first]
+            deadline = time.monotonic() + self._batch_wait_s
+            stop = False
+            while len(batch) < self._batch_size:
+                try:
+                    item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    self._queue.task_done()
+                    break
+                batch.append(item)
+            try:
+                run_jobs(self._ctx, batch)
+            except Exception:  # a database fault here leaves the jobs queued; they are logged, not lost
+                log.exception("embedded worker could not run jobs %s", batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+            if stop:
+                return
+
+
+class CeleryDispatcher:
+    """Distributed mode: send the job id to the `gpu` queue; any Celery worker runs it."""
+
+    def __init__(self, broker_url: str, backend_url: str | None = None) -> None:
+        from generator.celery_app import make_celery
+
+        self._app = make_celery(broker_url, backend_url)
+
+    def submit(self, job_id: str) -> None:
+        from generator.celery_app import GPU_QUEUE, RUN_GENERATION
+
+        self._app.send_task(RUN_GENERATION, args=[job_id], queue=GPU_QUEUE)
+
+    def ping(self) -> None:
+        with self._app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+
+    def close(self) -> None:
+        self._app.close()

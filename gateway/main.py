@@ -1,0 +1,108 @@
+"""Assembles the app: lifespan, middleware, routers, error handlers."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway import metrics
+from gateway.errors import ApiError
+from gateway.routes import audit, generations, health, models, moderations, policies, provenance, review
+from gateway.settings import Settings, get_settings
+from gateway.state import build_state, close_state
+
+log = logging.getLogger("gateway")
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
+              415: "unsupported_media_type", 422: "invalid_request", 429: "rate_limited",
+              503: "service_unavailable"}
+
+
+def error_response(status: int, code: str, message: str, request_id: str,
+                   details: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message, "request_id": request_id}
+    if details:
+        body["details"] = details
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def _rid(request: Request) -> str:
+    return str(getattr(request.state, "request_id", "")) or str(uuid.uuid4())
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"
+
+
+def create_app(settings: Settings | None = None, state: Any = None) -> FastAPI:
+    """The gateway app. Tests may pass a prebuilt `state` (a `services.GatewayState`)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = state is None
+        app.state.gateway = state if state is not None else build_state(settings or get_settings())
+        try:
+            yield
+        finally:
+            if owned:
+                close_state(app.state.gateway)
+
+    app = FastAPI(title="llamagen-gateway", version="0.1.0", lifespan=lifespan,
+                  description="Governed LlamaGen image generation: screened, signed with C2PA, audited.")
+
+    @app.middleware("http")
+    async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        incoming = request.headers.get("x-request-id", "")
+        request.state.request_id = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else str(uuid.uuid4())
+        started = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:  # last resort: the error body, never a bare traceback
+            log.exception("unhandled error", extra={"request_id": request.state.request_id})
+            response = error_response(500, "internal_error", "internal error; see the gateway log",
+                                      request.state.request_id)
+        elapsed = time.perf_counter() - started
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.observe_request(request.method, path, response.status_code, elapsed)
+        response.headers["X-Request-ID"] = request.state.request_id
+        log.info("request", extra={"request_id": request.state.request_id, "method": request.method,
+                                   "path": path, "status": response.status_code,
+                                   "ms": round(elapsed * 1000, 1)})
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, _rid(request), exc.details, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, "invalid_request", _validation_message(exc), _rid(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), _rid(request),
+                              headers=dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", extra={"request_id": _rid(request)})
+        return error_response(500, "internal_error", "internal error; see the gateway log", _rid(request))
+
+    for module in (generations, moderations, models, policies, review, audit, provenance, health):
+        app.include_router(module.router)
+    return app

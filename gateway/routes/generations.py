@@ -1,0 +1,58 @@
+"""POST/GET /v1/generations and the signed images."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+
+from audit.models import Job
+from gateway import services
+from gateway.deps import CallerDep, RequestIdDep, SessionDep, StateDep
+from gateway.schemas import ErrorResponse, GenerationCreate, GenerationPublic, ImagePublic, Page
+
+router = APIRouter(prefix="/v1/generations", tags=["generations"])
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 422, 429, 503)}
+
+
+def to_public(job: Job, request: Request) -> GenerationPublic:
+    base = str(request.base_url).rstrip("/")
+    images = [ImagePublic(index=i["index"], sha256=i["sha256"], manifest_id=i["manifest_id"],
+                          audit_event_id=i["event_id"], width=i["width"], height=i["height"],
+                          url=f"{base}/v1/generations/{job.id}/images/{i['index']}") for i in job.images]
+    return GenerationPublic(id=job.id, status=job.status, model=job.model, model_card_hash=job.model_card_hash,
+                            team=job.team, task=job.task, prompt=job.prompt, class_id=job.class_id,
+                            params=job.params, policy_revision=job.policy_revision, decisions=job.decisions,
+                            images=images, error=job.error, timings=job.timings or {}, cost=job.cost or {},
+                            review=job.review, created_at=job.created_at, updated_at=job.updated_at)
+
+
+@router.post("", status_code=202, response_model=GenerationPublic, responses=ERRORS,
+             summary="Submit a governed generation")
+def create_generation(body: GenerationCreate, request: Request, state: StateDep, caller: CallerDep,
+                      request_id: RequestIdDep) -> GenerationPublic:
+    job = services.submit_generation(state=state, principal=caller, request=body, request_id=request_id)
+    return to_public(job, request)
+
+
+@router.get("", response_model=Page[GenerationPublic], responses=ERRORS, summary="List generations")
+def list_generations(request: Request, session: SessionDep, caller: CallerDep,
+                     status: Annotated[str | None, Query(max_length=16)] = None,
+                     limit: Annotated[int, Query(ge=1, le=200)] = 50,
+                     offset: Annotated[int, Query(ge=0)] = 0) -> Page[GenerationPublic]:
+    jobs, total = services.list_generations(session=session, principal=caller, status=status, limit=limit,
+                                            offset=offset)
+    return Page[GenerationPublic](data=[to_public(j, request) for j in jobs], count=total)
+
+
+@router.get("/{job_id}", response_model=GenerationPublic, responses=ERRORS, summary="Status, decisions, images")
+def get_generation(job_id: str, request: Request, session: SessionDep, caller: CallerDep) -> GenerationPublic:
+    return to_public(services.get_generation(session=session, principal=caller, job_id=job_id), request)
+
+
+@router.get("/{job_id}/images/{index}", responses={200: {"content": {"image/png": {}}}, **ERRORS},
+            response_class=Response, summary="The signed PNG (C2PA manifest embedded)")
+def get_image(job_id: str, index: int, state: StateDep, session: SessionDep, caller: CallerDep) -> Response:
+    data = services.image_bytes(state=state, session=session, principal=caller, job_id=job_id, index=index)
+    return Response(content=data, media_type="image/png",
+                    headers={"Content-Disposition": f'inline; filename="{job_id}-{index}.png"'})

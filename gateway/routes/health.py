@@ -1,0 +1,32 @@
+"""Liveness, readiness (database, broker, signer, policy) and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway import services
+from gateway.deps import StateDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="Liveness")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: database, broker, signer, policy")
+def readyz(state: StateDep) -> JSONResponse:
+    checks: dict[str, Any] = services.readiness(state=state)
+    ready = all(c["ok"] for c in checks.values())
+    return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
+                        status_code=200 if ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,19 @@
+"""POST /v1/moderations: screen a prompt only."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from gateway import services
+from gateway.deps import CallerDep, RequestIdDep, StateDep
+from gateway.routes.generations import ERRORS
+from gateway.schemas import ModerationCreate, ModerationPublic
+
+router = APIRouter(prefix="/v1/moderations", tags=["moderations"])
+
+
+@router.post("", response_model=ModerationPublic, responses=ERRORS, summary="Screen a prompt (audited)")
+def create_moderation(body: ModerationCreate, state: StateDep, caller: CallerDep,
+                      request_id: RequestIdDep) -> ModerationPublic:
+    return ModerationPublic(**services.moderate(state=state, principal=caller, request=body,
+                                                request_id=request_id))

@@ -1,0 +1,30 @@
+"""POST /v1/provenance/verify: the C2PA report, valid signature and trusted signer told apart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from gateway import services
+from gateway.deps import CallerDep, StateDep
+from gateway.errors import InvalidRequest
+from gateway.routes.generations import ERRORS
+
+router = APIRouter(prefix="/v1/provenance", tags=["provenance"])
+MAX_UPLOAD = 50 * 1024 * 1024
+IMAGE_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "image/png": {"schema": {"type": "string", "format": "binary"}},
+    "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+@router.post("/verify", response_model=dict[str, Any], responses=ERRORS, openapi_extra=IMAGE_BODY,
+             summary="Verify an image's C2PA manifest (send the image bytes as the body)")
+async def verify(request: Request, state: StateDep, caller: CallerDep) -> dict[str, Any]:
+    data = await request.body()
+    if not data:
+        raise InvalidRequest("send the image bytes as the request body")
+    if len(data) > MAX_UPLOAD:
+        raise InvalidRequest(f"upload is larger than {MAX_UPLOAD} bytes")
+    mime = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return services.verify_provenance(state=state, data=data, mime=mime)

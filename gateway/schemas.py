@@ -1,0 +1,145 @@
+"""API request and response models (apart from the ORM models)."""
+
+from __future__ import annotations
+
+import unicodedata
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+T = TypeVar("T")
+Action = Literal["allow", "flag", "review", "block"]
+Status = Literal["queued", "review", "running", "completed", "blocked", "failed"]
+ALLOWED_CONTROL = {"\n", "\t"}
+
+
+def check_text(value: str, *, field: str) -> str:
+    bad = [c for c in value if unicodedata.category(c) == "Cc" and c not in ALLOWED_CONTROL]
+    if bad:
+        raise ValueError(f"{field} contains control characters ({', '.join(repr(c) for c in bad[:3])})")
+    if not value.strip():
+        raise ValueError(f"{field} must not be blank")
+    return value
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingParamsIn(Strict):
+    cfg_scale: float | None = Field(None, ge=1.0, le=20.0, description="classifier-free guidance scale")
+    temperature: float | None = Field(None, gt=0.0, le=5.0)
+    top_k: int | None = Field(None, ge=0, le=65536, description="0 disables top-k")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="1.0 disables top-p")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="omitted: drawn and recorded")
+    num_images: int = Field(1, ge=1, le=16)
+
+
+class GenerationCreate(Strict):
+    model: str | None = Field(None, min_length=1, max_length=128, description="model card name; default model if omitted")
+    prompt: str | None = Field(None, min_length=1, max_length=4000, description="text-to-image models")
+    class_id: int | None = Field(None, ge=0, description="class-conditional models")
+    params: SamplingParamsIn = Field(default_factory=SamplingParamsIn)
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": "demo-shapes-t2i", "prompt": "a small red star above a large blue circle on a white background",
+         "params": {"cfg_scale": 3.0, "seed": 7, "num_images": 1}},
+        {"model": "demo-shapes-c2i", "class_id": 3, "params": {"seed": 1}},
+    ]})
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, value: str | None) -> str | None:
+        return None if value is None else check_text(value, field="prompt")
+
+    @model_validator(mode="after")
+    def _one_condition(self) -> GenerationCreate:
+        if self.prompt is None and self.class_id is None:
+            raise ValueError("give a prompt (text-to-image) or a class_id (class-conditional)")
+        return self
+
+
+class ModerationCreate(Strict):
+    prompt: str = Field(..., min_length=1, max_length=4000)
+    model: str | None = Field(None, min_length=1, max_length=128)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, value: str) -> str:
+        return check_text(value, field="prompt")
+
+
+class ImagePublic(BaseModel):
+    index: int
+    sha256: str
+    url: str
+    manifest_id: str
+    audit_event_id: str
+    width: int
+    height: int
+
+
+class GenerationPublic(BaseModel):
+    id: str
+    status: Status
+    model: str
+    model_card_hash: str
+    team: str
+    task: str
+    prompt: str | None = None
+    class_id: int | None = None
+    params: dict[str, Any]
+    policy_revision: str
+    decisions: dict[str, Any]
+    images: list[ImagePublic]
+    error: str | None = None
+    timings: dict[str, Any]
+    cost: dict[str, Any]
+    review: dict[str, Any] | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class ModerationPublic(BaseModel):
+    decision: dict[str, Any]
+    classifiers: list[dict[str, Any]]
+    policy_revision: str
+    audit_event_id: str
+
+
+class ReviewDecisionIn(Strict):
+    decision: Literal["approve", "reject"]
+    reason: str = Field(..., min_length=3, max_length=2000, description="required: why")
+
+    @field_validator("reason")
+    @classmethod
+    def _reason_text(cls, value: str) -> str:
+        return check_text(value, field="reason")
+
+
+class PolicyPublic(BaseModel):
+    revision: str
+    policy_id: str
+    version: str
+    author: str
+    reason: str
+    created_at: datetime
+    active: bool
+    source: str | None = None
+
+
+class Page(BaseModel, Generic[T]):
+    data: list[T]
+    count: int
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    request_id: str
+    details: dict[str, Any] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

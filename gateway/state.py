@@ -1,0 +1,41 @@
+"""Builds and tears down what the gateway holds: pipeline context, policy, dispatcher, checkpoint timer."""
+
+from __future__ import annotations
+
+import logging
+
+from audit.checkpoints import CheckpointTimer
+from gateway.dispatch import CeleryDispatcher, Dispatcher, LocalWorker
+from gateway.services import GatewayState
+from gateway.settings import Settings
+from generator.pipeline import build_context
+
+log = logging.getLogger(__name__)
+
+
+def build_state(settings: Settings, *, dispatcher: Dispatcher | None = None) -> GatewayState:
+    """Open the database, load the registry and signer, activate the first policy, start the worker."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    ctx = build_context(settings)
+    ctx.policies.bootstrap(settings.policy_file)
+    if dispatcher is None:
+        if settings.embedded:
+            dispatcher = LocalWorker(ctx, batch_size=settings.worker_batch_size,
+                                     batch_wait_s=settings.worker_batch_wait_ms / 1000)
+        else:
+            assert settings.broker_url is not None
+            dispatcher = CeleryDispatcher(settings.broker_url, settings.result_backend_url)
+    state = GatewayState(settings=settings, ctx=ctx, dispatcher=dispatcher)
+    state.checkpoints = CheckpointTimer(ctx.sessions, settings.signing_key, settings.signing_cert,
+                                        interval_s=settings.checkpoint_interval_s)
+    state.checkpoints.start()
+    log.info("gateway ready", extra={"mode": "embedded" if settings.embedded else "distributed",
+                                     "database": settings.database_url.split("@")[-1]})
+    return state
+
+
+def close_state(state: GatewayState) -> None:
+    """Stop the worker, write a final signed checkpoint of the audit chain."""
+    state.dispatcher.close()
+    if state.checkpoints is not None:
+        state.checkpoints.stop()

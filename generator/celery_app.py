@@ -1,0 +1,72 @@
+"""The one Celery app, built from settings; GPU work goes to the `gpu` queue."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from gateway.settings import get_settings
+
+log = logging.getLogger(__name__)
+GPU_QUEUE = "gpu"
+RUN_GENERATION = "generator.run_generation"
+
+
+def make_celery(broker_url: str | None = None, backend_url: str | None = None) -> Celery:
+    settings = get_settings()
+    broker = broker_url or settings.broker_url or "memory://"
+    app = Celery("llamagen_gateway", broker=broker, backend=backend_url or settings.result_backend_url or None,
+                 include=["generator.tasks"])
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_default_queue=GPU_QUEUE,
+        task_routes={RUN_GENERATION: {"queue": GPU_QUEUE}},
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.job_time_limit_s,
+        task_soft_time_limit=max(settings.job_time_limit_s - 30, 10),
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.job_time_limit_s * 2},
+        task_ignore_result=True,
+    )
+    return app
+
+
+app = make_celery()
+
+_context: Any = None
+
+
+def worker_context() -> Any:
+    """The per-process pipeline context (database, registry, policies, signer); built on first use."""
+    global _context
+    if _context is None:
+        from generator.pipeline import build_context
+
+        _context = build_context(get_settings())
+    return _context
+
+
+@worker_process_init.connect
+def _init_worker_process(**_: Any) -> None:
+    from generator.llamagen import configure_runtime
+
+    configure_runtime()
+    ctx = worker_context()
+    settings = get_settings()
+    try:
+        ctx.registry.load(settings.default_model, ctx.device)
+    except Exception:  # a worker can still serve other models; the failure is logged with its reason
+        log.exception("could not preload the default model %s", settings.default_model)
+
+
+@worker_process_shutdown.connect
+def _shutdown_worker_process(**_: Any) -> None:
+    global _context
+    _context = None
