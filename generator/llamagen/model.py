@@ -1,0 +1,564 @@
+# LlamaGen autoregressive transformer, written from the facts in docs/llamagen.md.
+# Upstream: FoundationVision/LlamaGen autoregressive/models/gpt.py (arXiv 2406.06525), itself modelled on
+# gpt-fast and nanoGPT. The state_dict keys and shapes are exactly the official ones.
+"""LlamaGen GPT: ModelArgs presets, the Llama-style blocks, 2D RoPE with zero prefix rows, KV cache."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Task = Literal["c2i", "t2i"]
+
+# Official GPT_models table (gpt.py): name -> (n_layer, n_head, dim).
+GPT_PRESETS: dict[str, tuple[int, int, int]] = {
+    "GPT-B": (12, 12, 768),
+    "GPT-L": (24, 16, 1024),
+    "GPT-XL": (36, 20, 1280),
+    "GPT-XXL": (48, 24, 1536),
+    "GPT-XXXL": (48, 40, 2560),
+    "GPT-1B": (22, 32, 2048),
+    "GPT-3B": (24, 32, 3200),
+    "GPT-7B": (32, 32, 4096),
+}
+
+
+def find_multiple(n: int, k: int) -> int:
+    """Smallest multiple of k that is >= n."""
+    return n if n % k == 0 else n + k - (n % k)
+
+
+@dataclass
+class ModelArgs:
+    """GPT configuration; defaults are the official ones (gpt.py ModelArgs)."""
+
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    token_dropout_p: float = 0.1
+    attn_dropout_p: float = 0.0
+    resid_dropout_p: float = 0.1
+    ffn_dropout_p: float = 0.1
+    drop_path_rate: float = 0.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    caption_dim: int = 2048
+    caption_len: int = 120  # length of the t2i null caption (uncond_embedding rows)
+    vocab_size: int = 16384
+    cls_token_num: int = 1  # prefix length P: 1 for c2i, 120 for the official t2i models
+    block_size: int = 256  # number of image tokens, a perfect square (grid side ** 2)
+    task: Task = "c2i"
+
+    # Derived in __post_init__.
+    head_dim: int = field(init=False)
+    ffn_hidden_dim: int = field(init=False)
+    grid_size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.task not in ("c2i", "t2i"):
+            raise ValueError(f"task must be 'c2i' or 't2i', got {self.task!r}")
+        if self.dim % self.n_head != 0:
+            raise ValueError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
+        if self.n_head % self.kv_heads != 0:
+            raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
+        self.head_dim = self.dim // self.n_head
+        if self.head_dim % 4 != 0:
+            raise ValueError(f"head_dim {self.head_dim} must be divisible by 4 for the 2D rotary embedding")
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        self.ffn_hidden_dim = find_multiple(hidden, self.multiple_of)
+        self.grid_size = math.isqrt(self.block_size)
+        if self.grid_size**2 != self.block_size:
+            raise ValueError(f"block_size {self.block_size} is not a perfect square")
+        if self.task == "t2i" and self.cls_token_num > self.caption_len:
+            raise ValueError(
+                f"cls_token_num {self.cls_token_num} exceeds caption_len {self.caption_len} for t2i"
+            )
+
+    @classmethod
+    def from_name(
+        cls, name: str, *, task: Task = "c2i", image_size: int = 256, downsample: int = 16
+    ) -> ModelArgs:
+        """Official preset sized for `image_size` px images and a /`downsample` tokenizer."""
+        if name not in GPT_PRESETS:
+            raise ValueError(f"unknown GPT preset {name!r}; known: {', '.join(GPT_PRESETS)}")
+        if image_size % downsample != 0:
+            raise ValueError(f"image_size {image_size} is not a multiple of downsample {downsample}")
+        n_layer, n_head, dim = GPT_PRESETS[name]
+        return cls(
+            dim=dim,
+            n_layer=n_layer,
+            n_head=n_head,
+            block_size=(image_size // downsample) ** 2,
+            cls_token_num=1 if task == "c2i" else 120,
+            task=task,
+        )
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value head count (n_kv_head None means plain multi-head attention)."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+
+def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float, cls_token_num: int) -> Tensor:
+    """Rotary table [P + grid**2, head_dim // 2, 2] (cos, sin) in float32; the P prefix rows are zeros."""
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2, device="cpu")[: half // 2].float() / half))  # (k,)
+    t = torch.arange(grid_size, device="cpu", dtype=torch.float32)
+    angles = torch.outer(t, freqs)  # (grid, k)
+    grid = torch.cat(
+        [
+            angles[:, None, :].expand(-1, grid_size, -1),  # first k pairs turn with the row
+            angles[None, :, :].expand(grid_size, -1, -1),  # last k pairs turn with the column
+        ],
+        dim=-1,
+    )  # (grid, grid, half)
+    table = torch.stack([torch.cos(grid), torch.sin(grid)], dim=-1).flatten(0, 1)  # (grid**2, half, 2)
+    prefix = torch.zeros(cls_token_num, half, 2, device="cpu")
+    return torch.cat([prefix, table], dim=0)
+
+
+def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
+    """Rotate interleaved pairs of x [B, L, H, d] by freqs_cis [L, d/2, 2]; computed in float32."""
+    B, L, H, d = x.shape
+    xs = x.float().reshape(B, L, H, d // 2, 2)
+    fc = freqs_cis.view(1, L, 1, d // 2, 2)
+    x0, x1 = xs[..., 0], xs[..., 1]
+    cos, sin = fc[..., 0], fc[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)  # (B, L, H, d/2, 2)
+    return out.flatten(3).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32, cast back, then apply the gain in the input dtype (order matters in bf16).
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.ffn_hidden_dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.ffn_hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.ffn_hidden_dim, args.dim, bias=False)
+        self.dropout_p = args.ffn_dropout_p
+
+    def forward(self, x: Tensor, train: bool = False) -> Tensor:
+        h = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return F.dropout(h, self.dropout_p, training=True) if train and self.dropout_p > 0 else h
+
+
+class KVCache(nn.Module):
+    """Preallocated post-RoPE keys and values [max_batch, n_kv_head, max_seq, head_dim]."""
+
+    def __init__(
+        self,
+        max_batch: int,
+        max_seq: int,
+        n_kv_head: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        shape = (max_batch, n_kv_head, max_seq, head_dim)
+        # Not persistent: the official state_dict must never gain cache keys.
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k_cache: Tensor
+        self.v_cache: Tensor
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, Hkv, L, d] at sequence positions input_pos [L]; return the full caches."""
+        B = k.shape[0]
+        self.k_cache[:B].index_copy_(2, input_pos, k)
+        self.v_cache[:B].index_copy_(2, input_pos, v)
+        return self.k_cache[:B], self.v_cache[:B]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_head = args.n_head
+        self.n_kv_head = args.kv_heads
+        self.head_dim = args.head_dim
+        self.dim = args.dim
+        self.wqkv = nn.Linear(args.dim, (args.n_head + 2 * args.kv_heads) * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.dim, args.dim, bias=False)
+        self.attn_dropout_p = args.attn_dropout_p
+        self.resid_dropout_p = args.resid_dropout_p
+        self.kv_cache: KVCache | None = None
+
+    def _qkv(self, x: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, L, _ = x.shape
+        kv_size = self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([self.dim, kv_size, kv_size], dim=-1)
+        q = q.view(B, L, self.n_head, self.head_dim)  # (B, L, H, d)
+        k = k.view(B, L, self.n_kv_head, self.head_dim)  # (B, L, Hkv, d)
+        v = v.view(B, L, self.n_kv_head, self.head_dim)
+        q = apply_rotary_emb(q, freqs_cis)
+        k = apply_rotary_emb(k, freqs_cis)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, d)
+
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, train: bool
+    ) -> Tensor:
+        B, _, L, _ = q.shape
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal and mask is None,
+            dropout_p=self.attn_dropout_p if train else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,  # kv head j serves q heads j*r .. j*r+r-1
+        )  # (B, H, L, d)
+        y = self.wo(y.transpose(1, 2).reshape(B, L, self.dim))  # (B, L, D)
+        return F.dropout(y, self.resid_dropout_p, training=True) if train and self.resid_dropout_p > 0 else y
+
+    def forward(
+        self, x: Tensor, freqs_cis: Tensor, mask: Tensor | None = None, train: bool = False
+    ) -> Tensor:
+        """Full-sequence causal attention (training and teacher forcing); `mask` overrides causality."""
+        q, k, v = self._qkv(x, freqs_cis)
+        return self._attend(q, k, v, mask, causal=True, train=train)
+
+    def forward_cached(
+        self, x: Tensor, freqs_cis: Tensor, input_pos: Tensor, kv_len: int | None, mask: Tensor | None
+    ) -> Tensor:
+        """Attention for new positions `input_pos` against the cache.
+
+        kv_len: attend over cache[:, :, :kv_len] (eager path, filled prefix only); None attends over the
+        whole cache and relies on `mask` [B, 1, L, max_seq] to hide unwritten slots (static shapes).
+        """
+        assert self.kv_cache is not None, "setup_caches() must be called before cached attention"
+        q, k, v = self._qkv(x, freqs_cis)
+        k_all, v_all = self.kv_cache.update(input_pos, k, v)
+        if kv_len is not None:
+            k_all, v_all = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
+        return self._attend(q, k_all, v_all, mask, causal=False, train=False)
+
+
+def _drop_path(x: Tensor, rate: float, train: bool) -> Tensor:
+    """Stochastic depth per sample (official DropPath; rate 0 in every released config)."""
+    if not train or rate == 0.0:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - rate)
+    return x * keep / (1.0 - rate)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.drop_path = drop_path
+
+    def forward(
+        self, x: Tensor, freqs_cis: Tensor, mask: Tensor | None = None, train: bool = False
+    ) -> Tensor:
+        h = x + _drop_path(
+            self.attention(self.attention_norm(x), freqs_cis, mask, train), self.drop_path, train
+        )
+        return h + _drop_path(self.feed_forward(self.ffn_norm(h), train), self.drop_path, train)
+
+    def forward_cached(
+        self, x: Tensor, freqs_cis: Tensor, input_pos: Tensor, kv_len: int | None, mask: Tensor | None
+    ) -> Tensor:
+        h = x + self.attention.forward_cached(self.attention_norm(x), freqs_cis, input_pos, kv_len, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LabelEmbedder(nn.Module):
+    """Class ids -> [B, 1, D]; row num_classes is the learned null class used by CFG."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        extra = 1 if args.class_dropout_prob > 0 else 0
+        self.embedding_table = nn.Embedding(args.num_classes + extra, args.dim)
+        self.num_classes = args.num_classes
+        self.dropout_prob = args.class_dropout_prob
+
+    def null_condition(self, labels: Tensor) -> Tensor:
+        return torch.full_like(labels, self.num_classes)
+
+    def forward(self, labels: Tensor, train: bool = False) -> Tensor:
+        if train and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels).unsqueeze(1)  # (B, 1, D)
+
+
+class CaptionMLP(nn.Module):
+    def __init__(self, in_features: int, hidden: int, out_features: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    """Caption features [B, caption_len, caption_dim] -> [B, caption_len, D]; owns the null caption."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.cap_proj = CaptionMLP(args.caption_dim, args.dim, args.dim)
+        # A persistent buffer in the official state_dict (the learned null caption).
+        self.register_buffer(
+            "uncond_embedding", torch.randn(args.caption_len, args.caption_dim) / args.caption_dim**0.5
+        )
+        self.uncond_embedding: Tensor
+        self.dropout_prob = args.class_dropout_prob
+
+    def null_condition(self, caption: Tensor) -> Tensor:
+        return self.uncond_embedding.to(caption.dtype).expand(caption.shape[0], -1, -1)
+
+    def forward(self, caption: Tensor, train: bool = False) -> Tensor:
+        if train and self.dropout_prob > 0:
+            drop = torch.rand(caption.shape[0], device=caption.device) < self.dropout_prob
+            caption = torch.where(drop[:, None, None], self.uncond_embedding.to(caption.dtype), caption)
+        return self.cap_proj(caption)
+
+
+def build_prefix_mask(emb_mask: Tensor, query_len: int, key_len: int, query_start: int = 0) -> Tensor:
+    """Official t2i attention mask [B, 1, query_len, key_len] (bool, True = attend).
+
+    Causal over absolute positions, caption keys where emb_mask is 0 hidden from every query, and the
+    diagonal forced on so padding rows still attend to themselves.
+    """
+    B, P = emb_mask.shape
+    device = emb_mask.device
+    q_pos = torch.arange(query_start, query_start + query_len, device=device)[:, None]  # (Lq, 1)
+    k_pos = torch.arange(key_len, device=device)[None, :]  # (1, Lk)
+    causal = k_pos <= q_pos
+    key_ok = torch.ones(B, key_len, dtype=torch.bool, device=device)
+    n = min(P, key_len)
+    key_ok[:, :n] = emb_mask[:, :n].bool()
+    mask = causal[None] & key_ok[:, None, :]  # (B, Lq, Lk)
+    mask = mask | (k_pos == q_pos)[None]
+    return mask[:, None]  # (B, 1, Lq, Lk)
+
+
+class Transformer(nn.Module):
+    """LlamaGen GPT. `forward_train`/`forward_logits` run the full sequence; `prefill`/`decode` use caches."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.cls_embedding: LabelEmbedder | CaptionEmbedder
+        if args.task == "c2i":
+            self.cls_embedding = LabelEmbedder(args)
+        else:
+            self.cls_embedding = CaptionEmbedder(args)
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        rates = torch.linspace(0, args.drop_path_rate, args.n_layer, device="cpu").tolist()
+        self.layers = nn.ModuleList(TransformerBlock(args, rate) for rate in rates)
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # Plain attribute, not a buffer: absent from state_dict and kept in float32 under .to(bf16).
+        self.freqs_cis = precompute_freqs_cis_2d(
+            args.grid_size, args.head_dim, args.rope_base, args.cls_token_num
+        )
+        self.max_batch_size = 0
+        self.max_seq_length = 0
+
+    # ----- construction -------------------------------------------------------------------------------
+    def initialize_weights(self) -> None:
+        """Official init: N(0, 0.02) for linears and embeddings, zero output head, unit RMSNorm gains."""
+        std = self.args.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        if isinstance(self.cls_embedding, CaptionEmbedder):
+            emb = self.cls_embedding.uncond_embedding
+            emb.copy_(torch.randn_like(emb) / self.args.caption_dim**0.5)
+        nn.init.zeros_(self.output.weight)
+
+    @property
+    def prefix_len(self) -> int:
+        return self.args.cls_token_num
+
+    def _rope(self, device: torch.device) -> Tensor:
+        if self.freqs_cis.device != device:
+            self.freqs_cis = self.freqs_cis.to(device)
+        return self.freqs_cis
+
+    def embed_condition(self, cond: Tensor, train: bool = False) -> Tensor:
+        """Class ids [B] or caption features [B, caption_len, caption_dim] -> prefix [B, P, D]."""
+        if self.args.task == "c2i":
+            if cond.ndim != 1 or cond.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"c2i condition must be integer class ids [B], got {tuple(cond.shape)}")
+        elif cond.ndim != 3 or cond.shape[1:] != (self.args.caption_len, self.args.caption_dim):
+            raise ValueError(
+                f"t2i condition must be caption features [B, {self.args.caption_len}, "
+                f"{self.args.caption_dim}], got {tuple(cond.shape)}"
+            )
+        else:
+            cond = cond.to(self.tok_embeddings.weight.dtype)
+        return self.cls_embedding(cond, train)[:, : self.prefix_len]
+
+    def null_condition(self, cond: Tensor) -> Tensor:
+        """The CFG null condition shaped like `cond`: class 1000 or the learned null caption."""
+        return self.cls_embedding.null_condition(cond)
+
+    # ----- full-sequence forward ----------------------------------------------------------------------
+    def _forward_full(self, cond: Tensor, tokens: Tensor, emb_mask: Tensor | None, train: bool) -> Tensor:
+        B, T = tokens.shape
+        if T > self.args.block_size:
+            raise ValueError(f"{T} tokens exceed block_size {self.args.block_size}")
+        P = self.prefix_len
+        x = torch.cat([self.embed_condition(cond, train), self.tok_embeddings(tokens)], dim=1)  # (B, P+T, D)
+        if train and self.args.token_dropout_p > 0:
+            x = F.dropout(x, self.args.token_dropout_p, training=True)
+        L = P + T
+        freqs_cis = self._rope(x.device)[:L]
+        mask = None
+        if emb_mask is not None:
+            if emb_mask.shape != (B, P):
+                raise ValueError(f"emb_mask must be [{B}, {P}], got {tuple(emb_mask.shape)}")
+            mask = build_prefix_mask(emb_mask, L, L)
+        for layer in self.layers:
+            x = layer(x, freqs_cis, mask, train)
+        logits = self.output(self.norm(x)).float()  # (B, L, V)
+        return logits[:, P - 1 :]  # row i predicts image token i
+
+    def forward_train(
+        self, cond: Tensor, tokens: Tensor, targets: Tensor | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Training forward honouring self.training (all dropouts): (logits [B, T+1, V], loss or None).
+
+        mask: t2i caption mask [B, P] (1 = real token) from which the official attention mask is built.
+        targets: [B, T+1] image tokens; the loss is the mean cross-entropy over every logits row.
+        """
+        logits = self._forward_full(cond, tokens, mask, train=self.training)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return logits, loss
+
+    def forward(
+        self, cond: Tensor, tokens: Tensor, targets: Tensor | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        return self.forward_train(cond, tokens, targets, mask)
+
+    @torch.inference_mode()
+    def forward_logits(self, cond: Tensor, tokens: Tensor, emb_mask: Tensor | None = None) -> Tensor:
+        """Teacher-forced logits float32 [B, T+1, V] with dropout off; row i predicts image token i."""
+        return self._forward_full(cond, tokens, emb_mask, train=False)
+
+    # ----- cached inference ---------------------------------------------------------------------------
+    def setup_caches(
+        self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None
+    ) -> None:
+        """Attach a KV cache to every layer; reused when already large enough."""
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        device = self.tok_embeddings.weight.device
+        current = self.layers[0].attention.kv_cache
+        if (
+            current is not None
+            and self.max_batch_size >= max_batch_size
+            and self.max_seq_length >= max_seq_length
+            and current.k_cache.dtype == dtype
+        ):
+            return
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(
+                max_batch_size, max_seq_length, self.args.kv_heads, self.args.head_dim, dtype, device
+            )
+        self.max_batch_size = max_batch_size
+        self.max_seq_length = max_seq_length
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self.max_batch_size = 0
+        self.max_seq_length = 0
+
+    def _run_cached(self, x: Tensor, input_pos: Tensor, kv_len: int | None, mask: Tensor | None) -> Tensor:
+        freqs_cis = self._rope(x.device)[input_pos]
+        for layer in self.layers:
+            x = layer.forward_cached(x, freqs_cis, input_pos, kv_len, mask)
+        return self.output(self.norm(x[:, -1])).float()  # (B, V): only the last position is sampled
+
+    def prefill(self, cond: Tensor, input_pos: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Run the prefix at positions input_pos (= 0..P-1) into the caches; logits [B, V] of the last one.
+
+        mask: [B, 1, P, P] bool attention mask (t2i), or None for causal attention.
+        """
+        x = self.embed_condition(cond)  # (B, P, D)
+        if mask is None:
+            mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
+        return self._run_cached(x, input_pos, input_pos.shape[0], mask)
+
+    def decode(
+        self, tokens: Tensor, input_pos: Tensor, kv_len: int | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """Feed tokens [B, 1] at position input_pos [1]; logits [B, V] float32.
+
+        kv_len = input_pos + 1 attends over the filled prefix only. With kv_len None, `mask`
+        [B, 1, 1, max_seq] must hide the unwritten slots (static shapes for torch.compile / CUDA graphs).
+        """
+        return self._run_cached(self.tok_embeddings(tokens), input_pos, kv_len, mask)
+
+    def decode_static(self, tokens: Tensor, input_pos: Tensor, key_ok: Tensor) -> Tensor:
+        """decode() with fixed shapes for torch.compile: attends over the whole cache.
+
+        key_ok [B, 1, 1, max_seq] bool marks usable keys (t2i caption padding is False); slots after
+        input_pos are hidden here.
+        """
+        positions = torch.arange(self.max_seq_length, device=tokens.device)
+        mask = key_ok & (positions <= input_pos)[None, None, None, :]  # (B, 1, 1, max_seq)
+        return self.decode(tokens, input_pos, kv_len=None, mask=mask)
+
+    def generate(
+        self,
+        cond: Tensor,
+        max_new_tokens: int,
+        cfg_scale: float = 4.0,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | Sequence[int] = 0,
+        cfg_interval: int = -1,
+        emb_mask: Tensor | None = None,
+        compile: bool = False,
+    ) -> Tensor:
+        """Sample image tokens int64 [B, max_new_tokens]; see sampling.generate (where CFG lives).
+
+        seed: one int (one generator for the batch, official semantics) or one seed per row (each row
+        then gets the tokens it would get alone).
+        """
+        # Imported here: sampling builds on this module, and the model stays free of sampling logic.
+        from generator.llamagen import sampling
+
+        params = sampling.SamplingParams(
+            cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p
+        )
+        generators = sampling.make_generators(seed, cond.shape[0], self.tok_embeddings.weight.device)
+        return sampling.generate(self, cond, max_new_tokens, params, generators, emb_mask, compile)

@@ -1,0 +1,248 @@
+# Sampling for LlamaGen, written from docs/llamagen.md section 4 (official autoregressive/models/generate.py,
+# arXiv 2406.06525, itself after gpt-fast). Differences from upstream that keep the same results:
+# attention runs over the filled prefix of the KV cache only (no per-step cache copy), only the last
+# position goes through the output head, and every request row can carry its own torch.Generator.
+"""Seeded, batched LlamaGen sampling with classifier-free guidance, top-k and top-p."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from generator.llamagen.model import build_prefix_mask, find_multiple
+
+if TYPE_CHECKING:
+    from generator.llamagen.model import Transformer
+
+MIN_TEMPERATURE = 1e-5  # the official floor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Options of one sampling run (defaults: the official sample_c2i.py, except top_k 0 = off)."""
+
+    cfg_scale: float = 4.0  # > 1 enables classifier-free guidance
+    cfg_interval: int = -1  # -1: guide every step; else stop after decode iteration cfg_interval
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off; ties at the k-th value are kept
+    top_p: float = 1.0  # 1.0: off; the first token past the threshold is kept
+
+    def __post_init__(self) -> None:
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.cfg_interval < -1:
+            raise ValueError(f"cfg_interval must be >= -1, got {self.cfg_interval}")
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale > 1.0
+
+
+def top_k_filter_(logits: Tensor, top_k: int) -> Tensor:
+    """In place: set every logit strictly below the k-th largest of its row to -inf (ties survive)."""
+    k = min(max(top_k, 1), logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill_(logits < kth, float("-inf"))
+
+
+def top_p_filter_(logits: Tensor, top_p: float) -> Tensor:
+    """In place: keep the smallest prefix of sorted tokens whose probability reaches top_p (nucleus)."""
+    sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+    cum = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    remove = cum > top_p
+    remove[..., 1:] = remove[..., :-1].clone()  # shift right: the token crossing top_p is kept
+    remove[..., 0] = False
+    return logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), float("-inf"))
+
+
+def logits_to_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """Logits [B, V] -> probabilities: temperature (floored at 1e-5), then top-k, then top-p."""
+    logits = logits / max(params.temperature, MIN_TEMPERATURE)
+    if params.top_k > 0:
+        top_k_filter_(logits, params.top_k)
+    if params.top_p < 1.0:
+        top_p_filter_(logits, params.top_p)
+    return F.softmax(logits, dim=-1)
+
+
+def sample(probs: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
+    """Draw one token per row [B, 1]: one generator shared by the batch, or one generator per row."""
+    if len(generators) == 1:
+        return torch.multinomial(probs, 1, generator=generators[0])
+    if len(generators) != probs.shape[0]:
+        raise ValueError(f"{len(generators)} generators for {probs.shape[0]} rows")
+    return torch.cat(
+        [torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generators, strict=True)]
+    )
+
+
+def combine_cfg(logits: Tensor, params: SamplingParams, guide: bool) -> Tensor:
+    """Rows [cond; null] -> guided cond logits uncond + (cond - uncond) * s, or the cond half alone."""
+    if not params.guided:
+        return logits
+    cond, uncond = logits.chunk(2, dim=0)
+    return uncond + (cond - uncond) * params.cfg_scale if guide else cond
+
+
+def make_generators(
+    seed: int | Sequence[int], batch: int, device: torch.device | str
+) -> list[torch.Generator]:
+    """One generator for an int seed (official: one draw per step over the batch), or one per row."""
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    if len(seeds) not in (1, batch):
+        raise ValueError(f"got {len(seeds)} seeds for a batch of {batch}: give one seed or one per row")
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+DecodeFn = Callable[[Tensor, Tensor, int, "Tensor | None"], Tensor]
+
+
+@dataclass
+class _Plan:
+    """Per-run tensors allocated once: positions, the t2i key mask and the output buffer."""
+
+    rows: int
+    max_seq: int
+    positions: Tensor  # (max_seq,) absolute positions
+    key_ok: Tensor | None  # (rows, 1, 1, max_seq) bool, t2i only: padding caption keys are False
+    out: Tensor  # (B, N) int64
+
+
+def prefill(
+    model: Transformer,
+    cond: Tensor,
+    params: SamplingParams,
+    generators: Sequence[torch.Generator],
+    emb_mask: Tensor | None = None,
+) -> Tensor:
+    """Run the (guided) prefix through the caches and sample the first image token [B, 1]."""
+    P = model.prefix_len
+    positions = torch.arange(P, device=cond.device)
+    mask = None if emb_mask is None else build_prefix_mask(emb_mask, P, P)
+    logits = model.prefill(cond, positions, mask)
+    return sample(logits_to_probs(combine_cfg(logits, params, guide=True), params), generators)
+
+
+def decode_one_token(
+    decode: DecodeFn,
+    token: Tensor,
+    input_pos: Tensor,
+    kv_len: int,
+    mask: Tensor | None,
+    params: SamplingParams,
+    generators: Sequence[torch.Generator],
+    guide: bool,
+) -> Tensor:
+    """Feed the last token [B, 1] (duplicated for the null half under CFG) and sample the next one."""
+    x = torch.cat([token, token]) if params.guided else token
+    logits = decode(x, input_pos, kv_len, mask)
+    return sample(logits_to_probs(combine_cfg(logits, params, guide), params), generators)
+
+
+def decode_n_tokens(
+    decode: DecodeFn,
+    first: Tensor,
+    plan: _Plan,
+    prefix_len: int,
+    params: SamplingParams,
+    generators: Sequence[torch.Generator],
+) -> Tensor:
+    """Fill plan.out[:, 1:] token by token; decode iteration i feeds position prefix_len + i."""
+    token = first
+    for i in range(plan.out.shape[1] - 1):
+        pos = prefix_len + i
+        guide = not (params.cfg_interval > -1 and i > params.cfg_interval)
+        mask = None if plan.key_ok is None else plan.key_ok[..., : pos + 1]
+        token = decode_one_token(
+            decode, token, plan.positions[pos : pos + 1], pos + 1, mask, params, generators, guide
+        )
+        plan.out[:, i + 1 : i + 2] = token
+    return plan.out
+
+
+def _eager_decode(model: Transformer) -> DecodeFn:
+    def run(tokens: Tensor, input_pos: Tensor, kv_len: int, mask: Tensor | None) -> Tensor:
+        return model.decode(tokens, input_pos, kv_len=kv_len, mask=mask)
+
+    return run
+
+
+def _static_decode(model: Transformer, plan: _Plan) -> DecodeFn:
+    """Fixed-shape decode over the whole cache, compiled once per model with CUDA graphs."""
+    compiled = getattr(model, "_compiled_decode_static", None)
+    if compiled is None:
+        compiled = torch.compile(model.decode_static, mode="reduce-overhead", fullgraph=True)
+        model._compiled_decode_static = compiled
+    key_ok = plan.key_ok
+    if key_ok is None:
+        key_ok = torch.ones(plan.rows, 1, 1, plan.max_seq, dtype=torch.bool, device=plan.positions.device)
+
+    def run(tokens: Tensor, input_pos: Tensor, kv_len: int, mask: Tensor | None) -> Tensor:
+        return compiled(tokens, input_pos, key_ok).clone()  # CUDA-graph outputs are overwritten next step
+
+    return run
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    cond: Tensor,
+    max_new_tokens: int,
+    params: SamplingParams,
+    generators: Sequence[torch.Generator],
+    emb_mask: Tensor | None = None,
+    compile: bool = False,
+) -> Tensor:
+    """Sample image tokens int64 [B, max_new_tokens] for conditions `cond`.
+
+    cond: class ids [B] (c2i) or caption features [B, caption_len, caption_dim] (t2i, with emb_mask [B, P]
+    of 1 for real caption rows; None means all rows are real). Under CFG the batch runs as [cond; null].
+    generators: one shared by the batch or one per row (see make_generators). compile: the static,
+    CUDA-graph decode path (CUDA only).
+    """
+    if not 1 <= max_new_tokens <= model.args.block_size:
+        raise ValueError(f"max_new_tokens must be in [1, {model.args.block_size}], got {max_new_tokens}")
+    device = model.tok_embeddings.weight.device
+    cond = cond.to(device)
+    B, P = cond.shape[0], model.prefix_len
+    if model.args.task == "t2i":
+        emb_mask = torch.ones(B, P, dtype=torch.bool, device=device) if emb_mask is None else emb_mask
+        if emb_mask.shape != (B, P):
+            raise ValueError(f"emb_mask must be [{B}, {P}], got {tuple(emb_mask.shape)}")
+        emb_mask = emb_mask.to(device=device, dtype=torch.bool)
+    elif emb_mask is not None:
+        raise ValueError("emb_mask is only meaningful for t2i models")
+    if params.guided:
+        cond = torch.cat([cond, model.null_condition(cond)])
+        if emb_mask is not None:
+            emb_mask = torch.cat([emb_mask, emb_mask])  # the null caption uses the prompt's mask
+    rows = cond.shape[0]
+    model.setup_caches(rows, find_multiple(P + max_new_tokens, 8))
+    max_seq = model.max_seq_length  # an existing larger cache is reused
+    key_ok = None
+    if emb_mask is not None:
+        key_ok = torch.ones(rows, 1, 1, max_seq, dtype=torch.bool, device=device)
+        key_ok[:, 0, 0, :P] = emb_mask
+    plan = _Plan(
+        rows=rows,
+        max_seq=max_seq,
+        positions=torch.arange(max_seq, device=device),
+        key_ok=key_ok,
+        out=torch.empty(B, max_new_tokens, dtype=torch.int64, device=device),
+    )
+    plan.out[:, :1] = prefill(model, cond, params, generators, emb_mask)
+    if compile and device.type != "cuda":
+        raise ValueError("the compiled decode path needs a CUDA device")
+    decode = _static_decode(model, plan) if compile else _eager_decode(model)
+    return decode_n_tokens(decode, plan.out[:, :1], plan, P, params, generators)

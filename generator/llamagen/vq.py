@@ -1,0 +1,325 @@
+# LlamaGen image tokenizer, written from the facts in docs/llamagen.md section 6.
+# Upstream: FoundationVision/LlamaGen tokenizer/tokenizer_image/vq_model.py (arXiv 2406.06525), which follows
+# the taming-transformers VQGAN layout. The state_dict keys and shapes are exactly the official ones.
+"""VQ tokenizer: encoder, l2-normalised vector quantiser and decoder (VQ-16 / VQ-8)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Official codebook_used buffer length (fixed in vq_model.py, independent of codebook_size).
+CODEBOOK_USED_LEN = 65536
+GROUPS = 32  # every GroupNorm has 32 groups, so every channel count must be divisible by 32
+
+
+@dataclass(frozen=True)
+class VQArgs:
+    """Tokenizer configuration; defaults are VQ-16.
+
+    GroupNorm uses 32 groups, so `ch * m` must be divisible by 32 for every m in ch_mult (and
+    z_channels too).
+    """
+
+    codebook_size: int = 16384
+    codebook_embed_dim: int = 8
+    codebook_l2_norm: bool = True
+    commit_loss_beta: float = 0.25
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    z_channels: int = 256
+    num_res_blocks: int = 2
+    dropout_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        channels = [self.ch * m for m in self.ch_mult] + [self.ch]
+        bad = [c for c in channels if c % GROUPS != 0]
+        if bad:
+            raise ValueError(f"GroupNorm(32) needs channel counts divisible by 32; got {sorted(set(bad))}")
+        if not self.ch_mult:
+            raise ValueError("ch_mult must have at least one level")
+
+    @property
+    def downsample(self) -> int:
+        """Image pixels per code along each axis."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @classmethod
+    def from_name(cls, name: str) -> VQArgs:
+        if name not in VQ_PRESETS:
+            raise ValueError(f"unknown VQ preset {name!r}; known: {', '.join(VQ_PRESETS)}")
+        return VQ_PRESETS[name]
+
+
+VQ_PRESETS: dict[str, VQArgs] = {
+    "VQ-16": VQArgs(ch_mult=(1, 1, 2, 2, 4)),
+    "VQ-8": VQArgs(ch_mult=(1, 2, 2, 4)),
+}
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=GROUPS, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, dropout_p: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = _norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _norm(out_channels)
+        self.dropout = nn.Dropout(dropout_p)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return shortcut + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the h*w positions, scale c**-0.5."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = _norm(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q = self.q(h).flatten(2).transpose(1, 2)  # (B, HW, C)
+        k = self.k(h).flatten(2).transpose(1, 2)
+        v = self.v(h).flatten(2).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C); default scale is C**-0.5
+        y = y.transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(y)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # pad right and bottom only
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution level (`conv_blocks.i`): res blocks, optional attention, optional resampling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.res = nn.ModuleList()
+        self.attn = nn.ModuleList()
+        self.downsample: Downsample | None = None
+        self.upsample: Upsample | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, block in enumerate(self.res):
+            x = block(x)
+            if len(self.attn) > 0:
+                x = self.attn[i](x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        if self.upsample is not None:
+            x = self.upsample(x)
+        return x
+
+
+def _mid(channels: int, dropout_p: float) -> nn.ModuleList:
+    return nn.ModuleList(
+        [
+            ResnetBlock(channels, channels, dropout_p),
+            AttnBlock(channels),
+            ResnetBlock(channels, channels, dropout_p),
+        ]
+    )
+
+
+class Encoder(nn.Module):
+    def __init__(self, args: VQArgs) -> None:
+        super().__init__()
+        n = len(args.ch_mult)
+        in_mult = (1, *args.ch_mult)
+        self.conv_in = nn.Conv2d(3, args.ch, 3, padding=1)
+        self.conv_blocks = nn.ModuleList()
+        for i in range(n):
+            level = Level()
+            block_in, block_out = args.ch * in_mult[i], args.ch * args.ch_mult[i]
+            for _ in range(args.num_res_blocks):
+                level.res.append(ResnetBlock(block_in, block_out, args.dropout_p))
+                block_in = block_out
+                if i == n - 1:
+                    level.attn.append(AttnBlock(block_in))  # attention only at the last level
+            if i != n - 1:
+                level.downsample = Downsample(block_in)
+            self.conv_blocks.append(level)
+        top = args.ch * args.ch_mult[-1]
+        self.mid = _mid(top, args.dropout_p)
+        self.norm_out = _norm(top)
+        self.conv_out = nn.Conv2d(top, args.z_channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)
+        for level in self.conv_blocks:
+            h = level(h)
+        for block in self.mid:
+            h = block(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, args: VQArgs) -> None:
+        super().__init__()
+        n = len(args.ch_mult)
+        block_in = args.ch * args.ch_mult[-1]
+        self.conv_in = nn.Conv2d(args.z_channels, block_in, 3, padding=1)
+        self.mid = _mid(block_in, args.dropout_p)
+        self.conv_blocks = nn.ModuleList()
+        for i in range(n):  # conv_blocks.0 is the deepest level
+            level = Level()
+            block_out = args.ch * args.ch_mult[n - 1 - i]
+            for _ in range(args.num_res_blocks + 1):
+                level.res.append(ResnetBlock(block_in, block_out, args.dropout_p))
+                block_in = block_out
+                if i == 0:
+                    level.attn.append(AttnBlock(block_in))
+            if i != n - 1:
+                level.upsample = Upsample(block_in)
+            self.conv_blocks.append(level)
+        self.norm_out = _norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, 3, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.conv_in(z)
+        for block in self.mid:
+            h = block(h)
+        for level in self.conv_blocks:
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class QuantLosses(NamedTuple):
+    codebook: Tensor  # ||sg(z) - z_q||^2: moves the codebook towards the encoder outputs
+    commitment: Tensor  # beta * ||z - sg(z_q)||^2: keeps the encoder close to its codes
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, args: VQArgs) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(args.codebook_size, args.codebook_embed_dim)
+        self.register_buffer("codebook_used", torch.zeros(CODEBOOK_USED_LEN))  # persistent, official
+        self.codebook_used: Tensor
+        self.l2_norm = args.codebook_l2_norm
+        self.beta = args.commit_loss_beta
+
+    def codebook(self) -> Tensor:
+        """Codebook rows [N, e], l2-normalised at use time as the official code does."""
+        w = self.embedding.weight
+        return F.normalize(w, p=2, dim=-1) if self.l2_norm else w
+
+    def nearest(self, z: Tensor) -> Tensor:
+        """Indices [M] of the nearest codes for vectors z [M, e] (normalised first when l2_norm)."""
+        if self.l2_norm:
+            z = F.normalize(z, p=2, dim=-1)
+        emb = self.codebook()
+        d = z.pow(2).sum(1, keepdim=True) + emb.pow(2).sum(1) - 2 * z @ emb.t()  # (M, N)
+        return d.argmin(dim=1)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, QuantLosses, Tensor]:
+        """z [B, e, h, w] -> (straight-through z_q [B, e, h, w], losses, indices [B, h*w])."""
+        B, e, h, w = z.shape
+        z = z.permute(0, 2, 3, 1)  # (B, h, w, e)
+        if self.l2_norm:
+            z = F.normalize(z, p=2, dim=-1)
+        idx = self.nearest(z.reshape(-1, e))
+        z_q = self.codebook()[idx].view(B, h, w, e)
+        losses = QuantLosses(
+            codebook=torch.mean((z_q - z.detach()) ** 2),
+            commitment=self.beta * torch.mean((z_q.detach() - z) ** 2),
+        )
+        z_q = z + (z_q - z).detach()  # straight-through estimator
+        return z_q.permute(0, 3, 1, 2), losses, idx.view(B, h * w)
+
+
+class VQModel(nn.Module):
+    def __init__(self, args: VQArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.encoder = Encoder(args)
+        self.decoder = Decoder(args)
+        self.quantize = VectorQuantizer(args)
+        self.quant_conv = nn.Conv2d(args.z_channels, args.codebook_embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(args.codebook_embed_dim, args.z_channels, 1)
+
+    def initialize_weights(self) -> None:
+        """PyTorch default init for convs and norms; codebook uniform(-1/N, 1/N), then normalised."""
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.GroupNorm)):
+                module.reset_parameters()
+        n = self.args.codebook_size
+        nn.init.uniform_(self.quantize.embedding.weight, -1.0 / n, 1.0 / n)
+        if self.args.codebook_l2_norm:
+            with torch.no_grad():
+                self.quantize.embedding.weight.copy_(F.normalize(self.quantize.embedding.weight, dim=-1))
+        self.quantize.codebook_used.zero_()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, QuantLosses]:
+        """Training forward: images [B, 3, H, W] in [-1, 1] -> (reconstruction, quantisation losses)."""
+        z_q, losses, _ = self.quantize(self.quant_conv(self.encoder(x)))
+        return self.decoder(self.post_quant_conv(z_q)), losses
+
+    @torch.inference_mode()
+    def encode(self, img: Tensor) -> Tensor:
+        """Images float [B, 3, H, W] in [-1, 1] -> code indices int64 [B, h*w], row-major over (h, w)."""
+        if img.ndim != 4 or img.shape[1] != 3:
+            raise ValueError(f"expected images [B, 3, H, W], got {tuple(img.shape)}")
+        dtype = self.quant_conv.weight.dtype
+        z = self.quant_conv(self.encoder(img.to(dtype)))  # (B, e, h, w)
+        B, e, h, w = z.shape
+        idx = self.quantize.nearest(z.permute(0, 2, 3, 1).reshape(-1, e).float())
+        return idx.view(B, h * w)
+
+    @torch.inference_mode()
+    def decode_codes(self, ids: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
+        """Codes [B, h*w] (with grid=(h, w)) or [B, h, w] -> raw decoder output float32 [B, 3, H, W]."""
+        if ids.ndim == 3:
+            B, h, w = ids.shape
+            if grid is not None and tuple(grid) != (h, w):
+                raise ValueError(f"grid {tuple(grid)} does not match ids of shape {tuple(ids.shape)}")
+        elif ids.ndim == 2:
+            if grid is None:
+                raise ValueError("grid=(h, w) is required for flat ids [B, h*w]")
+            B, (h, w) = ids.shape[0], grid
+            if ids.shape[1] != h * w:
+                raise ValueError(f"ids have {ids.shape[1]} codes per image, grid {h}x{w} needs {h * w}")
+        else:
+            raise ValueError(f"ids must be [B, h*w] or [B, h, w], got {tuple(ids.shape)}")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.args.codebook_size:
+            raise ValueError(f"code ids must lie in [0, {self.args.codebook_size})")
+        z_q = self.quantize.codebook()[ids.reshape(B, h, w).long()]  # (B, h, w, e)
+        z_q = z_q.permute(0, 3, 1, 2).contiguous()  # (B, e, h, w)
+        return self.decoder(self.post_quant_conv(z_q)).float()
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Decoder output [B, 3, H, W] -> uint8 [B, H, W, 3] with the official clamp(floor(127.5 x + 128))."""
+    return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1)
