@@ -1,0 +1,220 @@
+"""Signed checkpoints of the chain head, and the background timer that writes them.
+
+A checkpoint signs the canonical JSON of {"alg", "head_hash", "seq", "ts"} with the organisation's key
+(ECDSA P-256/SHA-256 as DER, Ed25519, or RSA-PSS/SHA-256), base64-encoded. `cert_pem` holds the signer's
+certificate chain, leaf first, so an export can be checked with no database and no key server.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from audit.chain import Anchor, canonical_json, format_ts
+from audit.log import lock_chain_head
+from audit.models import ChainCheckpoint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL_S = 60.0
+_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be written (unusable key or certificate)."""
+
+
+def checkpoint_message(seq: int, head_hash: str, ts: datetime | str, alg: str) -> bytes:
+    """The exact bytes a checkpoint signature covers."""
+    stamp = ts if isinstance(ts, str) else format_ts(ts)
+    return canonical_json({"alg": alg, "head_hash": head_hash, "seq": seq, "ts": stamp}).encode("utf-8")
+
+
+def _load_key(signer_key_pem: bytes | str) -> Any:
+    data = signer_key_pem.encode() if isinstance(signer_key_pem, str) else signer_key_pem
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"the checkpoint key is not an unencrypted PEM private key: {exc}") from exc
+
+
+def _sign(key: Any, seq: int, head_hash: str, ts: datetime) -> tuple[str, bytes]:
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise CheckpointError(f"ECDSA checkpoint keys must use P-256, not {key.curve.name}")
+        return "ES256", key.sign(checkpoint_message(seq, head_hash, ts, "ES256"), ec.ECDSA(hashes.SHA256()))
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return "Ed25519", key.sign(checkpoint_message(seq, head_hash, ts, "Ed25519"))
+    if isinstance(key, rsa.RSAPrivateKey):
+        message = checkpoint_message(seq, head_hash, ts, "PS256")
+        return "PS256", key.sign(message, _PSS, hashes.SHA256())
+    raise CheckpointError(f"unsupported checkpoint key type {type(key).__name__}: use P-256, Ed25519 or RSA")
+
+
+def _spki(public_key: Any) -> bytes:
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return bytes(der)
+
+
+def write_checkpoint(
+    session: Session, signer_key_pem: bytes | str, cert_pem: bytes | str, *, now: datetime | None = None
+) -> ChainCheckpoint:
+    """Sign the current chain head and store the checkpoint inside the caller's transaction."""
+    key = _load_key(signer_key_pem)
+    chain_pem = cert_pem.decode() if isinstance(cert_pem, bytes) else cert_pem
+    try:
+        leaf = x509.load_pem_x509_certificate(chain_pem.encode())
+    except ValueError as exc:
+        raise CheckpointError(f"the checkpoint certificate is not PEM: {exc}") from exc
+    if _spki(leaf.public_key()) != _spki(key.public_key()):
+        raise CheckpointError("the checkpoint key does not belong to the first certificate of the chain")
+
+    head = lock_chain_head(session)  # a consistent head: no append can land between read and sign
+    ts = (now or datetime.now(UTC)).astimezone(UTC)
+    alg, signature = _sign(key, head.seq, head.hash, ts)
+    checkpoint = ChainCheckpoint(
+        seq=head.seq,
+        head_hash=head.hash,
+        ts=ts,
+        alg=alg,
+        signature=base64.b64encode(signature).decode("ascii"),
+        cert_pem=chain_pem,
+    )
+    session.add(checkpoint)
+    session.flush()
+    return checkpoint
+
+
+def checkpoint_record(checkpoint: ChainCheckpoint) -> dict[str, Any]:
+    """A checkpoint as a plain JSON-ready dict (exports, evidence packs)."""
+    return {
+        "seq": checkpoint.seq,
+        "head_hash": checkpoint.head_hash,
+        "ts": format_ts(checkpoint.ts),
+        "alg": checkpoint.alg,
+        "signature": checkpoint.signature,
+        "cert_pem": checkpoint.cert_pem,
+    }
+
+
+def verify_checkpoint_signature(record: Mapping[str, Any]) -> str | None:
+    """None when the record's signature verifies under its own leaf certificate, else the problem."""
+    try:
+        leaf = x509.load_pem_x509_certificate(str(record["cert_pem"]).encode())
+        signature = base64.b64decode(str(record["signature"]), validate=True)
+        message = checkpoint_message(int(record["seq"]), str(record["head_hash"]), str(record["ts"]),
+                                     str(record["alg"]))
+    except (KeyError, ValueError, TypeError) as exc:
+        return f"checkpoint at seq {record.get('seq')!r} is malformed: {exc}"
+    public_key = leaf.public_key()
+    alg = record["alg"]
+    try:
+        if alg == "ES256" and isinstance(public_key, ec.EllipticCurvePublicKey):
+            public_key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        elif alg == "Ed25519" and isinstance(public_key, ed25519.Ed25519PublicKey):
+            public_key.verify(signature, message)
+        elif alg == "PS256" and isinstance(public_key, rsa.RSAPublicKey):
+            public_key.verify(signature, message, _PSS, hashes.SHA256())
+        else:
+            return f"checkpoint at seq {record['seq']}: algorithm {alg!r} does not fit its certificate's key"
+    except InvalidSignature:
+        return f"checkpoint at seq {record['seq']}: signature does not verify (checkpoint altered or forged)"
+    return None
+
+
+@dataclass
+class CheckedCheckpoints:
+    """The checkpoints whose signatures verified (as chain anchors) and the problems with the others."""
+
+    anchors: list[Anchor]
+    problems: list[str]
+    count: int
+
+
+def check_checkpoints(records: list[Mapping[str, Any]]) -> CheckedCheckpoints:
+    """Verify each checkpoint's signature; verified ones become anchors for `verify_chain`."""
+    anchors: list[Anchor] = []
+    problems: list[str] = []
+    for record in records:
+        problem = verify_checkpoint_signature(record)
+        if problem is None:
+            source = f"checkpoint of {record['ts']}"
+            anchors.append(Anchor(int(record["seq"]), str(record["head_hash"]), source))
+        else:
+            problems.append(problem)
+    return CheckedCheckpoints(anchors=anchors, problems=problems, count=len(records))
+
+
+def latest_checkpoint(session: Session) -> ChainCheckpoint | None:
+    return session.scalars(select(ChainCheckpoint).order_by(ChainCheckpoint.id.desc()).limit(1)).first()
+
+
+class CheckpointTimer:
+    """Writes a checkpoint every `interval_s` seconds when the chain grew, and one more at `stop()`.
+
+    `session_factory` is any zero-argument callable returning a Session (a sessionmaker). Failures are
+    logged and retried at the next tick: a missed checkpoint only widens the uncovered tail.
+    """
+
+    def __init__(
+        self,
+        session_factory: Callable[[], Session],
+        signer_key_pem: bytes | str,
+        cert_pem: bytes | str,
+        interval_s: float = DEFAULT_INTERVAL_S,
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be positive, got {interval_s}")
+        _load_key(signer_key_pem)  # fail at start-up, not a minute later in a background thread
+        self._sessions = session_factory
+        self._key = signer_key_pem
+        self._cert = cert_pem
+        self.interval_s = interval_s
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.written = 0
+
+    def tick(self, *, force: bool = False) -> ChainCheckpoint | None:
+        """Write one checkpoint now unless the head is already covered (and not forced)."""
+        with self._sessions() as session, session.begin():
+            last = latest_checkpoint(session)
+            head = lock_chain_head(session)
+            if not force and last is not None and last.seq == head.seq:
+                return None
+            checkpoint = write_checkpoint(session, self._key, self._cert)
+        self.written += 1
+        log.info("audit checkpoint written at seq %d", checkpoint.seq)
+        return checkpoint
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.interval_s):
+            try:
+                self.tick()
+            except Exception:  # a background thread must survive a database hiccup; it retries next tick
+                log.exception("writing the audit checkpoint failed; retrying in %.0f s", self.interval_s)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("CheckpointTimer already started")
+        self._thread = threading.Thread(target=self._run, name="audit-checkpoints", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread and write the shutdown checkpoint."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.tick()

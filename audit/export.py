@@ -1,0 +1,215 @@
+"""Streaming JSONL/CSV exports of the chain, and the offline-verifiable evidence pack (zip)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session
+
+from audit.chain import canonical_json, format_ts
+from audit.checkpoints import checkpoint_record
+from audit.models import AuditEvent, ChainCheckpoint, ModelCardRecord, PolicyRevision, PromptText
+
+EXPORT_FORMAT = "llamagen-gateway.audit-export"
+EXPORT_VERSION = 1
+CSV_COLUMNS = ("seq", "id", "ts", "action", "key_id", "team", "job_id", "payload", "prev_hash", "hash")
+BATCH = 1000
+HOW_TO_VERIFY = Path(__file__).with_name("HOW-TO-VERIFY.txt")
+
+ExportFormat = Literal["jsonl", "csv"]
+
+
+class ExportError(ValueError):
+    """An export request or file is unusable (unknown format, bad filter)."""
+
+
+@dataclass(frozen=True)
+class ExportFilters:
+    """Which events to export; an empty filter exports the whole chain (which then verifies end to end)."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    team: str | None = None
+    action: str | None = None
+    job_id: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return all(value is None for value in asdict(self).values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            name: format_ts(value) if isinstance(value, datetime) else value
+            for name, value in asdict(self).items()
+            if value is not None
+        }
+
+    def apply(self, query: Select[Any]) -> Select[Any]:
+        if self.since is not None:
+            query = query.where(AuditEvent.ts >= self.since)
+        if self.until is not None:
+            query = query.where(AuditEvent.ts < self.until)
+        if self.team is not None:
+            query = query.where(AuditEvent.team == self.team)
+        if self.action is not None:
+            query = query.where(AuditEvent.action == self.action)
+        if self.job_id is not None:
+            query = query.where(AuditEvent.job_id == self.job_id)
+        return query
+
+
+def event_record(row: Mapping[str, Any]) -> dict[str, Any]:
+    """An audit_events row as the JSON record exports carry (ts as canonical UTC text)."""
+    return {
+        "seq": row["seq"],
+        "id": row["id"],
+        "ts": format_ts(row["ts"]),
+        "action": row["action"],
+        "key_id": row["key_id"],
+        "team": row["team"],
+        "job_id": row["job_id"],
+        "payload": row["payload"],
+        "prev_hash": row["prev_hash"],
+        "hash": row["hash"],
+    }
+
+
+def iter_event_records(session: Session, filters: ExportFilters | None = None) -> Iterator[dict[str, Any]]:
+    """Events in seq order, streamed from the database in batches."""
+    query = (filters or ExportFilters()).apply(select(AuditEvent.__table__)).order_by(AuditEvent.seq)
+    for row in session.execute(query.execution_options(yield_per=BATCH)).mappings():
+        yield event_record(row)
+
+
+def iter_checkpoint_records(session: Session) -> Iterator[dict[str, Any]]:
+    for checkpoint in session.scalars(select(ChainCheckpoint).order_by(ChainCheckpoint.id)):
+        yield checkpoint_record(checkpoint)
+
+
+def _batched_lines(lines: Iterable[str]) -> Iterator[str]:
+    chunk: list[str] = []
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) >= BATCH:
+            yield "".join(chunk)
+            chunk = []
+    if chunk:
+        yield "".join(chunk)
+
+
+def _jsonl_lines(session: Session, filters: ExportFilters) -> Iterator[str]:
+    header = {
+        "type": "header",
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "exported_at": format_ts(datetime.now(UTC)),
+        "filters": filters.to_dict(),
+    }
+    yield canonical_json(header) + "\n"
+    for record in iter_event_records(session, filters):
+        yield canonical_json({"type": "event", **record}) + "\n"
+    for checkpoint in iter_checkpoint_records(session):
+        yield canonical_json({"type": "checkpoint", **checkpoint}) + "\n"
+
+
+def _csv_lines(session: Session, filters: ExportFilters) -> Iterator[str]:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for record in iter_event_records(session, filters):
+        writer.writerow([canonical_json(record["payload"]) if name == "payload" else record[name]
+                         for name in CSV_COLUMNS])
+        if buffer.tell() > 64_000:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+def iter_export(
+    session: Session, fmt: ExportFormat = "jsonl", filters: ExportFilters | None = None
+) -> Iterator[str]:
+    """Text chunks of an export, streamed (JSONL: header, events, checkpoints; CSV: events only)."""
+    chosen = filters or ExportFilters()
+    if fmt == "jsonl":
+        return _batched_lines(_jsonl_lines(session, chosen))
+    if fmt == "csv":
+        return _csv_lines(session, chosen)
+    raise ExportError(f"unknown export format {fmt!r}: use 'jsonl' or 'csv'")
+
+
+def write_evidence_pack(
+    session: Session,
+    path: Path,
+    certs: Iterable[Path],
+    policy_revisions: Iterable[PolicyRevision] | None = None,
+    model_cards: Iterable[ModelCardRecord] | None = None,
+) -> Path:
+    """Write a zip an auditor can verify with no database: the whole chain, checkpoints, policies,
+    model cards, public certificates, erasable prompt texts still held, a SHA-256 manifest, and
+    HOW-TO-VERIFY.txt. Revisions and cards default to every one stored.
+    """
+    revisions = list(policy_revisions) if policy_revisions is not None else list(
+        session.scalars(select(PolicyRevision).order_by(PolicyRevision.created_at))
+    )
+    cards = list(model_cards) if model_cards is not None else list(
+        session.scalars(select(ModelCardRecord).order_by(ModelCardRecord.recorded_at))
+    )
+    digests: dict[str, str] = {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as pack:
+
+        def put(name: str, data: str | bytes) -> None:
+            raw = data.encode("utf-8") if isinstance(data, str) else data
+            digests[name] = hashlib.sha256(raw).hexdigest()
+            pack.writestr(name, raw)
+
+        put("events.jsonl", "".join(iter_export(session, "jsonl")))
+        put("checkpoints.jsonl", "".join(canonical_json(c) + "\n" for c in iter_checkpoint_records(session)))
+        for revision in revisions:
+            put(f"policy_revisions/{revision.revision}.yaml", revision.source)
+        put("policy_revisions.json", json.dumps([_revision_meta(r) for r in revisions], indent=2))
+        put("model_cards.json", json.dumps([_card_record(c) for c in cards], indent=2, sort_keys=True))
+        held = session.scalars(select(PromptText).where(PromptText.text.is_not(None)))
+        prompts = ({"commitment": p.commitment, "salt": p.salt, "text": p.text} for p in held)
+        put("prompts.jsonl", "".join(canonical_json(prompt) + "\n" for prompt in prompts))
+        for cert in certs:
+            put(f"certs/{cert.name}", cert.read_bytes())
+        put("HOW-TO-VERIFY.txt", HOW_TO_VERIFY.read_text(encoding="utf-8"))
+        manifest = "".join(f"{digest}  {name}\n" for name, digest in sorted(digests.items()))
+        pack.writestr("MANIFEST.sha256", manifest)
+    return path
+
+
+def _revision_meta(revision: PolicyRevision) -> dict[str, Any]:
+    return {
+        "revision": revision.revision,
+        "policy_id": revision.policy_id,
+        "version": revision.version,
+        "author": revision.author,
+        "reason": revision.reason,
+        "created_at": format_ts(revision.created_at),
+        "active": revision.active,
+        "scope": revision.scope,
+        "file": f"policy_revisions/{revision.revision}.yaml",
+    }
+
+
+def _card_record(card: ModelCardRecord) -> dict[str, Any]:
+    return {
+        "content_hash": card.content_hash,
+        "name": card.name,
+        "version": card.version,
+        "recorded_at": format_ts(card.recorded_at),
+        "card": card.card,
+    }

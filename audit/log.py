@@ -1,0 +1,78 @@
+"""The only writer of the audit chain: `append_event`, serialised on the chain head row."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from audit.chain import event_hash, normalise
+from audit.models import AuditEvent, ChainHead
+
+HEAD_ROW_ID = 1
+
+
+class AuditLogError(Exception):
+    """The audit log cannot accept an event (missing chain head, bad payload)."""
+
+
+def lock_chain_head(session: Session) -> ChainHead:
+    """Lock the chain head for the rest of the caller's transaction and return it.
+
+    PostgreSQL: SELECT ... FOR UPDATE on the single head row. SQLite has no row locks: a no-op UPDATE of
+    the head row first takes the database write lock (pysqlite begins the transaction before DML), so the
+    read that follows cannot race another writer.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(ChainHead).where(ChainHead.id == HEAD_ROW_ID).values(seq=ChainHead.seq))
+    head = session.scalars(
+        select(ChainHead).where(ChainHead.id == HEAD_ROW_ID).with_for_update().execution_options(
+            populate_existing=True
+        )
+    ).one_or_none()
+    if head is None:
+        raise AuditLogError("the chain_head row is missing: run `llamagen-gateway migrate` on this database")
+    return head
+
+
+def append_event(
+    session: Session,
+    *,
+    action: str,
+    key_id: str,
+    team: str,
+    job_id: str | None = None,
+    payload: Mapping[str, Any],
+    event_id: str | None = None,
+) -> AuditEvent:
+    """Append one event to the chain inside the caller's transaction (the caller commits).
+
+    The head stays locked until that commit, so concurrent writers queue instead of forking the chain.
+    The payload is stored exactly as it is hashed (canonical JSON round trip).
+    """
+    if not action:
+        raise AuditLogError("an audit event needs an action")
+    body_payload = normalise(dict(payload))
+    head = lock_chain_head(session)
+    event = AuditEvent(
+        seq=head.seq + 1,
+        id=event_id or str(uuid.uuid4()),
+        # Microsecond precision is what every backend stores; the hash covers exactly that.
+        ts=datetime.now(UTC),
+        action=action,
+        key_id=key_id,
+        team=team,
+        job_id=job_id,
+        payload=body_payload,
+        prev_hash=head.hash,
+    )
+    event.hash = event_hash(head.hash, event.body())
+    session.add(event)
+    head.seq = event.seq
+    head.hash = event.hash
+    session.flush()
+    return event
