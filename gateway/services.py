@@ -20,8 +20,10 @@ from audit.models import AuditEvent, Job
 from audit.provenance import ProvenanceError, verify_image
 from audit.verify import verify_database
 from audit.privacy import commit_prompt
+from gateway import metrics
 from gateway.auth import Principal
 from gateway.dispatch import Dispatcher
+from gateway.limits import Limits
 from gateway.errors import (
     ContentPolicyViolation,
     Forbidden,
@@ -47,6 +49,7 @@ class GatewayState:
     settings: Settings
     ctx: PipelineContext
     dispatcher: Dispatcher
+    limits: Limits
     checkpoints: Any = None
 
 
@@ -117,6 +120,7 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
                       request_id: str) -> Job:
     """Screen and audit a request, then queue it, park it for review, or refuse it (400)."""
     principal.require("creator")
+    state.limits.check(key_id=principal.key_id, team=principal.team, images=request.params.num_images)
     if request.prompt is not None and len(request.prompt) > state.settings.max_prompt_chars:
         raise InvalidRequest(f"prompt is longer than {state.settings.max_prompt_chars} characters")
     card = _card(state, request.model)
@@ -126,6 +130,8 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
     t0 = time.perf_counter()
     runtime, screenings, action = _screen(state, text, context)
     screening_s = time.perf_counter() - t0
+    metrics.observe_decision("prompt", action, principal.team, card.name)
+    metrics.STAGE_SECONDS.labels("prompt_screening").observe(screening_s)
     revision = runtime.revision
     now = datetime.now(UTC)
     job = Job(id=str(uuid.uuid4()), created_at=now, updated_at=now, status="queued", team=principal.team,
@@ -223,6 +229,7 @@ def moderate(*, state: GatewayState, principal: Principal, request: ModerationCr
              request_id: str) -> dict[str, Any]:
     """Screen a prompt only (nothing generated); the screening is audited like any other."""
     principal.require("creator")
+    state.limits.check(key_id=principal.key_id, team=principal.team)
     card = _card(state, request.model)
     context = _context(principal, card)
     runtime, screenings, action = _screen(state, request.prompt, context)

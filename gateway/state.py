@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 
 from audit.checkpoints import CheckpointTimer
+from audit.db import upgrade_database
 from gateway.dispatch import CeleryDispatcher, Dispatcher, LocalWorker
+from gateway.limits import Limits, MemoryCounter, RedisCounter
 from gateway.services import GatewayState
 from gateway.settings import Settings
 from generator.pipeline import build_context
@@ -16,6 +18,8 @@ log = logging.getLogger(__name__)
 def build_state(settings: Settings, *, dispatcher: Dispatcher | None = None) -> GatewayState:
     """Open the database, load the registry and signer, activate the first policy, start the worker."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.embedded and settings.database_url.startswith("sqlite"):
+        upgrade_database(settings.database_url)  # embedded: the gateway owns its file; PostgreSQL uses `migrate`
     ctx = build_context(settings)
     ctx.policies.bootstrap(settings.policy_file)
     if dispatcher is None:
@@ -25,7 +29,10 @@ def build_state(settings: Settings, *, dispatcher: Dispatcher | None = None) -> 
         else:
             assert settings.broker_url is not None
             dispatcher = CeleryDispatcher(settings.broker_url, settings.result_backend_url)
-    state = GatewayState(settings=settings, ctx=ctx, dispatcher=dispatcher)
+    counter = MemoryCounter() if settings.embedded else RedisCounter(settings.broker_url or "")
+    limits = Limits(counter, per_key_per_minute=settings.rate_limit_per_minute,
+                    team_images_per_day=settings.team_quota_per_day)
+    state = GatewayState(settings=settings, ctx=ctx, dispatcher=dispatcher, limits=limits)
     state.checkpoints = CheckpointTimer(ctx.sessions, settings.signing_key, settings.signing_cert,
                                         interval_s=settings.checkpoint_interval_s)
     state.checkpoints.start()
