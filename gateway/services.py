@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import secrets
 import time
 import uuid
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from PIL import Image
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -144,6 +146,8 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
     try:
         with state.ctx.sessions() as session, session.begin():
             stored_prompt = commit_prompt(session, text, runtime.prompt_storage(context))
+            job.prompt_commitment = stored_prompt.get("commitment")
+            job.decisions = {"prompt": {**job.decisions["prompt"], "storage": stored_prompt["storage"]}}
             session.add(job)
             session.flush()
             append_event(session, action="generation.requested", key_id=principal.key_id, team=principal.team,
@@ -422,6 +426,15 @@ def verify_provenance(*, state: GatewayState, data: bytes, mime: str) -> dict[st
     return result
 
 
+def _probe_signer(state: GatewayState) -> str:
+    """Sign a 1x1 PNG for real: a signer that cannot sign must make the gateway not ready."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    state.ctx.signer.sign_png(buf.getvalue(), title="readiness probe", software_agent="llamagen-gateway readyz",
+                              assertions={})
+    return state.ctx.signer.description
+
+
 def readiness(*, state: GatewayState) -> dict[str, dict[str, Any]]:
     """Each dependency the release path needs, checked for real."""
     checks: dict[str, dict[str, Any]] = {}
@@ -439,6 +452,6 @@ def readiness(*, state: GatewayState) -> dict[str, dict[str, Any]]:
 
     check("database", database)
     check("broker", state.dispatcher.ping)
-    check("signer", lambda: state.ctx.signer.check())
+    check("signer", lambda: _probe_signer(state))
     check("policy", lambda: state.ctx.policies.active_revision().revision)
     return checks

@@ -33,7 +33,9 @@ def build_state(settings: Settings, *, dispatcher: Dispatcher | None = None) -> 
     limits = Limits(counter, per_key_per_minute=settings.rate_limit_per_minute,
                     team_images_per_day=settings.team_quota_per_day)
     state = GatewayState(settings=settings, ctx=ctx, dispatcher=dispatcher, limits=limits)
-    state.checkpoints = CheckpointTimer(ctx.sessions, settings.signing_key, settings.signing_cert,
+    assert settings.signing_key is not None and settings.signing_cert is not None
+    state.checkpoints = CheckpointTimer(ctx.sessions, settings.signing_key.read_bytes(),
+                                        settings.signing_cert.read_bytes(),
                                         interval_s=settings.checkpoint_interval_s)
     state.checkpoints.start()
     log.info("gateway ready", extra={"mode": "embedded" if settings.embedded else "distributed",

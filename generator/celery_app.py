@@ -30,9 +30,12 @@ def make_celery(broker_url: str | None = None, backend_url: str | None = None) -
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_time_limit=settings.job_time_limit_s,
-        task_soft_time_limit=max(settings.job_time_limit_s - 30, 10),
+        task_soft_time_limit=settings.job_time_limit_s - min(30, settings.job_time_limit_s // 5),
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.job_time_limit_s * 2},
+        # An unacknowledged job (its worker died) is redelivered after this; the job lease stops a
+        # redelivery from running a job that a live worker still holds.
+        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s
+                                  or settings.job_time_limit_s * 2},
         task_ignore_result=True,
     )
     return app

@@ -12,8 +12,8 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ class PipelineContext:
     artifacts: ArtifactStore
     device: str
     batch_size: int = 8
-    _lock: Any = field(default=None, repr=False)
+    lease_s: float = 600.0  # a running job untouched this long is presumed abandoned by a dead worker
 
 
 def resolve_device(requested: str) -> str:
@@ -79,6 +79,7 @@ def build_context(settings: Any) -> PipelineContext:
         artifacts=open_store(settings.artifact_url, settings.s3_endpoint_url),
         device=device,
         batch_size=settings.worker_batch_size,
+        lease_s=float(settings.job_time_limit_s),
     )
 
 
@@ -122,18 +123,22 @@ def sampling_key(job: Job) -> tuple[Any, ...]:
 def run_jobs(ctx: PipelineContext, job_ids: Sequence[str]) -> list[str]:
     """Run queued jobs, batching compatible ones into one sampling run; returns the ids actually run."""
     claimed: list[str] = []
+    now = datetime.now(UTC)
     with ctx.sessions() as session, session.begin():
         for job_id in job_ids:
-            job = session.get(Job, job_id)
+            job = session.get(Job, job_id, with_for_update=True)
             if job is None:
                 log.warning("job %s does not exist; nothing to do", job_id)
+                continue
+            if job.status == "running" and now - job.updated_at < timedelta(seconds=ctx.lease_s):
+                log.info("job %s is being run by another worker; nothing to do", job_id)
                 continue
             if job.status not in ("queued", "running"):
                 log.info("job %s is %s; nothing to do", job_id, job.status)
                 continue
             job.attempts = (job.attempts or 0) + 1
-            if job.status == "queued":
-                transition(session, job, "running", "picked up by worker")
+            reason = "picked up by worker" if job.status == "queued" else "lease expired: taken over"
+            transition(session, job, "running", reason)
             claimed.append(job_id)
     groups: dict[tuple[Any, ...], list[str]] = {}
     with ctx.sessions() as session:
@@ -234,8 +239,8 @@ def _release(ctx: PipelineContext, job: Job, model: LoadedModel, output: Any, sa
     output_decisions = [s.to_dict() for s in screenings]
     worst = strictest(s["decision"] for s in output_decisions) if output_decisions else "allow"
     with ctx.sessions() as session, session.begin():
-        row = session.get(Job, job.id)
-        if row is None or row.status in TERMINAL:
+        row = session.get(Job, job.id, with_for_update=True)
+        if row is None or row.status != "running":
             return  # another delivery finished it first: idempotent
         append_event(session, action="output.screened", key_id=row.key_id, team=row.team, job_id=row.id,
                      payload={"policy_revision": row.policy_revision, "screenings": output_decisions,
@@ -263,6 +268,8 @@ def _release(ctx: PipelineContext, job: Job, model: LoadedModel, output: Any, sa
             transition(session, row, "blocked", row.error)
         else:
             transition(session, row, "completed", f"{len(released)} image(s) released")
+        if row.status in TERMINAL and decisions.get("prompt", {}).get("storage", "full") != "full":
+            row.prompt = None  # the policy keeps no prompt text beyond what the job needed
         append_event(session, action=f"generation.{row.status}", key_id=row.key_id, team=row.team,
                      job_id=row.id, payload={"images": len(released), "timings": row.timings,
                                              "cost": row.cost})

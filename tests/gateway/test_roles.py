@@ -1,0 +1,106 @@
+"""Who may call what: every endpoint x every role, plus no key and a revoked key."""
+
+from __future__ import annotations
+
+import pytest
+
+ROLES = ("creator", "reviewer", "auditor", "policy_admin", "admin")
+ANY = set(ROLES)
+GEN = {"model": "demo-shapes-c2i", "class_id": 0, "params": {"seed": 1}}
+
+# (method, path, body kind, roles allowed)
+MATRIX = [
+    ("POST", "/v1/generations", "gen", {"creator", "admin"}),
+    ("GET", "/v1/generations", None, {"creator", "auditor", "reviewer", "admin"}),
+    ("GET", "/v1/generations/{job}", None, {"creator", "auditor", "reviewer", "admin"}),
+    ("GET", "/v1/generations/{job}/images/0", None, {"creator", "auditor", "reviewer", "admin"}),
+    ("POST", "/v1/moderations", "moderation", {"creator", "admin"}),
+    ("GET", "/v1/models", None, ANY),
+    ("GET", "/v1/models/demo-shapes-c2i", None, ANY),
+    ("GET", "/v1/policies/active", None, ANY),
+    ("GET", "/v1/policies", None, {"auditor", "policy_admin", "admin"}),
+    ("GET", "/v1/policies/{revision}", None, {"auditor", "policy_admin", "admin"}),
+    ("POST", "/v1/policies", "policy", {"policy_admin", "admin"}),
+    ("POST", "/v1/policies/dry-run", "policy", {"policy_admin", "auditor", "admin"}),
+    ("GET", "/v1/review", None, {"reviewer", "admin"}),
+    ("POST", "/v1/review/{job}", "review", {"reviewer", "admin"}),
+    ("GET", "/v1/audit/events", None, {"auditor", "admin"}),
+    ("GET", "/v1/audit/export", None, {"auditor", "admin"}),
+    ("GET", "/v1/audit/verify", None, {"auditor", "admin"}),
+    ("POST", "/v1/provenance/verify", "image", ANY),
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """One gateway, one key per role (team design), a finished job of team design, the active policy."""
+    from fastapi.testclient import TestClient
+
+    from gateway.main import create_app
+    from gateway.state import build_state, close_state
+    from tests.conftest import Gateway, make_settings
+
+    settings = make_settings(tmp_path_factory.mktemp("roles") / "var", rate_limit_per_minute=0)
+    state = build_state(settings)
+    with TestClient(create_app(settings, state=state), raise_server_exceptions=False) as client:
+        gw = Gateway(client, state)
+        keys = {role: gw.key(role, team="design") for role in ROLES}
+        job = client.post("/v1/generations", json=GEN, headers=gw.auth(keys["creator"])).json()
+        gw.wait(job["id"], keys["creator"])
+        active = client.get("/v1/policies/active", headers=gw.auth(keys["creator"])).json()
+        image = client.get(f"/v1/generations/{job['id']}/images/0", headers=gw.auth(keys["creator"])).content
+        yield gw, keys, job["id"], active, image
+    close_state(state)
+
+
+def _call(gw, method, path, body, key, job_id, active, image):
+    path = path.format(job=job_id, revision=active["revision"])
+    headers = gw.auth(key) if key else {}
+    kwargs: dict = {}
+    if body == "gen":
+        kwargs["json"] = GEN
+    elif body == "moderation":
+        kwargs["json"] = {"prompt": "a red star", "model": "demo-shapes-c2i"}
+    elif body == "review":
+        kwargs["json"] = {"decision": "approve", "reason": "looks fine to me"}
+    elif body == "policy":
+        kwargs["content"] = active["source"].encode()
+        headers["Content-Type"] = "application/yaml"
+    elif body == "image":
+        kwargs["content"] = image
+        headers["Content-Type"] = "image/png"
+    return gw.client.request(method, path, headers=headers, **kwargs)
+
+
+@pytest.mark.parametrize("method,path,body,allowed", MATRIX, ids=[f"{m} {p}" for m, p, _, _ in MATRIX])
+def test_each_role_is_allowed_or_forbidden_as_specified(world, method, path, body, allowed) -> None:
+    gw, keys, job_id, active, image = world
+    for role in ROLES:
+        response = _call(gw, method, path, body, keys[role], job_id, active, image)
+        if role in allowed:
+            assert response.status_code not in (401, 403), (role, response.status_code, response.text)
+        else:
+            assert response.status_code == 403, (role, response.status_code, response.text)
+            assert response.json()["error"]["code"] == "forbidden"
+
+
+@pytest.mark.parametrize("method,path,body,allowed", [m for m in MATRIX if m[3] != ANY or m[0] == "GET"],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_no_key_and_revoked_key_are_unauthorized(world, method, path, body, allowed) -> None:
+    gw, keys, job_id, active, image = world
+    assert _call(gw, method, path, body, None, job_id, active, image).status_code == 401
+    revoked = gw.key("admin", team="design")
+    from gateway.auth import revoke_key
+
+    with gw.state.ctx.sessions() as session, session.begin():
+        revoke_key(session, revoked.split("_")[1])
+    response = _call(gw, method, path, body, revoked, job_id, active, image)
+    assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
+
+
+def test_creator_of_another_team_cannot_see_the_job(world) -> None:
+    gw, keys, job_id, active, image = world
+    outsider = gw.key("creator", team="legal")
+    assert gw.client.get(f"/v1/generations/{job_id}", headers=gw.auth(outsider)).status_code == 404
+    listed = gw.client.get("/v1/generations", headers=gw.auth(outsider)).json()
+    assert job_id not in {j["id"] for j in listed["data"]}
