@@ -178,6 +178,7 @@ def _run_group(ctx: PipelineContext, job_ids: Sequence[str]) -> None:
             raise PipelineError(f"model card of {first.model} changed since the job was accepted "
                                 f"({first.model_card_hash} -> {model.card.content_hash})")
         params = model.sampling_params(first.params)
+        started = datetime.now(UTC)
         t0 = time.perf_counter()
         outputs = model.generate([gen_request(j) for j in jobs], params)
         sampling_s = time.perf_counter() - t0
@@ -187,14 +188,16 @@ def _run_group(ctx: PipelineContext, job_ids: Sequence[str]) -> None:
         return
     for job, output in zip(jobs, outputs, strict=True):
         try:
-            _release(ctx, job, model, output, sampling_s / len(jobs))
+            _release(ctx, job, model, output, sampling_s, started)
         except Exception as exc:
             log.exception("release failed for job %s", job.id)
             _fail(ctx, [job.id], f"release failed: {exc}")
 
 
-def _release(ctx: PipelineContext, job: Job, model: LoadedModel, output: Any, sampling_s: float) -> None:
+def _release(ctx: PipelineContext, job: Job, model: LoadedModel, output: Any, sampling_s: float,
+             started: datetime) -> None:
     """Screen, sign, store and audit one job's images in one transaction; nothing leaves unsigned or unaudited."""
+    queued_s = (started - job.created_at).total_seconds()
     runtime = ctx.policies.runtime(job.policy_revision)
     card = model.card
     context = Context(team=job.team, model=job.model, lineage=card.lineage_dicts(), use=None)
@@ -238,6 +241,7 @@ def _release(ctx: PipelineContext, job: Job, model: LoadedModel, output: Any, sa
         ctx.artifacts.put(key, data)
     output_decisions = [s.to_dict() for s in screenings]
     worst = strictest(s["decision"] for s in output_decisions) if output_decisions else "allow"
+    t_audit = time.perf_counter()
     with ctx.sessions() as session, session.begin():
         row = session.get(Job, job.id, with_for_update=True)
         if row is None or row.status != "running":
@@ -257,7 +261,7 @@ def _release(ctx: PipelineContext, job: Job, model: LoadedModel, output: Any, sa
         decisions["output"] = {"action": worst, "images": output_decisions}
         row.decisions = decisions
         row.images = [{k: v for k, v in item.items() if k != "output_decision"} for item in released]
-        row.timings = {**(row.timings or {}), "sampling_s": round(sampling_s, 4),
+        row.timings = {**(row.timings or {}), "queue_s": round(queued_s, 4), "sampling_s": round(sampling_s, 4),
                        "output_screening_s": round(screen_s, 4), "signing_s": round(sign_s, 4)}
         row.cost = {"tokens": output.tokens, "device_seconds": round(output.device_seconds, 4),
                     "device": ctx.device}
@@ -273,6 +277,8 @@ def _release(ctx: PipelineContext, job: Job, model: LoadedModel, output: Any, sa
         append_event(session, action=f"generation.{row.status}", key_id=row.key_id, team=row.team,
                      job_id=row.id, payload={"images": len(released), "timings": row.timings,
                                              "cost": row.cost})
+        # The audit stage's own time (events + job row), recorded on the job after the chain entry.
+        row.timings = {**row.timings, "audit_s": round(time.perf_counter() - t_audit, 4)}
 
 
 def reproduce_event(session: Session, event_id: str, settings: Any) -> dict[str, Any]:
