@@ -1,0 +1,136 @@
+"""audit/log.py: the only writer; appends are numbered, linked and serialised across processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from audit.chain import GENESIS_HASH, event_hash
+from audit.db import make_engine, make_session_factory
+from audit.log import AuditLogError, append_event
+from audit.models import AuditEvent, ChainHead
+from audit.verify import verify_database
+
+
+def append(sessions: sessionmaker[Session], n: int = 1, **overrides: Any) -> list[AuditEvent]:
+    events = []
+    with sessions() as session, session.begin():
+        for i in range(n):
+            fields: dict[str, Any] = {"action": "generation.requested", "key_id": "key-1", "team": "ads",
+                                      "payload": {"seed": i}}
+            fields.update(overrides)
+            events.append(append_event(session, **fields))
+    return events
+
+
+def writer(url: str, worker: int, count: int) -> None:
+    """A separate process appending `count` events, one transaction each."""
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
+    for i in range(count):
+        with sessions() as session, session.begin():
+            append_event(session, action="bench.append", key_id=f"worker-{worker}", team="load",
+                         payload={"worker": worker, "i": i})
+    engine.dispose()
+
+
+def run_writers(url: str, processes: int, count: int) -> None:
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=writer, args=(url, w, count)) for w in range(processes)]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(timeout=120)
+    assert [p.exitcode for p in workers] == [0] * processes
+
+
+def test_append_event_numbers_events_from_one_and_links_them_from_genesis(session_factory: Any) -> None:
+    first, second = append(session_factory, 2)
+    assert (first.seq, second.seq) == (1, 2)
+    assert first.prev_hash == GENESIS_HASH and second.prev_hash == first.hash
+
+
+def test_append_event_hash_covers_the_stored_body(session_factory: Any) -> None:
+    (event,) = append(session_factory, job_id="job-1", payload={"scores": {"nsfw": 0.25}})
+    with session_factory() as session:
+        stored = session.scalars(select(AuditEvent)).one()
+        assert stored.hash == event_hash(stored.prev_hash, stored.body()) == event.hash
+
+
+def test_append_event_moves_the_chain_head(session_factory: Any) -> None:
+    (_, last) = append(session_factory, 2)
+    with session_factory() as session:
+        head = session.get(ChainHead, 1)
+        assert head is not None and (head.seq, head.hash) == (2, last.hash)
+
+
+def test_append_event_uses_the_given_event_id(session_factory: Any) -> None:
+    (event,) = append(session_factory, event_id="6f1c7c2e-0000-4000-8000-000000000001")
+    assert event.id == "6f1c7c2e-0000-4000-8000-000000000001"
+
+
+def test_append_event_stores_the_payload_as_canonical_json_reads_it_back(session_factory: Any) -> None:
+    (event,) = append(session_factory, payload={"ratio": 0.5, "nested": {"b": 1, "a": [1, 2]}})
+    assert event.payload == {"ratio": 0.5, "nested": {"a": [1, 2], "b": 1}}
+
+
+def test_append_event_timestamps_are_utc_with_microseconds(session_factory: Any) -> None:
+    (event,) = append(session_factory)
+    with session_factory() as session:
+        stored = session.scalars(select(AuditEvent)).one()
+    assert stored.ts == event.ts
+    assert stored.ts.tzinfo is not None and stored.ts.utcoffset() == timedelta(0)
+
+
+def test_append_event_in_a_rolled_back_transaction_leaves_no_gap(session_factory: Any) -> None:
+    append(session_factory)
+    with session_factory() as session, session.begin():
+        append_event(session, action="x.y", key_id="k", team="t", payload={})
+        session.rollback()
+    (event,) = append(session_factory)
+    assert event.seq == 2
+
+
+def test_append_event_refuses_a_payload_that_is_not_json(session_factory: Any) -> None:
+    with pytest.raises(ValueError, match="set is not JSON"):
+        append(session_factory, payload={"tags": {"a"}})
+
+
+def test_append_event_requires_an_action(session_factory: Any) -> None:
+    with pytest.raises(AuditLogError, match="needs an action"):
+        append(session_factory, action="")
+
+
+def test_append_event_names_the_missing_chain_head() -> None:
+    engine = make_engine("sqlite://")
+    from audit.db import Base
+
+    Base.metadata.create_all(engine)
+    with make_session_factory(engine)() as session, pytest.raises(AuditLogError, match="migrate"):
+        append_event(session, action="x.y", key_id="k", team="t", payload={})
+
+
+def test_concurrent_sqlite_writer_processes_never_fork_the_chain(
+    sqlite_url: str, session_factory: Any
+) -> None:
+    run_writers(sqlite_url, processes=3, count=20)
+    with session_factory() as session:
+        report = verify_database(session)
+    assert report.ok and report.count == 60, report.summary
+
+
+@pytest.mark.services
+def test_concurrent_postgres_writer_processes_never_fork_the_chain(
+    pg_url: str, pg_session_factory: Any
+) -> None:
+    run_writers(pg_url, processes=4, count=50)
+    with pg_session_factory() as session:
+        report = verify_database(session)
+        writers = set(session.scalars(select(AuditEvent.key_id)))
+    assert report.ok and report.count == 200, report.summary
+    assert writers == {"worker-0", "worker-1", "worker-2", "worker-3"}
