@@ -21,8 +21,12 @@ def append(sessions: sessionmaker[Session], n: int = 1, **overrides: Any) -> lis
     events = []
     with sessions() as session, session.begin():
         for i in range(n):
-            fields: dict[str, Any] = {"action": "generation.requested", "key_id": "key-1", "team": "ads",
-                                      "payload": {"seed": i}}
+            fields: dict[str, Any] = {
+                "action": "generation.requested",
+                "key_id": "key-1",
+                "team": "ads",
+                "payload": {"seed": i},
+            }
             fields.update(overrides)
             events.append(append_event(session, **fields))
     return events
@@ -34,8 +38,13 @@ def writer(url: str, worker: int, count: int) -> None:
     sessions = make_session_factory(engine)
     for i in range(count):
         with sessions() as session, session.begin():
-            append_event(session, action="bench.append", key_id=f"worker-{worker}", team="load",
-                         payload={"worker": worker, "i": i})
+            append_event(
+                session,
+                action="bench.append",
+                key_id=f"worker-{worker}",
+                team="load",
+                payload={"worker": worker, "i": i},
+            )
     engine.dispose()
 
 

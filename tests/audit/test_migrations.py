@@ -14,8 +14,17 @@ from audit.db import Base, downgrade_database, make_engine, upgrade_database
 from audit.log import append_event
 from audit.models import ChainHead
 
-TABLES = {"jobs", "job_transitions", "api_keys", "policy_revisions", "model_cards", "prompt_texts",
-          "chain_head", "audit_events", "chain_checkpoints"}
+TABLES = {
+    "jobs",
+    "job_transitions",
+    "api_keys",
+    "policy_revisions",
+    "model_cards",
+    "prompt_texts",
+    "chain_head",
+    "audit_events",
+    "chain_checkpoints",
+}
 
 
 def schema_drift(engine: Engine) -> list[Any]:
@@ -31,8 +40,12 @@ def seed_event(sessions: Any) -> None:
 def seed_event_and_checkpoint(sessions: Any) -> None:
     seed_event(sessions)
     with sessions() as session, session.begin():
-        session.execute(text("INSERT INTO chain_checkpoints (seq, head_hash, ts, alg, signature, cert_pem) "
-                             "VALUES (1, 'h', '2026-01-01 00:00:00', 'ES256', 's', 'c')"))
+        session.execute(
+            text(
+                "INSERT INTO chain_checkpoints (seq, head_hash, ts, alg, signature, cert_pem) "
+                "VALUES (1, 'h', '2026-01-01 00:00:00', 'ES256', 's', 'c')"
+            )
+        )
 
 
 def test_migrated_sqlite_schema_matches_the_models(sqlite_url: str) -> None:
@@ -52,12 +65,15 @@ def test_sqlite_downgrade_removes_every_table_and_upgrade_restores_them(sqlite_u
     assert TABLES <= set(inspect(make_engine(sqlite_url)).get_table_names())
 
 
-@pytest.mark.parametrize("statement", [
-    "UPDATE audit_events SET team = 'forged'",
-    "DELETE FROM audit_events",
-    "UPDATE chain_checkpoints SET head_hash = 'x'",
-    "DELETE FROM chain_checkpoints",
-])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit_events SET team = 'forged'",
+        "DELETE FROM audit_events",
+        "UPDATE chain_checkpoints SET head_hash = 'x'",
+        "DELETE FROM chain_checkpoints",
+    ],
+)
 def test_sqlite_triggers_reject_changes_to_audit_tables(session_factory: Any, statement: str) -> None:
     seed_event_and_checkpoint(session_factory)
     with session_factory() as session, pytest.raises(DatabaseError, match="append-only"):
@@ -90,13 +106,16 @@ def test_postgres_downgrade_and_upgrade_round_trip(pg_url: str) -> None:
 
 
 @pytest.mark.services
-@pytest.mark.parametrize("statement", [
-    "UPDATE audit_events SET team = 'forged'",
-    "DELETE FROM audit_events",
-    "TRUNCATE audit_events",
-    "UPDATE chain_checkpoints SET head_hash = 'x'",
-    "TRUNCATE chain_checkpoints",
-])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit_events SET team = 'forged'",
+        "DELETE FROM audit_events",
+        "TRUNCATE audit_events",
+        "UPDATE chain_checkpoints SET head_hash = 'x'",
+        "TRUNCATE chain_checkpoints",
+    ],
+)
 def test_postgres_triggers_reject_changes_to_audit_tables(pg_session_factory: Any, statement: str) -> None:
     seed_event_and_checkpoint(pg_session_factory)
     with pg_session_factory() as session, pytest.raises(DatabaseError, match="append-only"):

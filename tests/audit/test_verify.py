@@ -1,0 +1,194 @@
+"""audit/verify.py: verification of the database, of JSONL exports and of evidence packs."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from audit.checkpoints import write_checkpoint
+from audit.export import ExportFilters, iter_export, write_evidence_pack
+from audit.log import append_event
+from audit.provenance import DevCA
+from audit.verify import ExportFileError, verify_database, verify_export
+
+
+def append(sessions: Any, n: int) -> None:
+    with sessions() as session, session.begin():
+        for i in range(n):
+            append_event(
+                session,
+                action="generation.requested" if i % 2 else "image.released",
+                key_id="k",
+                team="ads" if i % 3 else "news",
+                payload={"i": i, "seed": 1000 + i},
+            )
+
+
+def checkpoint(sessions: Any, ca: DevCA) -> None:
+    with sessions() as session, session.begin():
+        write_checkpoint(session, ca.key_path.read_bytes(), ca.chain_pem_path.read_bytes())
+
+
+def as_dba(sessions: Any, *statements: str) -> None:
+    """Tamper the way someone with database admin rights could: drop the triggers, then write."""
+    with sessions() as session, session.begin():
+        for trigger in (
+            "audit_events_no_update",
+            "audit_events_no_delete",
+            "chain_checkpoints_no_update",
+            "chain_checkpoints_no_delete",
+        ):
+            session.execute(text(f"DROP TRIGGER IF EXISTS {trigger}"))
+        for statement in statements:
+            session.execute(text(statement))
+
+
+def verify_db(sessions: Any) -> Any:
+    with sessions() as session:
+        return verify_database(session)
+
+
+def export_lines(sessions: Any, filters: ExportFilters | None = None) -> list[str]:
+    with sessions() as session:
+        return "".join(iter_export(session, "jsonl", filters)).splitlines()
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def chain(session_factory: Any, dev_ca: DevCA) -> Any:
+    """Ten events, a checkpoint at seq 8, two more events after it."""
+    append(session_factory, 8)
+    checkpoint(session_factory, dev_ca)
+    append(session_factory, 2)
+    return session_factory
+
+
+def test_verify_database_accepts_an_intact_chain_and_counts_the_uncovered_tail(chain: Any) -> None:
+    report = verify_db(chain)
+    assert (report.ok, report.count, report.last_checkpoint_seq, report.uncovered_tail) == (True, 10, 8, 2)
+    assert report.checkpoints == 1 and report.checkpoints_valid
+    assert "2 tail event(s) not yet covered" in report.summary
+
+
+def test_verify_database_reports_an_edited_payload(chain: Any) -> None:
+    as_dba(chain, 'UPDATE audit_events SET payload = \'{"i": 3, "seed": 1}\' WHERE seq = 4')
+    report = verify_db(chain)
+    assert (report.ok, report.first_bad_seq) == (False, 4)
+
+
+def test_verify_database_reports_a_deleted_event(chain: Any) -> None:
+    as_dba(chain, "DELETE FROM audit_events WHERE seq = 5")
+    report = verify_db(chain)
+    assert (report.ok, report.first_bad_seq) == (False, 6)
+    assert "missing" in report.reason
+
+
+def test_verify_database_reports_a_truncated_tail_against_the_head_row(chain: Any) -> None:
+    as_dba(chain, "DELETE FROM audit_events WHERE seq > 9")
+    report = verify_db(chain)
+    assert not report.ok and "chain_head row covers seq 10" in report.reason
+
+
+def test_verify_database_reports_truncation_hidden_by_a_rewound_head_via_the_checkpoint(chain: Any) -> None:
+    as_dba(
+        chain,
+        "DELETE FROM audit_events WHERE seq > 6",
+        "UPDATE chain_head SET seq = 6, hash = (SELECT hash FROM audit_events WHERE seq = 6)",
+    )
+    report = verify_db(chain)
+    assert not report.ok and "checkpoint" in report.reason and "truncated" in report.reason
+
+
+def test_verify_database_reports_a_forged_checkpoint(chain: Any) -> None:
+    as_dba(chain, "UPDATE chain_checkpoints SET seq = 9")
+    report = verify_db(chain)
+    assert not report.ok and not report.checkpoints_valid
+    assert "signature does not verify" in report.reason
+
+
+def test_verify_export_accepts_a_full_jsonl_export(chain: Any, tmp_path: Path) -> None:
+    report = verify_export(write_lines(tmp_path / "audit.jsonl", export_lines(chain)))
+    assert (report.ok, report.count, report.uncovered_tail) == (True, 10, 2)
+
+
+def test_verify_export_reports_an_edited_event(chain: Any, tmp_path: Path) -> None:
+    lines = export_lines(chain)
+    record = json.loads(lines[3])
+    record["payload"]["seed"] = 7
+    lines[3] = json.dumps(record)
+    report = verify_export(write_lines(tmp_path / "audit.jsonl", lines))
+    assert (report.ok, report.first_bad_seq) == (False, record["seq"])
+
+
+def test_verify_export_reports_a_deleted_event(chain: Any, tmp_path: Path) -> None:
+    lines = export_lines(chain)
+    del lines[5]  # line 0 is the header: this is seq 5
+    report = verify_export(write_lines(tmp_path / "audit.jsonl", lines))
+    assert (report.ok, report.first_bad_seq) == (False, 6)
+
+
+def test_verify_export_reports_reordered_events(chain: Any, tmp_path: Path) -> None:
+    lines = export_lines(chain)
+    lines[2], lines[3] = lines[3], lines[2]
+    report = verify_export(write_lines(tmp_path / "audit.jsonl", lines))
+    assert (report.ok, report.first_bad_seq) == (False, 3)
+
+
+def test_verify_export_reports_truncation_before_a_checkpoint(chain: Any, tmp_path: Path) -> None:
+    lines = export_lines(chain)
+    kept = lines[:7] + [line for line in lines if '"type":"checkpoint"' in line]  # events 1..6 only
+    report = verify_export(write_lines(tmp_path / "audit.jsonl", kept))
+    assert not report.ok and "truncated" in report.reason
+
+
+def test_verify_export_checks_a_filtered_export_event_by_event(chain: Any, tmp_path: Path) -> None:
+    report = verify_export(
+        write_lines(tmp_path / "news.jsonl", export_lines(chain, ExportFilters(team="news")))
+    )
+    assert report.ok and report.count == 4 and "filtered export" in report.reason
+
+
+def test_verify_export_refuses_a_file_that_is_not_an_export(tmp_path: Path) -> None:
+    path = tmp_path / "notes.jsonl"
+    path.write_text('{"hello": "world"}\n')
+    with pytest.raises(ExportFileError, match="first line is no header"):
+        verify_export(path)
+
+
+def test_verify_export_names_a_line_that_is_not_json(chain: Any, tmp_path: Path) -> None:
+    lines = export_lines(chain)
+    lines[4] = "{broken"
+    with pytest.raises(ExportFileError, match="line 5 is not JSON"):
+        verify_export(write_lines(tmp_path / "audit.jsonl", lines))
+
+
+def test_evidence_pack_verifies_offline(chain: Any, dev_ca: DevCA, tmp_path: Path) -> None:
+    with chain() as session:
+        pack = write_evidence_pack(
+            session, tmp_path / "evidence.zip", [dev_ca.chain_pem_path, dev_ca.root_pem_path]
+        )
+    report = verify_export(pack)
+    assert (report.ok, report.count, report.checkpoints) == (True, 10, 1)
+
+
+def test_evidence_pack_with_an_altered_event_is_reported(chain: Any, dev_ca: DevCA, tmp_path: Path) -> None:
+    with chain() as session:
+        pack = write_evidence_pack(session, tmp_path / "evidence.zip", [dev_ca.chain_pem_path])
+    with zipfile.ZipFile(pack) as original:
+        files = {name: original.read(name) for name in original.namelist()}
+    files["events.jsonl"] = files["events.jsonl"].replace(b'"seed":1002', b'"seed":1003')
+    forged = tmp_path / "forged.zip"
+    with zipfile.ZipFile(forged, "w") as out:
+        for name, data in files.items():
+            out.writestr(name, data)
+    report = verify_export(forged)
+    assert (report.ok, report.first_bad_seq) == (False, 3)
