@@ -12,9 +12,10 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway import metrics
+from gateway import dashboard, metrics
 from gateway.errors import ApiError
 from gateway.routes import audit, generations, health, models, moderations, policies, provenance, review
 from gateway.settings import Settings, get_settings
@@ -105,4 +106,6 @@ def create_app(settings: Settings | None = None, state: Any = None) -> FastAPI:
 
     for module in (generations, moderations, models, policies, review, audit, provenance, health):
         app.include_router(module.router)
+    app.include_router(dashboard.router)
+    app.mount(dashboard.STATIC_PATH, StaticFiles(directory=dashboard.STATIC_DIR), name="dashboard-static")
     return app

@@ -1,0 +1,366 @@
+"""Read-only queries behind the compliance dashboard: decision aggregates, the audit explorer, event detail.
+
+Service functions in the style of `gateway.services` (keyword-only, role-checked through `Principal.require`,
+no FastAPI). Every query is bounded: a time window over the indexed `ts` column for aggregates, keyset
+pagination on the `seq` primary key with LIMIT for the explorer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import ColumnElement, Text, and_, cast, func, or_, select, text
+from sqlalchemy.orm import Session
+
+from audit.chain import Anchor, ChainReport, verify_fragments
+from audit.checkpoints import checkpoint_record, verify_checkpoint_signature
+from audit.export import event_record
+from audit.models import AuditEvent, ChainCheckpoint, Job
+from gateway.auth import Principal
+from gateway.errors import InvalidRequest, NotFound
+
+# Events that carry a policy decision in `payload.action` (and the rules that fired in `payload.screenings`).
+DECISION_ACTIONS = ("prompt.screened", "output.screened", "moderation.screened")
+OUTCOMES = ("allow", "flag", "review", "block")
+Bucket = Literal["hour", "day"]
+MAX_WINDOW = timedelta(days=366)
+# Event detail verifies the stretch up to the covering checkpoint when it is at most this long.
+MAX_SEGMENT = 5_000
+
+
+# --- overview ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Breakdown:
+    """Decision counts for one team, model, rule or time bucket."""
+
+    key: str
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def rate(self, outcome: str) -> float:
+        """Share of `outcome` among this row's decisions (0.0 when there are none)."""
+        return self.counts.get(outcome, 0) / self.total if self.total else 0.0
+
+
+@dataclass
+class Overview:
+    """Volumes and decision outcomes in a time window."""
+
+    since: datetime
+    until: datetime
+    bucket: Bucket
+    volumes: dict[str, int]
+    outcomes: Breakdown
+    series: list[Breakdown]
+    by_team: list[Breakdown]
+    by_model: list[Breakdown]
+    by_rule: list[Breakdown]
+
+    def chart_data(self) -> dict[str, Any]:
+        """JSON for the browser charts (the same numbers as the tables beside them)."""
+
+        def rows(items: list[Breakdown]) -> dict[str, Any]:
+            return {"labels": [b.key for b in items],
+                    "datasets": {o: [b.counts[o] for b in items] for o in OUTCOMES}}
+
+        return {"series": rows(self.series), "team": rows(self.by_team), "model": rows(self.by_model),
+                "rule": rows(self.by_rule)}
+
+
+def _bucket_expr(session: Session, bucket: Bucket) -> ColumnElement[str]:
+    """`AuditEvent.ts` truncated to the bucket, as sortable UTC text (the one dialect-specific part)."""
+    if session.get_bind().dialect.name == "sqlite":  # SQLite stores naive UTC text
+        return func.strftime("%Y-%m-%d" if bucket == "day" else "%Y-%m-%d %H:00", AuditEvent.ts)
+    utc = func.timezone("UTC", AuditEvent.ts)
+    pattern = "YYYY-MM-DD" if bucket == "day" else "YYYY-MM-DD HH24:00"
+    return func.to_char(func.date_trunc(bucket, utc), pattern)
+
+
+def _window(since: datetime, until: datetime) -> None:
+    if since.tzinfo is None or until.tzinfo is None:
+        raise InvalidRequest("time window bounds must be timezone-aware")
+    if until <= since:
+        raise InvalidRequest(f"empty time window: until ({until.isoformat()}) is not after since "
+                             f"({since.isoformat()})")
+    if until - since > MAX_WINDOW:
+        raise InvalidRequest(f"time window longer than {MAX_WINDOW.days} days; choose a shorter one")
+
+
+def _add(table: dict[str, Breakdown], key: str, outcome: str, n: int) -> None:
+    row = table.setdefault(key, Breakdown(key))
+    row.counts[outcome if outcome in OUTCOMES else "block"] += n  # an unknown outcome counts as the strictest
+
+
+def _ranked(table: dict[str, Breakdown], top: int) -> list[Breakdown]:
+    return sorted(table.values(), key=lambda b: (-b.total, b.key))[:top]
+
+
+_RULES_SQL = {
+    # One row per fired reason: unnest payload.screenings[].decision.reasons[] in the database.
+    "sqlite": """
+        SELECT json_extract(r.value, '$.rule_id') AS rule_id, json_extract(r.value, '$.action') AS outcome,
+               count(*) AS n
+        FROM audit_events AS e,
+             json_each(e.payload, '$.screenings') AS s,
+             json_each(s.value, '$.decision.reasons') AS r
+        WHERE e.action IN ('prompt.screened', 'output.screened', 'moderation.screened')
+          AND e.ts >= :since AND e.ts < :until AND json_extract(e.payload, '$.action') != 'allow'
+        GROUP BY rule_id, outcome
+    """,
+    "postgresql": """
+        SELECT r.value ->> 'rule_id' AS rule_id, r.value ->> 'action' AS outcome, count(*) AS n
+        FROM audit_events AS e,
+             json_array_elements(e.payload -> 'screenings') AS s(value),
+             json_array_elements(s.value -> 'decision' -> 'reasons') AS r(value)
+        WHERE e.action IN ('prompt.screened', 'output.screened', 'moderation.screened')
+          AND e.ts >= :since AND e.ts < :until AND e.payload ->> 'action' != 'allow'
+        GROUP BY rule_id, outcome
+    """,
+}
+
+
+def overview(*, session: Session, principal: Principal, since: datetime, until: datetime,
+             bucket: Bucket = "day", top: int = 12) -> Overview:
+    """Volumes and allow/flag/review/block counts over time, by team, model and rule, in [since, until)."""
+    principal.require("auditor", "policy_admin")
+    _window(since, until)
+    dialect = session.get_bind().dialect.name
+    if dialect not in _RULES_SQL:
+        raise InvalidRequest(f"the overview supports SQLite and PostgreSQL, not {dialect}")
+    in_window = and_(AuditEvent.ts >= since, AuditEvent.ts < until)
+    sqlite = dialect == "sqlite"
+    bound_since = since.replace(tzinfo=None) if sqlite else since
+    bound_until = until.replace(tzinfo=None) if sqlite else until
+
+    volumes = {action: n for action, n in session.execute(
+        select(AuditEvent.action, func.count()).where(in_window, AuditEvent.action.in_(
+            ("generation.requested", "image.released", "review.decided", "moderation.screened")))
+        .group_by(AuditEvent.action))}
+    volumes = {"requests": volumes.get("generation.requested", 0),
+               "images_released": volumes.get("image.released", 0),
+               "moderations": volumes.get("moderation.screened", 0),
+               "reviews": volumes.get("review.decided", 0)}
+
+    # One scan of the decision events: GROUP BY bucket, team, model, outcome; everything else sums that.
+    period = _bucket_expr(session, bucket).label("period")
+    outcome = AuditEvent.payload["action"].as_string().label("outcome")
+    model = func.coalesce(Job.model, AuditEvent.payload["context"]["model"].as_string(),
+                          AuditEvent.payload["model"].as_string(), "(none)").label("model")
+    rows = session.execute(
+        select(period, AuditEvent.team, model, outcome, func.count())
+        .select_from(AuditEvent).outerjoin(Job, Job.id == AuditEvent.job_id)
+        .where(in_window, AuditEvent.action.in_(DECISION_ACTIONS))
+        .group_by(period, AuditEvent.team, model, outcome)).all()
+    total = Breakdown("all")
+    series: dict[str, Breakdown] = {}
+    teams: dict[str, Breakdown] = {}
+    models: dict[str, Breakdown] = {}
+    for when, team, model_name, result, n in rows:
+        result = str(result)
+        _add(series, str(when), result, n)
+        _add(teams, str(team), result, n)
+        _add(models, str(model_name), result, n)
+        total.counts[result if result in OUTCOMES else "block"] += n
+
+    rules: dict[str, Breakdown] = {}
+    for rule_id, result, n in session.execute(text(_RULES_SQL[dialect]),
+                                              {"since": bound_since, "until": bound_until}):
+        _add(rules, str(rule_id), str(result), int(n))
+
+    return Overview(since=since, until=until, bucket=bucket, volumes=volumes, outcomes=total,
+                    series=sorted(series.values(), key=lambda b: b.key), by_team=_ranked(teams, top),
+                    by_model=_ranked(models, top), by_rule=_ranked(rules, top))
+
+
+# --- audit explorer ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EventFilters:
+    """What the audit explorer narrows by; every field is optional."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    team: str | None = None
+    model: str | None = None
+    action: str | None = None
+    rule: str | None = None
+    text: str | None = None
+
+    def conditions(self) -> list[ColumnElement[bool]]:
+        where: list[ColumnElement[bool]] = []
+        if self.since is not None:
+            where.append(AuditEvent.ts >= self.since)
+        if self.until is not None:
+            where.append(AuditEvent.ts < self.until)
+        if self.team:
+            where.append(AuditEvent.team == self.team)
+        if self.action:
+            where.append(AuditEvent.action == self.action)
+        if self.model:
+            where.append(or_(Job.model == self.model,
+                             AuditEvent.payload["model"].as_string() == self.model,
+                             AuditEvent.payload["context"]["model"].as_string() == self.model))
+        payload_text = cast(AuditEvent.payload, Text)
+        if self.rule:
+            # Reasons are stored as {"rule_id": "<id>", ...}; both backends keep json.dumps' ": " spacing.
+            where.append(payload_text.contains(f'"rule_id": "{self.rule}"', autoescape=True))
+        if self.text:
+            needle = self.text.strip()
+            where.append(or_(AuditEvent.id == needle, AuditEvent.job_id == needle,
+                             AuditEvent.key_id == needle,
+                             func.lower(payload_text).contains(needle.lower(), autoescape=True)))
+        return where
+
+
+@dataclass
+class EventPage:
+    """One page of events, newest first; `next_before` is the keyset cursor of the next (older) page."""
+
+    events: list[dict[str, Any]]
+    next_before: int | None
+
+
+def search_events(*, session: Session, principal: Principal, filters: EventFilters, limit: int = 50,
+                  before: int | None = None) -> EventPage:
+    """Audit events matching `filters`, newest first, keyset-paginated on `seq` (no OFFSET, no COUNT)."""
+    principal.require("auditor")
+    if not 1 <= limit <= 500:
+        raise InvalidRequest(f"limit must be between 1 and 500, not {limit}")
+    query = (select(AuditEvent, Job.model).outerjoin(Job, Job.id == AuditEvent.job_id)
+             .where(*filters.conditions()))
+    if before is not None:
+        query = query.where(AuditEvent.seq < before)
+    rows = session.execute(query.order_by(AuditEvent.seq.desc()).limit(limit + 1)).all()
+    events = [_event_row(event, model) for event, model in rows[:limit]]
+    return EventPage(events=events, next_before=events[-1]["seq"] if len(rows) > limit else None)
+
+
+def _event_row(event: AuditEvent, job_model: str | None) -> dict[str, Any]:
+    payload = event.payload or {}
+    context = payload.get("context") if isinstance(payload.get("context"), dict) else {}
+    return {"seq": event.seq, "id": event.id, "ts": event.ts, "action": event.action, "key_id": event.key_id,
+            "team": event.team, "job_id": event.job_id,
+            "model": job_model or payload.get("model") or context.get("model"),
+            "outcome": payload.get("action") if event.action in DECISION_ACTIONS else None,
+            "rules": fired_rules(payload)}
+
+
+def fired_rules(payload: dict[str, Any]) -> list[str]:
+    """Rule ids named by the reasons in a decision event's screenings, in order, without repeats."""
+    seen: list[str] = []
+    for screening in payload.get("screenings") or ():
+        decision = screening.get("decision") if isinstance(screening, dict) else None
+        for reason in (decision or {}).get("reasons") or ():
+            rule = reason.get("rule_id") if isinstance(reason, dict) else None
+            if rule and rule not in seen:
+                seen.append(str(rule))
+    return seen
+
+
+def event_actions(*, session: Session, principal: Principal) -> list[str]:
+    """The distinct event actions present (for the explorer's action filter)."""
+    principal.require("auditor")
+    return list(session.scalars(select(AuditEvent.action).distinct().order_by(AuditEvent.action)))
+
+
+def event_teams(*, session: Session, principal: Principal) -> list[str]:
+    """The distinct teams present in the audit log (for the explorer's team filter)."""
+    principal.require("auditor")
+    return list(session.scalars(select(AuditEvent.team).distinct().order_by(AuditEvent.team)))
+
+
+# --- event detail -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ChainPosition:
+    """Where an event sits in the hash chain and what could be verified about it here."""
+
+    seq: int
+    head_seq: int
+    verified: ChainReport
+    checkpoint: dict[str, Any] | None
+    checkpoint_signature_ok: bool | None
+    segment_checked: tuple[int, int]
+
+    @property
+    def state(self) -> str:
+        """'broken', 'anchored' (links verified up to a signed checkpoint) or 'linked' (not yet anchored)."""
+        if not self.verified.ok:
+            return "broken"
+        if self.checkpoint is not None and self.checkpoint_signature_ok and \
+                self.segment_checked[1] >= int(self.checkpoint["seq"]):
+            return "anchored"
+        return "linked"
+
+    @property
+    def explanation(self) -> str:
+        first, last = self.segment_checked
+        if self.state == "broken":
+            where = f" at seq {self.verified.first_bad_seq}" if self.verified.first_bad_seq else ""
+            return f"chain BROKEN{where}: {self.verified.reason}"
+        linked = f"hashes and links of seq {first}..{last} verified"
+        if self.state == "anchored":
+            assert self.checkpoint is not None
+            return f"{linked}, up to the signed checkpoint at seq {self.checkpoint['seq']} (signature valid)"
+        if self.checkpoint is None:
+            return f"{linked}; no signed checkpoint covers this event yet"
+        if not self.checkpoint_signature_ok:
+            return f"{linked}; the checkpoint at seq {self.checkpoint['seq']} has an INVALID signature"
+        return (f"{linked}; the signed checkpoint at seq {self.checkpoint['seq']} is more than {MAX_SEGMENT} "
+                "events away: run the full chain verification to connect them")
+
+
+@dataclass
+class EventDetail:
+    event: dict[str, Any]
+    chain: ChainPosition
+    job: Job | None
+    related: list[dict[str, Any]]
+
+
+def event_detail(*, session: Session, principal: Principal, event_id: str) -> EventDetail:
+    """One event with its chain position, local verification, its job and the job's other events."""
+    principal.require("auditor")
+    event = session.scalar(select(AuditEvent).where(AuditEvent.id == event_id))
+    if event is None:
+        raise NotFound(f"no audit event {event_id}")
+    head_seq = session.scalar(select(func.max(AuditEvent.seq))) or event.seq
+    checkpoint_row = session.scalar(select(ChainCheckpoint).where(ChainCheckpoint.seq >= event.seq)
+                                    .order_by(ChainCheckpoint.seq).limit(1))
+    checkpoint = checkpoint_record(checkpoint_row) if checkpoint_row is not None else None
+    signature_ok = verify_checkpoint_signature(checkpoint) is None if checkpoint is not None else None
+    last = event.seq + 1
+    anchors: list[Anchor] = []
+    if checkpoint is not None and signature_ok and int(checkpoint["seq"]) - event.seq <= MAX_SEGMENT:
+        last = int(checkpoint["seq"])
+        anchors.append(Anchor(last, str(checkpoint["head_hash"]), f"checkpoint of {checkpoint['ts']}"))
+    first = max(1, event.seq - 1)
+    segment = session.execute(select(AuditEvent.__table__).where(AuditEvent.seq.between(first, last))
+                              .order_by(AuditEvent.seq)).mappings()
+    report = verify_fragments((event_record(row) for row in segment), anchors)
+    job = session.get(Job, event.job_id) if event.job_id else None
+    related: list[dict[str, Any]] = []
+    if event.job_id:
+        related = [{"seq": e.seq, "id": e.id, "ts": e.ts, "action": e.action}
+                   for e in session.scalars(select(AuditEvent).where(AuditEvent.job_id == event.job_id)
+                                            .order_by(AuditEvent.seq).limit(200))]
+    position = ChainPosition(seq=event.seq, head_seq=head_seq, verified=report, checkpoint=checkpoint,
+                             checkpoint_signature_ok=signature_ok,
+                             segment_checked=(first, min(last, head_seq)))
+    return EventDetail(event=_event_public(event), chain=position, job=job, related=related)
+
+
+def _event_public(event: AuditEvent) -> dict[str, Any]:
+    return {"seq": event.seq, "id": event.id, "ts": event.ts, "action": event.action,
+            "key_id": event.key_id, "team": event.team, "job_id": event.job_id, "payload": event.payload,
+            "prev_hash": event.prev_hash, "hash": event.hash}
+
