@@ -1,0 +1,93 @@
+"""VQ tokenizer: shapes (square and non-square grids), l2-normalised codes, round trips, training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from generator.llamagen import VQArgs, VQModel
+from generator.llamagen.vq import to_uint8
+
+
+def test_decode_codes_gives_image_of_downsample_times_grid(tiny_vq: VQModel) -> None:
+    images = tiny_vq.decode_codes(torch.randint(0, 64, (2, 16)), grid=(4, 4))
+    assert images.shape == (2, 3, 8, 8) and images.dtype == torch.float32
+
+
+def test_decode_codes_handles_non_square_grids(tiny_vq: VQModel) -> None:
+    assert tiny_vq.decode_codes(torch.randint(0, 64, (1, 12)), grid=(3, 4)).shape == (1, 3, 6, 8)
+
+
+def test_decode_codes_reads_grid_from_three_dimensional_ids(tiny_vq: VQModel) -> None:
+    ids = torch.randint(0, 64, (1, 3, 4))
+    assert torch.equal(tiny_vq.decode_codes(ids), tiny_vq.decode_codes(ids.flatten(1), grid=(3, 4)))
+
+
+def test_decode_codes_rejects_grid_that_does_not_match_ids(tiny_vq: VQModel) -> None:
+    with pytest.raises(ValueError, match="grid 4x4 needs 16"):
+        tiny_vq.decode_codes(torch.randint(0, 64, (1, 12)), grid=(4, 4))
+
+
+def test_decode_codes_rejects_out_of_range_ids(tiny_vq: VQModel) -> None:
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        tiny_vq.decode_codes(torch.full((1, 4), 64), grid=(2, 2))
+
+
+def test_codes_are_row_major_over_the_grid(tiny_vq: VQModel) -> None:
+    ids = torch.zeros(1, 2, 4, dtype=torch.long)
+    ids[0, 1, 0] = 5  # row 1, column 0 = flat index 4
+    flat = torch.zeros(1, 8, dtype=torch.long)
+    flat[0, 4] = 5
+    assert torch.equal(tiny_vq.decode_codes(ids), tiny_vq.decode_codes(flat, grid=(2, 4)))
+
+
+def test_encode_returns_one_code_per_grid_cell(tiny_vq: VQModel) -> None:
+    ids = tiny_vq.encode(torch.rand(2, 3, 8, 12) * 2 - 1)
+    assert ids.shape == (2, 4 * 6) and ids.dtype == torch.int64
+
+
+def test_nearest_code_uses_l2_normalised_codebook_and_vectors(tiny_vq: VQModel) -> None:
+    with torch.no_grad():
+        tiny_vq.quantize.embedding.weight.mul_(torch.rand(64, 1) * 10)  # rows of very different lengths
+    z = torch.randn(50, 4)
+    cosine = F.normalize(z, dim=-1) @ F.normalize(tiny_vq.quantize.embedding.weight, dim=-1).t()
+    assert torch.equal(tiny_vq.quantize.nearest(z), cosine.argmax(dim=1))
+
+
+def test_code_vectors_quantise_back_to_their_own_ids(tiny_vq: VQModel) -> None:
+    ids = torch.randperm(64)
+    assert torch.equal(tiny_vq.quantize.nearest(tiny_vq.quantize.codebook()[ids]), ids)
+
+
+def test_encoding_a_decoded_image_returns_a_code_grid_of_the_same_shape(tiny_vq: VQModel) -> None:
+    ids = torch.randint(0, 64, (1, 16))
+    again = tiny_vq.encode(tiny_vq.decode_codes(ids, grid=(4, 4)))
+    assert again.shape == ids.shape and int(again.max()) < 64
+
+
+def test_forward_returns_reconstruction_and_losses_that_train_encoder_and_codebook(tiny_vq: VQModel) -> None:
+    recon, losses = tiny_vq.train()(torch.rand(2, 3, 8, 8) * 2 - 1)
+    assert recon.shape == (2, 3, 8, 8)
+    (F.mse_loss(recon, torch.zeros_like(recon)) + losses.codebook + losses.commitment).backward()
+    assert tiny_vq.quantize.embedding.weight.grad is not None
+    assert tiny_vq.encoder.conv_in.weight.grad is not None
+
+
+def test_commitment_loss_is_beta_times_codebook_loss_value(tiny_vq: VQModel) -> None:
+    _, losses = tiny_vq.train()(torch.rand(1, 3, 8, 8))
+    assert losses.commitment.item() == pytest.approx(0.25 * losses.codebook.item())
+
+
+def test_group_norm_needs_channels_divisible_by_32() -> None:
+    with pytest.raises(ValueError, match="divisible by 32"):
+        VQArgs(ch=48, ch_mult=(1, 2))
+
+
+def test_presets_downsample_by_16_and_8() -> None:
+    assert (VQArgs.from_name("VQ-16").downsample, VQArgs.from_name("VQ-8").downsample) == (16, 8)
+
+
+def test_to_uint8_uses_the_official_clamped_floor_mapping() -> None:
+    x = torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
+    assert to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255, 255]
