@@ -74,8 +74,8 @@ class LiveGateway:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         app = create_app(gateway.state.settings, state=gateway.state)
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                     lifespan="on"))
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="live-gateway", daemon=True)
 
     def __enter__(self) -> LiveGateway:

@@ -26,12 +26,13 @@ def reason(rule_id: str, action: str, *, classifier: str = "semantic", score: fl
             "threshold": threshold, "action": action, "message": f"{rule_id} fired"}
 
 
-def screening(action: str, revision: str, reasons: list[dict[str, Any]], stage: str = "prompt") -> dict[str, Any]:
-    return {"stage": stage,
-            "decision": {"action": action, "stage": stage, "revision": revision, "reasons": reasons, "shadow": []},
-            "results": [{"name": "semantic", "version": "minilm-test", "scores": {r["rule_id"]: r["score"]
-                                                                                for r in reasons},
-                         "latency_ms": 1.0, "error": None}]}
+def screening(action: str, revision: str, reasons: list[dict[str, Any]],
+              stage: str = "prompt") -> dict[str, Any]:
+    decision = {"action": action, "stage": stage, "revision": revision, "reasons": reasons, "shadow": []}
+    scores = {r["rule_id"]: r["score"] for r in reasons}
+    return {"stage": stage, "decision": decision,
+            "results": [{"name": "semantic", "version": "minilm-test", "scores": scores, "latency_ms": 1.0,
+                         "error": None}]}
 
 
 def _job(state: Any, *, team: str, key_id: str, prompt: str, status: str, decisions: dict[str, Any]) -> Job:
@@ -40,7 +41,8 @@ def _job(state: Any, *, team: str, key_id: str, prompt: str, status: str, decisi
     return Job(id=str(uuid.uuid4()), created_at=now, updated_at=now, status=status, team=team, key_id=key_id,
                model=MODEL, model_card_hash="sha256:" + "0" * 64, task="t2i", prompt=prompt,
                prompt_sha256=hashlib.sha256(prompt.encode()).hexdigest(), class_id=None,
-               params={"cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 7, "num_images": 1},
+               params={"cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 7,
+                       "num_images": 1},
                policy_revision=revision, decisions=decisions, images=[], error=None, timings={}, cost={},
                review=None, request_id="test", attempts=0)
 
@@ -83,7 +85,7 @@ def released_image(state: Any, *, team: str = "design", key_id: str = "creator00
                    decisions={"prompt": {"action": "allow", "screenings": allowed},
                               "output": {"action": "allow", "images": allowed}})
         signed = state.ctx.signer.sign_png(
-            png_bytes(), title=f"{job.id}-0.png", software_agent="llamagen-gateway/test (demo-shapes-t2i test)",
+            png_bytes(), title=f"{job.id}-0.png", software_agent="llamagen-gateway/test (demo-shapes-t2i)",
             assertions={"com.llamagen-gateway.audit": {"event_id": event_id, "job_id": job.id}})
         uri = f"{job.id}/0.png"
         state.ctx.artifacts.put(uri, signed.data)

@@ -19,8 +19,9 @@ DAY = timedelta(days=1)
 def history(gateway):
     """Two reviews (ads), one block (ads), one released image (design)."""
     state = gateway.state
-    ids = {"review": [factories.park_for_review(state), factories.park_for_review(state, rule_id="trademarks")],
-           "block": factories.blocked_prompt(state), "image": factories.released_image(state)}
+    reviews = [factories.park_for_review(state), factories.park_for_review(state, rule_id="trademarks")]
+    ids = {"review": reviews, "block": factories.blocked_prompt(state),
+           "image": factories.released_image(state)}
     return state, ids
 
 
@@ -123,8 +124,9 @@ def test_search_by_model_uses_the_job_model(history) -> None:
 def test_search_pages_with_a_seq_cursor_without_overlap(history) -> None:
     state, _ = history
     with state.ctx.sessions() as session:
-        first = stats.search_events(session=session, principal=AUDITOR, filters=stats.EventFilters(), limit=3)
-        second = stats.search_events(session=session, principal=AUDITOR, filters=stats.EventFilters(), limit=3,
+        everything = stats.EventFilters()
+        first = stats.search_events(session=session, principal=AUDITOR, filters=everything, limit=3)
+        second = stats.search_events(session=session, principal=AUDITOR, filters=everything, limit=3,
                                      before=first.next_before)
     seqs = [e["seq"] for e in first.events] + [e["seq"] for e in second.events]
     assert seqs == sorted(seqs, reverse=True) and len(set(seqs)) == 6

@@ -1,0 +1,225 @@
+"""Dashboard pages over HTTP: sign-in, sessions, CSRF, role checks and the governance actions."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from audit.models import AuditEvent
+from gateway.auth import revoke_key
+from tests.dashboard import factories
+from tests.dashboard.conftest import Dashboard
+
+DEFAULT_VERSION = 'version: "1.0.0"'
+
+
+def _key_id(key: str) -> str:
+    return key.split("_")[1]
+
+
+def _events(dash: Dashboard, action: str) -> list[AuditEvent]:
+    from sqlalchemy import select
+
+    with dash.state.ctx.sessions() as session:
+        return list(session.scalars(select(AuditEvent).where(AuditEvent.action == action)
+                                    .order_by(AuditEvent.seq)))
+
+
+def _active_source(dash: Dashboard) -> str:
+    return str(dash.state.ctx.policies.active_revision().source)
+
+
+def test_pages_redirect_to_sign_in_and_remember_where_to_return(dash: Dashboard) -> None:
+    response = dash.client.get("/dashboard/audit?team=ads", follow_redirects=False)
+    assert response.status_code == 303
+    assert response.headers["location"] == "/dashboard/login?next=/dashboard/audit%3Fteam%3Dads"
+
+
+def test_sign_in_sets_an_httponly_strict_session_cookie_without_the_key(dash: Dashboard) -> None:
+    key = dash.gateway.key("auditor")
+    response = dash.submit_login(key)
+    cookie = next(c for c in response.headers.get_list("set-cookie") if c.startswith("lgw_session="))
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/dashboard" in cookie
+    assert key.split("_", 2)[2] not in cookie
+
+
+def test_sign_in_with_an_unknown_key_shows_why(dash: Dashboard) -> None:
+    response = dash.submit_login("lgw_000000000000_not-a-real-secret")
+    assert response.status_code == 401
+    assert "Sign-in failed: unknown API key" in response.text
+
+
+def test_sign_in_without_the_form_token_is_refused(dash: Dashboard) -> None:
+    key = dash.gateway.key("auditor")
+    response = dash.client.post("/dashboard/login", data={"api_key": key, "login_token": "x.y"},
+                                follow_redirects=False)
+    assert response.status_code == 400
+    assert "lgw_session" not in response.headers.get("set-cookie", "")
+
+
+HOMES = [("admin", "/dashboard/overview"), ("auditor", "/dashboard/overview"),
+         ("policy_admin", "/dashboard/overview"), ("reviewer", "/dashboard/review"),
+         ("creator", "/dashboard/models")]
+
+
+@pytest.mark.parametrize(("role", "home"), HOMES)
+def test_sign_in_lands_each_role_on_its_start_page(dash: Dashboard, role: str, home: str) -> None:
+    response = dash.submit_login(dash.gateway.key(role))
+    assert response.headers["location"] == home
+
+
+def test_sign_in_returns_to_the_page_that_asked_for_it(dash: Dashboard) -> None:
+    response = dash.submit_login(dash.gateway.key("auditor"), next_path="/dashboard/audit?team=ads")
+    assert response.headers["location"] == "/dashboard/audit?team=ads"
+
+
+def test_sign_in_never_redirects_off_the_dashboard(dash: Dashboard) -> None:
+    response = dash.submit_login(dash.gateway.key("auditor"), next_path="https://evil.example/")
+    assert response.headers["location"] == "/dashboard/overview"
+
+
+def test_revoking_a_key_ends_its_dashboard_session(dash: Dashboard) -> None:
+    key = dash.sign_in("auditor")
+    with dash.state.ctx.sessions() as session, session.begin():
+        revoke_key(session, _key_id(key))
+    response = dash.client.get("/dashboard/audit", follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"].startswith("/dashboard/login")
+
+
+def test_sign_out_ends_the_session(dash: Dashboard) -> None:
+    dash.sign_in("auditor")
+    assert dash.post("/dashboard/logout", {}).status_code == 303
+    assert dash.client.get("/dashboard/audit", follow_redirects=False).status_code == 303
+
+
+def test_a_form_post_without_the_csrf_token_is_refused(dash: Dashboard) -> None:
+    dash.sign_in("reviewer")
+    job_id = factories.park_for_review(dash.state)
+    response = dash.client.post(f"/dashboard/review/{job_id}", data={"decision": "approve", "reason": "fine"})
+    assert response.status_code == 403
+    assert "CSRF token" in response.text
+    assert _events(dash, "review.decided") == []
+
+
+def test_a_creator_is_shown_a_403_page_for_the_audit_log(dash: Dashboard) -> None:
+    dash.sign_in("creator")
+    response = dash.client.get("/dashboard/audit")
+    assert response.status_code == 403
+    assert "role &#39;creator&#39; may not do this" in response.text
+
+
+def test_navigation_lists_only_the_pages_a_role_may_open(dash: Dashboard) -> None:
+    dash.sign_in("reviewer")
+    nav = re.search(r'<nav class="main".*?</nav>', dash.client.get("/dashboard/review").text, re.S)
+    assert nav is not None
+    labels = re.findall(r">([A-Z][a-z]+(?: [a-z]+)?)</a>", nav.group(0))
+    assert labels == ["Review queue", "Models", "Provenance"]
+
+
+def test_pages_carry_a_content_security_policy_without_inline_script(dash: Dashboard) -> None:
+    dash.sign_in("auditor")
+    response = dash.client.get("/dashboard/overview")
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    assert response.headers["x-frame-options"] == "DENY"
+    assert "<script>" not in response.text
+
+
+def test_audit_explorer_answers_htmx_with_the_results_table_only(dash: Dashboard) -> None:
+    factories.park_for_review(dash.state, team="ads")
+    dash.sign_in("auditor")
+    response = dash.client.get("/dashboard/audit", params={"team": "ads"},
+                               headers={"HX-Request": "true", "HX-Target": "results"})
+    assert response.status_code == 200
+    assert "<html" not in response.text and "prompt.screened" in response.text
+
+
+def test_audit_explorer_names_a_bad_date_at_its_field(dash: Dashboard) -> None:
+    dash.sign_in("auditor")
+    response = dash.client.get("/dashboard/audit", params={"since": "yesterday"})
+    assert 'id="since-error"' in response.text and "is not a date and time" in response.text
+
+
+def test_event_page_shows_the_image_with_a_provenance_badge(dash: Dashboard) -> None:
+    job_id, event_id = factories.released_image(dash.state)
+    dash.sign_in("auditor")
+    page = dash.client.get(f"/dashboard/audit/events/{event_id}").text
+    assert f'src="/dashboard/generations/{job_id}/images/0"' in page
+    assert "Valid signature · trusted signer" in page
+    assert "the file&#39;s SHA-256 matches the audit record" in page
+    image = dash.client.get(f"/dashboard/generations/{job_id}/images/0")
+    assert image.headers["content-type"] == "image/png"
+
+
+def test_reviewer_must_give_a_reason(dash: Dashboard) -> None:
+    job_id = factories.park_for_review(dash.state)
+    dash.sign_in("reviewer")
+    response = dash.post(f"/dashboard/review/{job_id}", {"decision": "reject", "reason": " "})
+    assert response.status_code == 422
+    assert f'id="reason-error-{job_id}"' in response.text
+    assert _events(dash, "review.decided") == []
+
+
+def test_reviewer_rejection_is_audited_with_its_reason(dash: Dashboard) -> None:
+    job_id = factories.park_for_review(dash.state)
+    key = dash.sign_in("reviewer")
+    response = dash.post(f"/dashboard/review/{job_id}",
+                         {"decision": "reject", "reason": "likeness of a senator"})
+    assert response.status_code == 303
+    [event] = _events(dash, "review.decided")
+    assert (event.job_id, event.key_id) == (job_id, _key_id(key))
+    assert event.payload["reason"] == "likeness of a senator" and event.payload["decision"] == "reject"
+
+
+def test_policy_with_a_misspelt_field_is_shown_with_its_path_and_line(dash: Dashboard) -> None:
+    dash.sign_in("policy_admin")
+    source = _active_source(dash).replace("    limit: 2000", "    limitt: 2000")
+    response = dash.post("/dashboard/policies", {"source": source, "reason": "typo", "activate": "true"})
+    assert response.status_code == 422
+    assert '<code class="field-path">prompt.max_length.limitt</code>' in response.text
+    assert 'href="#line-18">line 18</a>' in response.text
+    assert '<li id="line-18" class="bad">' in response.text
+
+
+def test_saving_and_activating_a_policy_records_the_reason(dash: Dashboard) -> None:
+    dash.sign_in("policy_admin")
+    source = _active_source(dash).replace(DEFAULT_VERSION, 'version: "1.0.1"')
+    response = dash.post("/dashboard/policies",
+                         {"source": source, "reason": "new version", "activate": "true"})
+    assert response.status_code == 303
+    active = dash.state.ctx.policies.active_revision()
+    assert active.version == "1.0.1"
+    assert response.headers["location"] == f"/dashboard/policies/{active.revision}"
+    assert _events(dash, "policy.activated")[-1].payload["reason"] == "new version"
+
+
+def test_activating_an_older_revision_needs_a_reason(dash: Dashboard) -> None:
+    dash.sign_in("policy_admin")
+    original = dash.state.ctx.policies.active_revision().revision
+    source = _active_source(dash).replace(DEFAULT_VERSION, 'version: "1.0.1"')
+    dash.post("/dashboard/policies", {"source": source, "reason": "new version", "activate": "true"})
+    refused = dash.post(f"/dashboard/policies/{original}/activate", {"reason": ""})
+    assert refused.status_code == 422 and 'id="activate-error"' in refused.text
+    accepted = dash.post(f"/dashboard/policies/{original}/activate", {"reason": "roll back"})
+    assert accepted.status_code == 303
+    assert dash.state.ctx.policies.active_revision().revision == original
+
+
+def test_policy_diff_pairs_the_changed_line(dash: Dashboard) -> None:
+    dash.sign_in("policy_admin")
+    old = dash.state.ctx.policies.active_revision().revision
+    source = _active_source(dash).replace(DEFAULT_VERSION, 'version: "1.0.1"')
+    saved = dash.post("/dashboard/policies", {"source": source, "reason": "bump"})
+    new = saved.headers["location"].rsplit("/", 1)[1]
+    page = dash.client.get("/dashboard/policies/diff", params={"a": old, "b": new}).text
+    assert "1 changed line(s)" in page
+    changed = r'<tr class="changed">.*?version: &#34;1.0.0&#34;.*?version: &#34;1.0.1&#34;'
+    assert re.search(changed, page, re.S)
+
+
+def test_provenance_upload_explains_an_unsigned_image(dash: Dashboard) -> None:
+    dash.sign_in("creator")
+    response = dash.client.post("/dashboard/provenance", data={"csrf_token": dash.csrf()},
+                                files={"image": ("plain.png", factories.png_bytes(), "image/png")})
+    assert response.status_code == 200
+    assert "No provenance" in response.text and "no C2PA manifest found" in response.text
