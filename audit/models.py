@@ -41,14 +41,14 @@ class Job(Base):
     team: Mapped[str] = mapped_column(String(128), index=True)
     key_id: Mapped[str] = mapped_column(String(64))
     model: Mapped[str] = mapped_column(String(128))
-    model_card_hash: Mapped[str] = mapped_column(String(64))
+    model_card_hash: Mapped[str] = mapped_column(String(80))
     task: Mapped[str] = mapped_column(String(8))
     prompt: Mapped[str | None] = mapped_column(Text)
     prompt_sha256: Mapped[str | None] = mapped_column(String(64))
     prompt_commitment: Mapped[str | None] = mapped_column(String(64), index=True)
     class_id: Mapped[int | None] = mapped_column(Integer)
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
-    policy_revision: Mapped[str] = mapped_column(String(64))
+    policy_revision: Mapped[str] = mapped_column(String(80))
     decisions: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     images: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     error: Mapped[str | None] = mapped_column(Text)
@@ -100,7 +100,7 @@ class PolicyRevision(Base):
         ),
     )
 
-    revision: Mapped[str] = mapped_column(String(64), primary_key=True)
+    revision: Mapped[str] = mapped_column(String(80), primary_key=True)
     policy_id: Mapped[str] = mapped_column(String(128))
     version: Mapped[str] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(Text)
@@ -116,7 +116,7 @@ class ModelCardRecord(Base):
 
     __tablename__ = "model_cards"
 
-    content_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    content_hash: Mapped[str] = mapped_column(String(80), primary_key=True)
     name: Mapped[str] = mapped_column(String(128), index=True)
     version: Mapped[str] = mapped_column(String(64))
     card: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -36,14 +36,14 @@ def upgrade() -> None:
         sa.Column("team", sa.String(128), nullable=False),
         sa.Column("key_id", sa.String(64), nullable=False),
         sa.Column("model", sa.String(128), nullable=False),
-        sa.Column("model_card_hash", sa.String(64), nullable=False),
+        sa.Column("model_card_hash", sa.String(80), nullable=False),
         sa.Column("task", sa.String(8), nullable=False),
         sa.Column("prompt", sa.Text(), nullable=True),
         sa.Column("prompt_sha256", sa.String(64), nullable=True),
         sa.Column("prompt_commitment", sa.String(64), nullable=True),
         sa.Column("class_id", sa.Integer(), nullable=True),
         sa.Column("params", sa.JSON(), nullable=False),
-        sa.Column("policy_revision", sa.String(64), nullable=False),
+        sa.Column("policy_revision", sa.String(80), nullable=False),
         sa.Column("decisions", sa.JSON(), nullable=False),
         sa.Column("images", sa.JSON(), nullable=False),
         sa.Column("error", sa.Text(), nullable=True),
@@ -81,7 +81,7 @@ def upgrade() -> None:
 
     op.create_table(
         "policy_revisions",
-        sa.Column("revision", sa.String(64), primary_key=True),
+        sa.Column("revision", sa.String(80), primary_key=True),
         sa.Column("policy_id", sa.String(128), nullable=False),
         sa.Column("version", sa.String(64), nullable=False),
         sa.Column("source", sa.Text(), nullable=False),
@@ -102,7 +102,7 @@ def upgrade() -> None:
 
     op.create_table(
         "model_cards",
-        sa.Column("content_hash", sa.String(64), primary_key=True),
+        sa.Column("content_hash", sa.String(80), primary_key=True),
         sa.Column("name", sa.String(128), nullable=False),
         sa.Column("version", sa.String(64), nullable=False),
         sa.Column("card", sa.JSON(), nullable=False),
