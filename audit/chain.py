@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 GENESIS_HASH = "0" * 64
 BODY_FIELDS = ("seq", "id", "ts", "action", "key_id", "team", "job_id", "payload")
@@ -86,6 +87,24 @@ def event_body(event: Mapping[str, Any]) -> dict[str, Any]:
         raise ChainBrokenError(f"event record lacks the field {exc.args[0]!r}", event.get("seq")) from exc
 
 
+_encode_str: Callable[[str], str] = json.encoder.c_encode_basestring or json.encoder.py_encode_basestring
+
+
+def body_bytes(
+    *, seq: int, id: str, ts: str, action: str, key_id: str, team: str, job_id: str | None, payload_json: str
+) -> bytes:
+    """The canonical body from columns, given the payload already as canonical JSON text (as stored).
+
+    Equal to `canonical_json(body).encode()` whenever `payload_json` is canonical; it skips re-encoding
+    the payload, which is most of the cost of verifying a large chain.
+    """
+    job = "null" if job_id is None else _encode_str(job_id)
+    return (
+        f'{{"action":{_encode_str(action)},"id":{_encode_str(id)},"job_id":{job},"key_id":{_encode_str(key_id)},'
+        f'"payload":{payload_json},"seq":{seq},"team":{_encode_str(team)},"ts":{_encode_str(ts)}}}'
+    ).encode("utf-8")
+
+
 @dataclass(frozen=True)
 class Anchor:
     """A chain head vouched for by something outside the events: a verified checkpoint or the head row."""
@@ -130,17 +149,60 @@ class ChainReport:
         )
 
 
+class Link(NamedTuple):
+    """One event as the verifier sees it.
+
+    `raw_body` is the canonical body exactly as stored or exported, when the source has it: hashing those
+    bytes needs no JSON parsing (the fast path). `body` parses the event when there are no raw bytes, or
+    when they do not hash right (a tool may have re-serialised an export), so only a real change fails.
+    """
+
+    seq: Any
+    prev_hash: Any
+    hash: Any
+    raw_body: bytes | None
+    body: Callable[[], Mapping[str, Any]]
+
+
+def links_of(events: Iterable[Mapping[str, Any]]) -> Iterator[Link]:
+    """Links for event mappings (BODY_FIELDS plus prev_hash and hash), parsed already."""
+    for event in events:
+        yield Link(event.get("seq"), event.get("prev_hash"), event.get("hash"), None, partial(event_body, event))
+
+
+def link_hash(link: Link, prev_hash: str) -> str | None:
+    """The link's hash recomputed on `prev_hash`, or None when its stated hash is right."""
+    if link.raw_body is not None:
+        digest = hashlib.sha256(prev_hash.encode("ascii"))
+        digest.update(b"\n")
+        digest.update(link.raw_body)
+        computed = digest.hexdigest()
+        if computed == link.hash:
+            return None
+    computed = event_hash(prev_hash, link.body())
+    return None if computed == link.hash else computed
+
+
 def verify_chain(
     events: Iterable[Mapping[str, Any]],
     anchors: Sequence[Anchor] = (),
     *,
     start_prev_hash: str = GENESIS_HASH,
 ) -> ChainReport:
-    """Verify events in seq order: numbering, links, hashes, and every anchor's (seq, hash).
+    """Verify events (mappings with BODY_FIELDS, prev_hash and hash) in seq order; see `verify_links`."""
+    return verify_links(links_of(events), anchors, start_prev_hash=start_prev_hash)
 
-    Events are mappings with BODY_FIELDS plus `prev_hash` and `hash`. The first event must have
-    seq 1 and prev_hash `start_prev_hash`. An anchor beyond the last event means the tail was truncated.
-    Stops at the first problem.
+
+def verify_links(
+    links: Iterable[Link],
+    anchors: Sequence[Anchor] = (),
+    *,
+    start_prev_hash: str = GENESIS_HASH,
+) -> ChainReport:
+    """Verify a whole chain in seq order: numbering, links, hashes, and every anchor's (seq, hash).
+
+    The first event must have seq 1 and prev_hash `start_prev_hash`. An anchor beyond the last event
+    means the tail was truncated. Stops at the first problem.
     """
     anchor_at: dict[int, list[Anchor]] = {}
     for anchor in anchors:
@@ -155,25 +217,25 @@ def verify_chain(
         return ChainReport(ok=False, count=count, first_bad_seq=seq, reason=reason, head_seq=count,
                            head_hash=prev, last_checkpoint_seq=covered_seq)
 
-    for event in events:
-        seq = event.get("seq")
+    for link in links:
+        seq = link.seq
         if seq != expected_seq:
             if isinstance(seq, int) and seq > expected_seq:
                 missing = f"{expected_seq}" if seq == expected_seq + 1 else f"{expected_seq}..{seq - 1}"
                 return broken(seq, f"event(s) {missing} missing before seq {seq} (deleted or reordered)")
             return broken(expected_seq, f"expected seq {expected_seq}, found {seq!r} (duplicated or moved)")
-        if event.get("prev_hash") != prev:
+        if link.prev_hash != prev:
             return broken(seq, "prev_hash does not match the hash of the event before it")
         try:
-            computed = event_hash(prev, event_body(event))
-        except CanonicalJSONError as exc:
-            return broken(seq, f"event body is not canonical JSON: {exc}")
-        if computed != event.get("hash"):
+            wrong = link_hash(link, prev)
+        except (CanonicalJSONError, ChainBrokenError, ValueError) as exc:
+            return broken(seq, f"event body is unreadable: {exc}")
+        if wrong is not None:
             return broken(seq, "hash does not match the event's content (event altered)")
         for anchor in anchor_at.get(seq, ()):
-            if anchor.head_hash != computed:
+            if anchor.head_hash != link.hash:
                 return broken(seq, f"{anchor.source} signs a different hash for this seq")
-        prev = computed
+        prev = link.hash
         count += 1
         expected_seq += 1
 
@@ -194,35 +256,40 @@ def verify_chain(
 
 
 def verify_fragments(events: Iterable[Mapping[str, Any]], anchors: Sequence[Anchor] = ()) -> ChainReport:
-    """Verify a filtered selection of events: each hash against its own content and prev_hash, links
-    wherever two consecutive seqs are both present, and anchors at the seqs present. Continuity across
-    the gaps cannot be proved from a filtered export; `reason` says so.
+    """Verify a filtered selection of events; see `verify_fragment_links`."""
+    return verify_fragment_links(links_of(events), anchors)
+
+
+def verify_fragment_links(links: Iterable[Link], anchors: Sequence[Anchor] = ()) -> ChainReport:
+    """Verify a filtered selection: each hash against its own content and prev_hash, links wherever two
+    consecutive seqs are both present, and anchors at the seqs present. Continuity across the gaps cannot
+    be proved from a filtered export; `reason` says so.
     """
     anchor_at: dict[int, list[Anchor]] = {}
     for anchor in anchors:
         anchor_at.setdefault(anchor.seq, []).append(anchor)
     previous: tuple[int, str] | None = None
     count = 0
-    for event in events:
-        seq = event.get("seq")
+
+    def broken(seq: int | None, reason: str) -> ChainReport:
+        return ChainReport(ok=False, count=count, first_bad_seq=seq, reason=reason)
+
+    for link in links:
+        seq = link.seq
         if not isinstance(seq, int) or (previous is not None and seq <= previous[0]):
-            return ChainReport(ok=False, count=count, first_bad_seq=seq if isinstance(seq, int) else None,
-                               reason=f"seq {seq!r} is out of order")
-        prev_hash = str(event.get("prev_hash"))
+            return broken(seq if isinstance(seq, int) else None, f"seq {seq!r} is out of order")
+        prev_hash = str(link.prev_hash)
         if previous is not None and seq == previous[0] + 1 and prev_hash != previous[1]:
-            return ChainReport(ok=False, count=count, first_bad_seq=seq,
-                               reason="prev_hash does not match the hash of the event before it")
+            return broken(seq, "prev_hash does not match the hash of the event before it")
         try:
-            computed = event_hash(prev_hash, event_body(event))
-        except CanonicalJSONError as exc:
-            return ChainReport(ok=False, count=count, first_bad_seq=seq, reason=f"not canonical JSON: {exc}")
-        if computed != event.get("hash"):
-            return ChainReport(ok=False, count=count, first_bad_seq=seq,
-                               reason="hash does not match the event's content (event altered)")
-        if any(anchor.head_hash != computed for anchor in anchor_at.get(seq, ())):
-            return ChainReport(ok=False, count=count, first_bad_seq=seq,
-                               reason="a signed checkpoint signs a different hash for this seq")
-        previous = (seq, computed)
+            wrong = link_hash(link, prev_hash)
+        except (CanonicalJSONError, ChainBrokenError, ValueError) as exc:
+            return broken(seq, f"event body is unreadable: {exc}")
+        if wrong is not None:
+            return broken(seq, "hash does not match the event's content (event altered)")
+        if any(anchor.head_hash != link.hash for anchor in anchor_at.get(seq, ())):
+            return broken(seq, "a signed checkpoint signs a different hash for this seq")
+        previous = (seq, str(link.hash))
         count += 1
     return ChainReport(
         ok=True,

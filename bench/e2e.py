@@ -26,15 +26,18 @@ from gateway.main import create_app  # noqa: E402
 from gateway.state import build_state, close_state  # noqa: E402
 from tests.conftest import Gateway, make_settings  # noqa: E402
 
-PROMPTS = ["a small red star above a large blue circle on a white background", "a green square on a black background",
-           "a large yellow triangle left of a small purple circle on a grey background", "a blue star on a white background"]
+PROMPTS = ["a small red star above a large blue circle on a white background",
+           "a green square on a black background",
+           "a large yellow triangle left of a small purple circle on a grey background",
+           "a blue star on a white background"]
 STAGES = ("prompt_screening_s", "queue_s", "sampling_s", "output_screening_s", "signing_s", "audit_s")
 GOVERNANCE = ("prompt_screening_s", "output_screening_s", "signing_s", "audit_s")
 
 
 def run(model: str, jobs: int, concurrency: int, batch: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        settings = make_settings(Path(tmp) / "var", worker_batch_size=batch, worker_batch_wait_ms=30 if batch > 1 else 0,
+        settings = make_settings(Path(tmp) / "var", worker_batch_size=batch,
+                                 worker_batch_wait_ms=30 if batch > 1 else 0,
                                  rate_limit_per_minute=0, team_quota_per_day=0)
         state = build_state(settings)
         with TestClient(create_app(settings, state=state)) as client:

@@ -37,7 +37,8 @@ class SamplingParamsIn(Strict):
 
 
 class GenerationCreate(Strict):
-    model: str | None = Field(None, min_length=1, max_length=128, description="model card name; default model if omitted")
+    model: str | None = Field(None, min_length=1, max_length=128,
+                              description="model card name; the default model if omitted")
     prompt: str | None = Field(None, min_length=1, max_length=4000, description="text-to-image models")
     class_id: int | None = Field(None, ge=0, description="class-conditional models")
     params: SamplingParamsIn = Field(default_factory=SamplingParamsIn)

@@ -14,18 +14,18 @@ from typing import Any
 
 from PIL import Image
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from audit.log import append_event
 from audit.export import ExportFilters, iter_export
-from audit.models import AuditEvent, Job
+from audit.log import append_event
+from audit.models import AuditEvent, Job, ModelCardRecord
+from audit.privacy import commit_prompt
 from audit.provenance import ProvenanceError, verify_image
 from audit.verify import verify_database
-from audit.privacy import commit_prompt
 from gateway import metrics
 from gateway.auth import Principal
 from gateway.dispatch import Dispatcher
-from gateway.limits import Limits
 from gateway.errors import (
     ContentPolicyViolation,
     Forbidden,
@@ -35,6 +35,7 @@ from gateway.errors import (
     ServiceUnavailable,
     UnknownModel,
 )
+from gateway.limits import Limits
 from gateway.schemas import GenerationCreate, ModerationCreate, PolicyPublic
 from gateway.settings import Settings
 from generator.governance import PolicyNotFoundError, StoredPolicy
@@ -85,11 +86,30 @@ def _condition_text(request: GenerationCreate, card: Any) -> str:
     if request.prompt is not None:
         raise InvalidRequest(f"model {card.name} is class-conditional: prompt is not accepted")
     names = card.class_names or []
-    num_classes = card.num_classes
+    num_classes = _num_classes(card)
     if request.class_id >= num_classes:
         raise InvalidRequest(f"class_id {request.class_id} out of range: model {card.name} has "
                              f"{num_classes} classes (0..{num_classes - 1})")
     return names[request.class_id] if request.class_id < len(names) else f"class {request.class_id}"
+
+
+def _num_classes(card: Any) -> int:
+    spec = card.architecture.gpt
+    if card.class_names:
+        return len(card.class_names)
+    return int(spec.get("num_classes", 1000)) if isinstance(spec, dict) else 1000
+
+
+def _record_card(session: Session, card: Any) -> None:
+    """Keep the card as served, by content hash, so evidence packs carry the exact lineage."""
+    if session.get(ModelCardRecord, card.content_hash) is not None:
+        return
+    try:
+        with session.begin_nested():
+            session.add(ModelCardRecord(content_hash=card.content_hash, name=card.name, version=card.version,
+                                        card=card.model_dump(mode="json"), recorded_at=datetime.now(UTC)))
+    except IntegrityError:
+        pass  # recorded concurrently by another request: same content, same key
 
 
 def _params(state: GatewayState, request: GenerationCreate, card: Any) -> dict[str, Any]:
@@ -147,6 +167,7 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
         with state.ctx.sessions() as session, session.begin():
             stored_prompt = commit_prompt(session, text, runtime.prompt_storage(context))
             job.prompt_commitment = stored_prompt.get("commitment")
+            _record_card(session, card)
             job.decisions = {"prompt": {**job.decisions["prompt"], "storage": stored_prompt["storage"]}}
             session.add(job)
             session.flush()
@@ -302,8 +323,6 @@ def get_model(*, state: GatewayState, name: str) -> dict[str, Any]:
 
 def _public_card(card: Any) -> dict[str, Any]:
     public: dict[str, Any] = card.public()
-    public["content_hash"] = card.content_hash
-    public["servable"] = card.servable
     return public
 
 

@@ -12,7 +12,8 @@ from gateway.deps import CallerDep, RequestIdDep, SessionDep, StateDep
 from gateway.schemas import ErrorResponse, GenerationCreate, GenerationPublic, ImagePublic, Page
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 422, 429, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 422, 429, 503)}
 
 
 def to_public(job: Job, request: Request) -> GenerationPublic:
