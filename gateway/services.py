@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from PIL import Image
@@ -41,6 +41,7 @@ from gateway.settings import Settings
 from generator.governance import PolicyNotFoundError, StoredPolicy
 from generator.pipeline import PipelineContext, strictest, transition
 from generator.registry import UnknownModelError
+from policies.classifiers.base import UnavailableClassifier
 from policies.loader import LoadedPolicy, PolicyError, load_policy_text
 from policies.runtime import Context
 
@@ -54,6 +55,7 @@ class GatewayState:
     dispatcher: Dispatcher
     limits: Limits
     checkpoints: Any = None
+    sweeper: Any = None
 
 
 def _card(state: GatewayState, name: str | None) -> Any:
@@ -454,6 +456,15 @@ def _probe_signer(state: GatewayState) -> str:
     return state.ctx.signer.description
 
 
+def _probe_policy(state: GatewayState) -> str:
+    """The active policy is loaded and every prompt classifier it needs is available (fail closed)."""
+    runtime = state.ctx.policies.runtime()
+    missing = [c.name for c in runtime.text_classifiers if isinstance(c, UnavailableClassifier)]
+    if missing:
+        raise ServiceUnavailable(f"classifiers unavailable: {', '.join(missing)}")
+    return runtime.revision
+
+
 def readiness(*, state: GatewayState) -> dict[str, dict[str, Any]]:
     """Each dependency the release path needs, checked for real."""
     checks: dict[str, dict[str, Any]] = {}
@@ -472,5 +483,27 @@ def readiness(*, state: GatewayState) -> dict[str, dict[str, Any]]:
     check("database", database)
     check("broker", state.dispatcher.ping)
     check("signer", lambda: _probe_signer(state))
-    check("policy", lambda: state.ctx.policies.active_revision().revision)
+    check("policy", lambda: _probe_policy(state))
     return checks
+
+
+def requeue_stale_jobs(*, state: GatewayState, now: datetime | None = None) -> list[str]:
+    """Re-send jobs the queue may have lost (broker restart) or whose worker died (lease expired).
+
+    The database is the source of truth; a duplicate delivery is a no-op because tasks are idempotent.
+    """
+    now = now or datetime.now(UTC)
+    queued_cutoff = now - timedelta(seconds=state.settings.requeue_after_s)
+    lease_cutoff = now - timedelta(seconds=state.settings.job_time_limit_s)
+    with state.ctx.sessions() as session, session.begin():
+        stale = session.scalars(select(Job).where(
+            ((Job.status == "queued") & (Job.updated_at < queued_cutoff))
+            | ((Job.status == "running") & (Job.updated_at < lease_cutoff)))
+            .order_by(Job.created_at).limit(1000)).all()
+        for job in stale:
+            if job.status == "queued":
+                job.updated_at = now  # re-sent now: wait another period before sending again
+        ids = [job.id for job in stale]
+    for job_id in ids:
+        state.dispatcher.submit(job_id)
+    return ids

@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     worker_batch_wait_ms: int = Field(20, ge=0, le=5000, description="how long a worker waits to fill a batch")
     worker_concurrency: int = Field(1, ge=1, le=64)
     job_time_limit_s: int = Field(600, ge=5, description="hard limit per job; also the running-job lease")
+    requeue_after_s: float = Field(60.0, gt=0, description="re-send a job still queued after this long")
     broker_visibility_timeout_s: int | None = Field(None, ge=5, description="redelivery of unacked jobs")
     checkpoint_interval_s: float = Field(60.0, gt=0, le=3600)
     max_prompt_chars: int = Field(2000, ge=1)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import threading
+from datetime import UTC, datetime, timedelta
 
 from audit.checkpoints import CheckpointTimer
 from audit.db import upgrade_database
 from gateway.dispatch import CeleryDispatcher, Dispatcher, LocalWorker
 from gateway.limits import Limits, MemoryCounter, RedisCounter
-from gateway.services import GatewayState
+from gateway.services import GatewayState, requeue_stale_jobs
 from gateway.settings import Settings
 from generator.pipeline import build_context
 
@@ -38,13 +40,47 @@ def build_state(settings: Settings, *, dispatcher: Dispatcher | None = None) -> 
                                         settings.signing_cert.read_bytes(),
                                         interval_s=settings.checkpoint_interval_s)
     state.checkpoints.start()
+    state.sweeper = Sweeper(state, interval_s=min(settings.requeue_after_s, 30.0))
+    state.sweeper.start()
     log.info("gateway ready", extra={"mode": "embedded" if settings.embedded else "distributed",
                                      "database": settings.database_url.split("@")[-1]})
     return state
 
 
+class Sweeper:
+    """Re-sends stale jobs at start-up and then periodically (see `services.requeue_stale_jobs`)."""
+
+    def __init__(self, state: GatewayState, interval_s: float) -> None:
+        self._state = state
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="job-sweeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        first = True
+        while first or not self._stop.wait(self._interval_s):
+            try:
+                # At start-up every queued job is re-sent: an embedded gateway that stopped mid-queue resumes.
+                now = datetime.now(UTC) + timedelta(seconds=self._state.settings.requeue_after_s) if first else None
+                requeued = requeue_stale_jobs(state=self._state, now=now)
+                if requeued:
+                    log.warning("re-sent %d stale job(s) to the workers", len(requeued))
+            except Exception:  # the database may be briefly down; try again next period
+                log.exception("re-sending stale jobs failed")
+            first = False
+
+
 def close_state(state: GatewayState) -> None:
     """Stop the worker, write a final signed checkpoint of the audit chain."""
+    if state.sweeper is not None:
+        state.sweeper.stop()
     state.dispatcher.close()
     if state.checkpoints is not None:
         state.checkpoints.stop()
