@@ -1,0 +1,99 @@
+"""The one small interface every classifier offers, and the timed, fail-closed way to run one."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+logger = logging.getLogger(__name__)
+
+
+class ClassifierError(RuntimeError):
+    """A classifier could not be loaded or could not score its input."""
+
+
+@runtime_checkable
+class Classifier(Protocol):
+    """Scores inputs (prompts or images); it never decides. `version` identifies the weights."""
+
+    name: str
+    version: str
+
+    def score(self, inputs: Sequence[Any]) -> list[dict[str, float]]:
+        """One dict of label -> score per input, in order."""
+        ...
+
+
+@dataclass(frozen=True)
+class ClassifierResult:
+    """What one classifier said about one input: recorded with every decision."""
+
+    name: str
+    version: str
+    scores: dict[str, float]
+    latency_ms: float
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "scores": dict(self.scores),
+                "latency_ms": round(self.latency_ms, 3), "error": self.error}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClassifierResult:
+        return cls(name=str(data["name"]), version=str(data.get("version", "")),
+                   scores={str(k): float(v) for k, v in (data.get("scores") or {}).items()},
+                   latency_ms=float(data.get("latency_ms", 0.0)), error=data.get("error"))
+
+
+class UnavailableClassifier:
+    """Stands in for a classifier that failed to load, so every rule using it fails closed."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.version = "unavailable"
+        self.reason = reason
+
+    def score(self, inputs: Sequence[Any]) -> list[dict[str, float]]:
+        raise ClassifierError(self.reason)
+
+
+def run_classifier(classifier: Classifier, inputs: Sequence[Any]) -> list[ClassifierResult]:
+    """Score a batch, timing it; any failure becomes an error result per input (fail closed downstream)."""
+    start = time.perf_counter()
+    try:
+        scores = classifier.score(inputs)
+        if len(scores) != len(inputs):
+            raise ClassifierError(f"returned {len(scores)} results for {len(inputs)} inputs")
+    except Exception as exc:  # noqa: BLE001 - any failure must turn into a recorded, fail-closed error
+        elapsed = (time.perf_counter() - start) * 1000.0 / max(len(inputs), 1)
+        message = f"{type(exc).__name__}: {exc}"
+        logger.warning("classifier %s failed: %s", classifier.name, message)
+        return [ClassifierResult(classifier.name, classifier.version, {}, elapsed, message) for _ in inputs]
+    # Batched classifiers report their amortised per-input latency.
+    elapsed = (time.perf_counter() - start) * 1000.0 / max(len(inputs), 1)
+    return [ClassifierResult(classifier.name, classifier.version, s, elapsed) for s in scores]
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, streamed; remembered per (path, size, mtime) so big weights hash once."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _hash_file(path)
+    return _DIGESTS[key]
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

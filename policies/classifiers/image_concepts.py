@@ -1,0 +1,101 @@
+"""Image concepts: raw cosine between an open_clip image embedding and each concept's text prompts.
+
+Each concept has its own threshold on the raw cosine (no softmax across concepts: a softmax always elects
+a winner, even for an innocent image). Text prompts are embedded once per policy revision.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from policies.classifiers.base import ClassifierError, file_sha256
+from policies.schema import ClipModel, ImageConcept
+
+logger = logging.getLogger(__name__)
+
+NAME = "image_concepts"
+
+
+class _LoadedClip:
+    def __init__(self, model: Any, preprocess: Any, tokenizer: Any, device: str) -> None:
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.device = device
+
+
+_MODELS: dict[tuple[str, str, str], _LoadedClip] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def load_clip(spec: ClipModel, models_dir: Path, device: str = "cpu") -> tuple[_LoadedClip, str]:
+    """The open_clip model of `spec`, loaded once per process (keyed by weights hash); returns its digest."""
+    import open_clip
+
+    weights = models_dir / spec.weights
+    if not weights.is_file():
+        raise ClassifierError(f"CLIP weights not found: {weights} (output.image_concepts.model.weights)")
+    config = models_dir / spec.config if spec.config is not None else None
+    if config is not None and not config.is_file():
+        raise ClassifierError(f"CLIP config not found: {config} (output.image_concepts.model.config)")
+    digest = file_sha256(weights)
+    if spec.sha256 is not None and digest != spec.sha256:
+        raise ClassifierError(f"CLIP weights {weights} have SHA-256 {digest}, but the policy pins {spec.sha256}")
+    key = (spec.architecture, digest, device)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            if config is not None:
+                open_clip.add_model_config(config)
+            logger.info("loading open_clip %s (sha256 %s) on %s", spec.architecture, digest[:12], device)
+            try:
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    spec.architecture, pretrained=str(weights), device=device)
+                tokenizer = open_clip.get_tokenizer(spec.architecture)
+            except (RuntimeError, ValueError, KeyError, OSError) as exc:
+                raise ClassifierError(f"cannot load open_clip {spec.architecture!r} from {weights}: {exc}") from exc
+            model.eval()
+            _MODELS[key] = _LoadedClip(model, preprocess, tokenizer, device)
+        return _MODELS[key], digest
+
+
+class ImageConceptClassifier:
+    """Scores each concept with the best raw cosine between the image and any of its prompts."""
+
+    name = NAME
+
+    def __init__(self, concepts: Sequence[ImageConcept], spec: ClipModel, models_dir: Path,
+                 device: str = "cpu") -> None:
+        import torch
+
+        self._clip, digest = load_clip(spec, models_dir, device)
+        self.version = "sha256:" + digest
+        self._ids = [c.id for c in concepts]
+        self._owner: list[int] = [i for i, c in enumerate(concepts) for _ in c.prompts]
+        prompts = [p for c in concepts for p in c.prompts]
+        with torch.inference_mode():
+            tokens = self._clip.tokenizer(prompts).to(device)
+            text = self._clip.model.encode_text(tokens).float()
+        self._text = torch.nn.functional.normalize(text, dim=-1)  # (n_prompts, D)
+
+    def score(self, inputs: Sequence[Any]) -> list[dict[str, float]]:
+        import torch
+
+        if not inputs:
+            return []
+        clip = self._clip
+        pixels = torch.stack([clip.preprocess(image.convert("RGB")) for image in inputs]).to(clip.device)
+        with torch.inference_mode():
+            images = torch.nn.functional.normalize(clip.model.encode_image(pixels).float(), dim=-1)  # (B, D)
+            sims = (images @ self._text.T).cpu()  # (B, n_prompts)
+        out = []
+        for row in sims.tolist():
+            best: dict[str, float] = {}
+            for owner, value in zip(self._owner, row, strict=True):
+                concept = self._ids[owner]
+                best[concept] = max(best.get(concept, -1.0), round(value, 6))
+            out.append(best)
+        return out

