@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -96,8 +97,18 @@ class LiveGateway:
 
 
 @pytest.fixture
-def live(gateway: Gateway) -> Iterator[LiveGateway]:
-    with LiveGateway(gateway) as server:
+def tiny_gateway(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> Gateway:
+    """An embedded gateway whose registry serves only the tiny test model (see tiny_model.py)."""
+    from tests.dashboard.tiny_model import NAME, write_tiny_model
+
+    models_dir = tmp_path / "models"
+    write_tiny_model(models_dir)
+    return gateway_factory(models_dir=models_dir, default_model=NAME, rate_limit_per_minute=0)
+
+
+@pytest.fixture
+def live(tiny_gateway: Gateway) -> Iterator[LiveGateway]:
+    with LiveGateway(tiny_gateway) as server:
         yield server
 
 
@@ -110,7 +121,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 def browser() -> Iterator[Any]:
     """Debian's Chromium driven by Playwright; never a downloaded browser."""
     import os
-    from pathlib import Path
 
     if not Path(CHROMIUM).is_file():
         message = f"{CHROMIUM} is missing: install it with `apt-get install -y chromium`"
