@@ -100,9 +100,10 @@ def body_bytes(
     """
     job = "null" if job_id is None else _encode_str(job_id)
     return (
-        f'{{"action":{_encode_str(action)},"id":{_encode_str(id)},"job_id":{job},"key_id":{_encode_str(key_id)},'
-        f'"payload":{payload_json},"seq":{seq},"team":{_encode_str(team)},"ts":{_encode_str(ts)}}}'
-    ).encode("utf-8")
+        f'{{"action":{_encode_str(action)},"id":{_encode_str(id)},"job_id":{job},'
+        f'"key_id":{_encode_str(key_id)},"payload":{payload_json},"seq":{seq},'
+        f'"team":{_encode_str(team)},"ts":{_encode_str(ts)}}}'
+    ).encode()
 
 
 @dataclass(frozen=True)

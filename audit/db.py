@@ -11,6 +11,8 @@ from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
+from audit.chain import canonical_json
+
 # Repository root: alembic.ini and migrations/ sit beside the packages in an (editable) checkout.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ALEMBIC_INI = REPO_ROOT / "alembic.ini"
@@ -54,7 +56,12 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for `url`: SQLite gets WAL, foreign keys and a busy timeout; PostgreSQL uses psycopg 3."""
+    """An engine for `url`: SQLite gets WAL, foreign keys and a busy timeout; PostgreSQL uses psycopg 3.
+
+    JSON columns are written as canonical JSON, so an audit payload is stored as exactly the text that was
+    hashed and verification can hash the stored text without re-encoding it.
+    """
+    kwargs.setdefault("json_serializer", canonical_json)
     parsed = make_url(url)
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")

@@ -10,13 +10,14 @@ import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, Text, cast, select
 from sqlalchemy.orm import Session
 
-from audit.chain import canonical_json, format_ts
+from audit.chain import Link, body_bytes, canonical_json, format_ts
 from audit.checkpoints import checkpoint_record
 from audit.models import AuditEvent, ChainCheckpoint, ModelCardRecord, PolicyRevision, PromptText
 
@@ -91,6 +92,31 @@ def iter_event_records(session: Session, filters: ExportFilters | None = None) -
         yield event_record(row)
 
 
+def _parsed_body(row: Any, ts: str) -> dict[str, Any]:
+    return {"seq": row.seq, "id": row.id, "ts": ts, "action": row.action, "key_id": row.key_id,
+            "team": row.team, "job_id": row.job_id, "payload": json.loads(row.payload_json)}
+
+
+def iter_event_links(session: Session, filters: ExportFilters | None = None) -> Iterator[Link]:
+    """Events in seq order as chain links carrying their stored canonical bytes (no JSON decoding)."""
+    columns = [c for c in AuditEvent.__table__.columns if c.name != "payload"]
+    query = select(*columns, cast(AuditEvent.payload, Text).label("payload_json"))
+    query = (filters or ExportFilters()).apply(query).order_by(AuditEvent.seq)
+    for row in session.execute(query.execution_options(yield_per=BATCH)):
+        ts = format_ts(row.ts)
+        raw = body_bytes(seq=row.seq, id=row.id, ts=ts, action=row.action, key_id=row.key_id, team=row.team,
+                         job_id=row.job_id, payload_json=row.payload_json)
+        yield Link(row.seq, row.prev_hash, row.hash, raw, partial(_parsed_body, row, ts))
+
+
+def event_line(link: Link) -> bytes:
+    """One JSONL export line: the canonical body, then the two hashes (keys sorted, so the body's bytes
+    appear verbatim and a verifier can hash them without parsing)."""
+    body = link.raw_body if link.raw_body is not None else canonical_json(link.body()).encode()
+    return b"".join((b'{"body":', body, b',"hash":"', str(link.hash).encode("ascii"), b'","prev_hash":"',
+                     str(link.prev_hash).encode("ascii"), b'","type":"event"}\n'))
+
+
 def iter_checkpoint_records(session: Session) -> Iterator[dict[str, Any]]:
     for checkpoint in session.scalars(select(ChainCheckpoint).order_by(ChainCheckpoint.id)):
         yield checkpoint_record(checkpoint)
@@ -116,10 +142,11 @@ def _jsonl_lines(session: Session, filters: ExportFilters) -> Iterator[str]:
         "filters": filters.to_dict(),
     }
     yield canonical_json(header) + "\n"
-    for record in iter_event_records(session, filters):
-        yield canonical_json({"type": "event", **record}) + "\n"
+    # Checkpoints first: a verifier reading the file once has its anchors before the events.
     for checkpoint in iter_checkpoint_records(session):
         yield canonical_json({"type": "checkpoint", **checkpoint}) + "\n"
+    for link in iter_event_links(session, filters):
+        yield event_line(link).decode("utf-8")
 
 
 def _csv_lines(session: Session, filters: ExportFilters) -> Iterator[str]:

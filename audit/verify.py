@@ -6,15 +6,16 @@ import hashlib
 import json
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from audit.chain import Anchor, ChainReport, verify_chain, verify_fragments
+from audit.chain import Anchor, ChainReport, Link, event_body, verify_fragment_links, verify_links
 from audit.checkpoints import check_checkpoints
-from audit.export import EXPORT_FORMAT, iter_checkpoint_records, iter_event_records
+from audit.export import EXPORT_FORMAT, iter_checkpoint_records, iter_event_links
 from audit.log import HEAD_ROW_ID
 from audit.models import ChainHead
 
@@ -42,7 +43,7 @@ def verify_database(session: Session) -> ChainReport:
     head = session.scalars(select(ChainHead).where(ChainHead.id == HEAD_ROW_ID)).one_or_none()
     if head is not None and head.seq > 0:
         anchors.append(Anchor(head.seq, head.hash, "the chain_head row"))
-    report = verify_chain(iter_event_records(session), anchors)
+    report = verify_links(iter_event_links(session), anchors)
     return _finish(report, checkpoints, checked.problems)
 
 
@@ -50,36 +51,104 @@ def _records(lines: Iterable[bytes | str], source: str) -> Iterator[dict[str, An
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ExportFileError(f"{source} line {number} is not JSON: {exc}") from exc
-        if not isinstance(record, dict):
-            raise ExportFileError(f"{source} line {number} is not a JSON object")
-        yield record
+        yield _record(line, source, number)
+
+
+def _record(line: bytes | str, source: str, number: int) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ExportFileError(f"{source} line {number} is not JSON: {exc}") from exc
+    if not isinstance(record, dict):
+        raise ExportFileError(f"{source} line {number} is not a JSON object")
+    return record
+
+
+# An event line as `event_line` writes it: {"body":<canonical body>,"hash":"<64>","prev_hash":"<64>",...}
+_EVENT_HEAD = b'{"body":'
+_EVENT_TAIL = b'","type":"event"}'
+_TAIL_LEN = len(b',"hash":"') + 64 + len(b'","prev_hash":"') + 64 + len(_EVENT_TAIL)
+
+
+def _fast_link(line: bytes) -> Link | None:
+    """The link of an event line in the exact layout we write, without parsing its JSON; else None."""
+    if not (line.startswith(_EVENT_HEAD) and line.endswith(_EVENT_TAIL) and len(line) > _TAIL_LEN + 8):
+        return None
+    tail = line[-_TAIL_LEN:]
+    if not (tail.startswith(b',"hash":"') and tail[73:88] == b'","prev_hash":"'):
+        return None
+    raw = line[len(_EVENT_HEAD) : -_TAIL_LEN]
+    # The top-level seq is the last `,"seq":` in a canonical body: only team and ts (strings, where a quote
+    # is always escaped) follow it.
+    at = raw.rfind(b',"seq":')
+    end = raw.find(b",", at + 7)
+    try:
+        seq = int(raw[at + 7 : end])
+        prev_hash, this_hash = tail[88:152].decode("ascii"), tail[9:73].decode("ascii")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return Link(seq, prev_hash, this_hash, raw, partial(_parse_body, raw))
+
+
+def _parse_body(raw: bytes) -> dict[str, Any]:
+    body = json.loads(raw)
+    if not isinstance(body, dict):
+        raise ValueError("the event body is not a JSON object")
+    return body
+
+
+def _slow_link(record: Mapping[str, Any]) -> Link:
+    body = record.get("body")
+    if not isinstance(body, dict):
+        raise ExportFileError(f"event record without a body object: {str(record)[:80]}")
+    return Link(body.get("seq"), record.get("prev_hash"), record.get("hash"), None, partial(event_body, body))
 
 
 def _verify_jsonl(stream: IO[bytes], source: str, extra_checkpoints: list[dict[str, Any]]) -> ChainReport:
-    records = _records(stream, source)
-    header = next(records, None)
+    """One pass: the header, the checkpoints (written before the events), then the events streamed."""
+    lines = (line.rstrip(b"\r\n") for line in stream)
+    numbered = ((n, line) for n, line in enumerate(lines, start=1) if line.strip())
+    first = next(numbered, None)
+    header = _record(first[1], source, first[0]) if first is not None else None
     if header is None or header.get("type") != "header" or header.get("format") != EXPORT_FORMAT:
         raise ExportFileError(f"{source} is not a {EXPORT_FORMAT} JSONL file (its first line is no header)")
-    events: list[dict[str, Any]] = []
     checkpoints: list[dict[str, Any]] = list(extra_checkpoints)
-    for record in records:
-        kind = record.pop("type", None)
-        if kind == "event":
-            events.append(record)
-        elif kind == "checkpoint" and record not in checkpoints:
-            checkpoints.append(record)
-        elif kind not in ("event", "checkpoint"):
-            raise ExportFileError(f"{source}: unknown record type {kind!r}")
+    pending: Link | None = None
+    for number, line in numbered:
+        link = _fast_link(line)
+        record = None if link is not None else _record(line, source, number)
+        if record is not None and record.get("type") == "checkpoint":
+            record.pop("type")
+            if record not in checkpoints:
+                checkpoints.append(record)
+            continue
+        pending = link if link is not None else _event_or_fail(record, source, number)
+        break
     checked = check_checkpoints(checkpoints)
+
+    def links() -> Iterator[Link]:
+        if pending is None:
+            return
+        yield pending
+        for number, line in numbered:
+            link = _fast_link(line)
+            yield link if link is not None else _event_or_fail(_record(line, source, number), source, number)
+
     if header.get("filters"):
-        report = verify_fragments(events, checked.anchors)
+        report = verify_fragment_links(links(), checked.anchors)
     else:
-        report = verify_chain(events, checked.anchors)
+        report = verify_links(links(), checked.anchors)
     return _finish(report, checkpoints, checked.problems)
+
+
+def _event_or_fail(record: Mapping[str, Any] | None, source: str, number: int) -> Link:
+    kind = record.get("type") if record is not None else None
+    if record is None or kind != "event":
+        where = f"{source} line {number}"
+        if kind == "checkpoint":
+            raise ExportFileError(f"{where}: a checkpoint after the events (not written by this version)")
+        raise ExportFileError(f"{where}: unknown record type {kind!r}")
+    return _slow_link(record)
 
 
 def _manifest_problems(pack: zipfile.ZipFile) -> list[str]:

@@ -71,9 +71,7 @@ def test_audit_verify_reports_an_intact_chain(sessions: Any, capsys: pytest.Capt
     assert "chain OK: 3 events" in capsys.readouterr().out
 
 
-def test_audit_verify_exits_non_zero_and_names_the_bad_event(
-    sessions: Any, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_audit_verify_exits_non_zero_and_names_the_bad_event(sessions: Any, capsys: pytest.CaptureFixture[str]) -> None:
     append(sessions)
     with sessions() as session, session.begin():
         session.execute(text("DROP TRIGGER audit_events_no_update"))
@@ -95,21 +93,17 @@ def test_audit_export_writes_filtered_jsonl_that_verifies(sessions: Any, tmp_pat
     out = tmp_path / "news.jsonl"
     assert run("audit", "export", "--team", "news", "-o", str(out)) == 0
     events = [json.loads(line) for line in out.read_text().splitlines() if '"type":"event"' in line]
-    assert [e["team"] for e in events] == ["news", "news"]
+    assert [e["body"]["team"] for e in events] == ["news", "news"]
     assert run("audit", "verify", "--export", str(out)) == 0
 
 
-def test_audit_export_writes_csv_to_standard_output(
-    sessions: Any, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_audit_export_writes_csv_to_standard_output(sessions: Any, capsys: pytest.CaptureFixture[str]) -> None:
     append(sessions, 2)
     assert run("audit", "export", "--format", "csv") == 0
     assert capsys.readouterr().out.splitlines()[0].startswith("seq,id,ts,action")
 
 
-def test_audit_export_rejects_a_malformed_since(
-    settings: Settings, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_audit_export_rejects_a_malformed_since(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         run("audit", "export", "--since", "last tuesday")
     assert info.value.code == 2 and "not an ISO-8601 date" in capsys.readouterr().err
@@ -133,9 +127,7 @@ def test_audit_evidence_writes_a_pack_that_verifies(sessions: Any, tmp_path: Pat
     assert run("audit", "verify", "--export", str(pack)) == 0
 
 
-def test_audit_erase_erases_and_reports_the_audit_event(
-    sessions: Any, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_audit_erase_erases_and_reports_the_audit_event(sessions: Any, capsys: pytest.CaptureFixture[str]) -> None:
     with sessions() as session, session.begin():
         commitment = commit_prompt(session, "my private prompt", "full")["commitment"]
     assert run("audit", "erase", commitment, "--reason", "DSR-1") == 0

@@ -57,9 +57,7 @@ def sessions(session_factory: Any) -> Any:
             )
         )
         session.add(
-            ModelCardRecord(
-                content_hash="c" * 64, name="demo", version="1", card={"lineage": []}, recorded_at=NOW
-            )
+            ModelCardRecord(content_hash="c" * 64, name="demo", version="1", card={"lineage": []}, recorded_at=NOW)
         )
     return session_factory
 
@@ -73,6 +71,10 @@ def records(text: str, kind: str) -> list[dict[str, Any]]:
     return [r for r in map(json.loads, text.splitlines()) if r["type"] == kind]
 
 
+def bodies(text: str) -> list[dict[str, Any]]:
+    return [r["body"] for r in records(text, "event")]
+
+
 def test_jsonl_export_starts_with_a_header_naming_format_and_filters(sessions: Any) -> None:
     header = json.loads(export(sessions, filters=ExportFilters(team="ads")).splitlines()[0])
     assert header["format"] == "llamagen-gateway.audit-export" and header["filters"] == {"team": "ads"}
@@ -84,27 +86,25 @@ def test_jsonl_export_lines_are_canonical_json(sessions: Any) -> None:
 
 
 def test_jsonl_export_holds_every_event_in_chain_order(sessions: Any) -> None:
-    assert [e["seq"] for e in records(export(sessions), "event")] == [1, 2, 3]
+    assert [e["seq"] for e in bodies(export(sessions))] == [1, 2, 3]
 
 
 def test_export_filters_by_team(sessions: Any) -> None:
-    assert {e["team"] for e in records(export(sessions, filters=ExportFilters(team="ads")), "event")} == {
-        "ads"
-    }
+    assert {e["team"] for e in bodies(export(sessions, filters=ExportFilters(team="ads")))} == {"ads"}
 
 
 def test_export_filters_by_action(sessions: Any) -> None:
-    events = records(export(sessions, filters=ExportFilters(action="image.released")), "event")
+    events = bodies(export(sessions, filters=ExportFilters(action="image.released")))
     assert [e["seq"] for e in events] == [3]
 
 
 def test_export_filters_by_time(sessions: Any) -> None:
     later = ExportFilters(since=NOW + timedelta(hours=1))
-    assert records(export(sessions, filters=later), "event") == []
+    assert bodies(export(sessions, filters=later)) == []
 
 
 def test_export_filters_by_job(sessions: Any) -> None:
-    events = records(export(sessions, filters=ExportFilters(job_id="j1")), "event")
+    events = bodies(export(sessions, filters=ExportFilters(job_id="j1")))
     assert [e["seq"] for e in events] == [1, 3]
 
 
@@ -129,9 +129,7 @@ def test_export_streams_in_chunks(session_factory: Any, monkeypatch: pytest.Monk
     assert len(chunks) == 3  # 26 lines (header + 25 events) in chunks of 10
 
 
-def test_evidence_pack_holds_every_part_an_auditor_needs(
-    sessions: Any, dev_ca: DevCA, tmp_path: Path
-) -> None:
+def test_evidence_pack_holds_every_part_an_auditor_needs(sessions: Any, dev_ca: DevCA, tmp_path: Path) -> None:
     with sessions() as session:
         pack = write_evidence_pack(session, tmp_path / "evidence.zip", [dev_ca.root_pem_path])
     with zipfile.ZipFile(pack) as z:

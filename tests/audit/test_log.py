@@ -7,10 +7,10 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from audit.chain import GENESIS_HASH, event_hash
+from audit.chain import GENESIS_HASH, canonical_json, event_hash
 from audit.db import make_engine, make_session_factory
 from audit.log import AuditLogError, append_event
 from audit.models import AuditEvent, ChainHead
@@ -88,6 +88,13 @@ def test_append_event_stores_the_payload_as_canonical_json_reads_it_back(session
     assert event.payload == {"ratio": 0.5, "nested": {"a": [1, 2], "b": 1}}
 
 
+def test_append_event_stores_the_payload_text_exactly_as_hashed(session_factory: Any) -> None:
+    append(session_factory, payload={"z": 1, "a": {"y": 0.25, "b": "é"}})
+    with session_factory() as session:
+        stored = session.scalar(text("SELECT payload FROM audit_events"))
+    assert stored == canonical_json({"z": 1, "a": {"y": 0.25, "b": "é"}})
+
+
 def test_append_event_timestamps_are_utc_with_microseconds(session_factory: Any) -> None:
     (event,) = append(session_factory)
     with session_factory() as session:
@@ -124,9 +131,7 @@ def test_append_event_names_the_missing_chain_head() -> None:
         append_event(session, action="x.y", key_id="k", team="t", payload={})
 
 
-def test_concurrent_sqlite_writer_processes_never_fork_the_chain(
-    sqlite_url: str, session_factory: Any
-) -> None:
+def test_concurrent_sqlite_writer_processes_never_fork_the_chain(sqlite_url: str, session_factory: Any) -> None:
     run_writers(sqlite_url, processes=3, count=20)
     with session_factory() as session:
         report = verify_database(session)
@@ -134,9 +139,7 @@ def test_concurrent_sqlite_writer_processes_never_fork_the_chain(
 
 
 @pytest.mark.services
-def test_concurrent_postgres_writer_processes_never_fork_the_chain(
-    pg_url: str, pg_session_factory: Any
-) -> None:
+def test_concurrent_postgres_writer_processes_never_fork_the_chain(pg_url: str, pg_session_factory: Any) -> None:
     run_writers(pg_url, processes=4, count=50)
     with pg_session_factory() as session:
         report = verify_database(session)

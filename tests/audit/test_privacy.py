@@ -19,9 +19,7 @@ PROMPT = "a portrait of Jane Doe, 42 Elm Street"
 def record(sessions: Any, mode: Any) -> dict[str, Any]:
     with sessions() as session, session.begin():
         stored = commit_prompt(session, PROMPT, mode)
-        append_event(
-            session, action="generation.requested", key_id="k", team="ads", payload={"prompt": stored}
-        )
+        append_event(session, action="generation.requested", key_id="k", team="ads", payload={"prompt": stored})
     return stored
 
 

@@ -133,9 +133,7 @@ def test_signed_image_reports_the_manifest_id_returned_by_signing(signed: Any) -
 
 def test_manifest_declares_a_created_action_by_trained_algorithmic_media(signed: Any) -> None:
     manifest = verify_image(signed.data).manifest or {}
-    actions = next(a for a in manifest["assertions"] if a["label"].startswith("c2pa.actions"))["data"][
-        "actions"
-    ]
+    actions = next(a for a in manifest["assertions"] if a["label"].startswith("c2pa.actions"))["data"]["actions"]
     assert actions == [
         {
             "action": "c2pa.created",
@@ -245,9 +243,7 @@ def test_valid_signature_without_trust_anchors_is_not_called_invalid(signed: Any
     assert report.summary.startswith("valid signature") and "no trust anchors configured" in report.summary
 
 
-def test_signer_outside_the_trust_list_is_reported_as_untrusted_not_invalid(
-    signed: Any, tmp_path: Path
-) -> None:
+def test_signer_outside_the_trust_list_is_reported_as_untrusted_not_invalid(signed: Any, tmp_path: Path) -> None:
     stranger = ensure_dev_ca(tmp_path / "stranger")
     report = verify_image(signed.data, trust_anchors_pem=root_pem(stranger))
     assert report.signature_valid and not report.signer_trusted
@@ -285,6 +281,4 @@ def test_trust_anchors_that_are_not_pem_are_a_provenance_error(signed: Any) -> N
 
 def test_report_to_dict_carries_the_three_answers_and_the_summary(signed: Any) -> None:
     report = verify_image(signed.data).to_dict()
-    assert {"signature_valid", "signer_trusted", "content_intact", "summary", "audit_event_id", "ok"} <= set(
-        report
-    )
+    assert {"signature_valid", "signer_trusted", "content_intact", "summary", "audit_event_id", "ok"} <= set(report)

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from audit.chain import link_hash
 from audit.checkpoints import write_checkpoint
-from audit.export import ExportFilters, iter_export, write_evidence_pack
+from audit.export import ExportFilters, iter_event_links, iter_export, write_evidence_pack
 from audit.log import append_event
 from audit.provenance import DevCA
 from audit.verify import ExportFileError, verify_database, verify_export
@@ -58,6 +59,11 @@ def export_lines(sessions: Any, filters: ExportFilters | None = None) -> list[st
         return "".join(iter_export(session, "jsonl", filters)).splitlines()
 
 
+def event_line(seq: int) -> int:
+    """Index of event `seq` in an export of the `chain` fixture: the header, one checkpoint, then events."""
+    return seq + 1
+
+
 def write_lines(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -83,6 +89,11 @@ def test_verify_database_reports_an_edited_payload(chain: Any) -> None:
     as_dba(chain, 'UPDATE audit_events SET payload = \'{"i": 3, "seed": 1}\' WHERE seq = 4')
     report = verify_db(chain)
     assert (report.ok, report.first_bad_seq) == (False, 4)
+
+
+def test_verify_database_accepts_a_payload_rewritten_with_the_same_content(chain: Any) -> None:
+    as_dba(chain, 'UPDATE audit_events SET payload = \'{"seed": 1003,  "i": 3}\' WHERE seq = 4')
+    assert verify_db(chain).ok
 
 
 def test_verify_database_reports_a_deleted_event(chain: Any) -> None:
@@ -122,38 +133,42 @@ def test_verify_export_accepts_a_full_jsonl_export(chain: Any, tmp_path: Path) -
 
 def test_verify_export_reports_an_edited_event(chain: Any, tmp_path: Path) -> None:
     lines = export_lines(chain)
-    record = json.loads(lines[3])
-    record["payload"]["seed"] = 7
-    lines[3] = json.dumps(record)
+    record = json.loads(lines[event_line(3)])
+    record["body"]["payload"]["seed"] = 7
+    lines[event_line(3)] = json.dumps(record)
     report = verify_export(write_lines(tmp_path / "audit.jsonl", lines))
-    assert (report.ok, report.first_bad_seq) == (False, record["seq"])
+    assert (report.ok, report.first_bad_seq) == (False, 3)
+
+
+def test_verify_export_accepts_lines_re_serialised_by_another_tool(chain: Any, tmp_path: Path) -> None:
+    lines = [json.dumps(json.loads(line), indent=None, sort_keys=False) for line in export_lines(chain)]
+    report = verify_export(write_lines(tmp_path / "audit.jsonl", lines))
+    assert (report.ok, report.count) == (True, 10)
 
 
 def test_verify_export_reports_a_deleted_event(chain: Any, tmp_path: Path) -> None:
     lines = export_lines(chain)
-    del lines[5]  # line 0 is the header: this is seq 5
+    del lines[event_line(5)]
     report = verify_export(write_lines(tmp_path / "audit.jsonl", lines))
     assert (report.ok, report.first_bad_seq) == (False, 6)
 
 
 def test_verify_export_reports_reordered_events(chain: Any, tmp_path: Path) -> None:
     lines = export_lines(chain)
-    lines[2], lines[3] = lines[3], lines[2]
+    lines[event_line(3)], lines[event_line(4)] = lines[event_line(4)], lines[event_line(3)]
     report = verify_export(write_lines(tmp_path / "audit.jsonl", lines))
-    assert (report.ok, report.first_bad_seq) == (False, 3)
+    assert (report.ok, report.first_bad_seq) == (False, 4)
 
 
 def test_verify_export_reports_truncation_before_a_checkpoint(chain: Any, tmp_path: Path) -> None:
     lines = export_lines(chain)
-    kept = lines[:7] + [line for line in lines if '"type":"checkpoint"' in line]  # events 1..6 only
+    kept = lines[: event_line(6) + 1]  # header, checkpoint at seq 8, events 1..6
     report = verify_export(write_lines(tmp_path / "audit.jsonl", kept))
     assert not report.ok and "truncated" in report.reason
 
 
 def test_verify_export_checks_a_filtered_export_event_by_event(chain: Any, tmp_path: Path) -> None:
-    report = verify_export(
-        write_lines(tmp_path / "news.jsonl", export_lines(chain, ExportFilters(team="news")))
-    )
+    report = verify_export(write_lines(tmp_path / "news.jsonl", export_lines(chain, ExportFilters(team="news"))))
     assert report.ok and report.count == 4 and "filtered export" in report.reason
 
 
@@ -166,16 +181,14 @@ def test_verify_export_refuses_a_file_that_is_not_an_export(tmp_path: Path) -> N
 
 def test_verify_export_names_a_line_that_is_not_json(chain: Any, tmp_path: Path) -> None:
     lines = export_lines(chain)
-    lines[4] = "{broken"
+    lines[event_line(3)] = "{broken"
     with pytest.raises(ExportFileError, match="line 5 is not JSON"):
         verify_export(write_lines(tmp_path / "audit.jsonl", lines))
 
 
 def test_evidence_pack_verifies_offline(chain: Any, dev_ca: DevCA, tmp_path: Path) -> None:
     with chain() as session:
-        pack = write_evidence_pack(
-            session, tmp_path / "evidence.zip", [dev_ca.chain_pem_path, dev_ca.root_pem_path]
-        )
+        pack = write_evidence_pack(session, tmp_path / "evidence.zip", [dev_ca.chain_pem_path, dev_ca.root_pem_path])
     report = verify_export(pack)
     assert (report.ok, report.count, report.checkpoints) == (True, 10, 1)
 
@@ -192,3 +205,22 @@ def test_evidence_pack_with_an_altered_event_is_reported(chain: Any, dev_ca: Dev
             out.writestr(name, data)
     report = verify_export(forged)
     assert (report.ok, report.first_bad_seq) == (False, 3)
+
+
+@pytest.mark.services
+def test_postgres_gives_back_the_stored_canonical_bytes_for_the_fast_path(pg_session_factory: Any) -> None:
+    append(pg_session_factory, 3)
+    with pg_session_factory() as session:
+        links = list(iter_event_links(session))
+    assert all(link_hash(link._replace(body=unparsable), link.prev_hash) is None for link in links)
+
+
+def test_sqlite_gives_back_the_stored_canonical_bytes_for_the_fast_path(session_factory: Any) -> None:
+    append(session_factory, 3)
+    with session_factory() as session:
+        links = list(iter_event_links(session))
+    assert all(link_hash(link._replace(body=unparsable), link.prev_hash) is None for link in links)
+
+
+def unparsable() -> dict[str, Any]:
+    raise AssertionError("the fast path should not need to parse the event")
