@@ -7,12 +7,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from policies.schema import FieldPath, Policy, check_policy
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class PolicyError(ValueError):
@@ -55,21 +57,26 @@ def load_policy_file(path: str | Path) -> LoadedPolicy:
 
 def load_policy_text(text: str, name: str = "<string>") -> LoadedPolicy:
     """Validate policy YAML given as text; `name` is used in error messages."""
-    node, data = _parse(text, name)
+    node, data = parse_yaml(text, name)
+    policy = validate_document(Policy, node, data, name)
+    issues = check_policy(policy)
+    if issues:
+        raise PolicyError(name, [(_dotted(i.path), line_of(node, i.path), i.message) for i in issues])
+    return LoadedPolicy(policy=policy, revision=compute_revision(data), source=text, path=None)
+
+
+def validate_document(model: type[M], node: yaml.Node | None, data: Any, name: str) -> M:
+    """Validate parsed YAML against a pydantic model; errors carry the dotted field path and line."""
     if not isinstance(data, dict):
-        raise PolicyError(name, [("", _line(node), "a policy must be a YAML mapping")])
+        raise PolicyError(name, [("", _line(node), f"the document must be a YAML mapping, not {type(data).__name__}")])
     try:
-        policy = Policy.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            loc = _clean_loc(error["loc"])
-            problems.append((_dotted(loc), _line_of(node, loc), _error_message(error)))
+            loc = clean_loc(error["loc"])
+            problems.append((_dotted(loc), line_of(node, loc), error_message(error)))
         raise PolicyError(name, problems) from None
-    issues = check_policy(policy)
-    if issues:
-        raise PolicyError(name, [(_dotted(i.path), _line_of(node, i.path), i.message) for i in issues])
-    return LoadedPolicy(policy=policy, revision=compute_revision(data), source=text, path=None)
 
 
 def compute_revision(data: Any) -> str:
@@ -78,7 +85,8 @@ def compute_revision(data: Any) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _parse(text: str, name: str) -> tuple[yaml.Node | None, Any]:
+def parse_yaml(text: str, name: str) -> tuple[yaml.Node | None, Any]:
+    """Parse YAML keeping the node tree (for line numbers); duplicate keys are errors."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -118,7 +126,7 @@ def _line(node: yaml.Node | None) -> int | None:
     return node.start_mark.line + 1 if node is not None else None
 
 
-def _line_of(root: yaml.Node | None, path: Sequence[str | int]) -> int | None:
+def line_of(root: yaml.Node | None, path: Sequence[str | int]) -> int | None:
     """Line of the deepest node that exists along `path` (the key's line for mapping entries)."""
     node = root
     line = _line(root)
@@ -138,13 +146,13 @@ def _line_of(root: yaml.Node | None, path: Sequence[str | int]) -> int | None:
     return line
 
 
-def _clean_loc(loc: Sequence[str | int]) -> FieldPath:
+def clean_loc(loc: Sequence[str | int]) -> FieldPath:
     # pydantic adds union-member and validator tags (e.g. 'list[str]', 'function-after[...]') that are
     # not keys of the document.
     return tuple(part for part in loc if not (isinstance(part, str) and ("[" in part or part.endswith("]"))))
 
 
-def _error_message(error: Any) -> str:
+def error_message(error: Any) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         return "unknown field (not part of the policy schema; check the spelling)"

@@ -1,0 +1,125 @@
+"""Dry-run replay: what a candidate policy would have decided on stored history. Pure: no database, no models.
+
+Replay re-applies `decide()` to the classifier results stored with each past decision. Rules whose scores
+were never stored (a new semantic category, a lexical rule added since) cannot be replayed from scores;
+they are reported as skipped rather than guessed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from policies.classifiers.base import ClassifierResult
+from policies.decisions import Context, Decision, Stage, decide
+from policies.loader import LoadedPolicy
+
+MAX_EXAMPLES_PER_RULE = 5
+_STAGES = ("prompt", "output", "model")
+
+
+class ReplayError(ValueError):
+    """A history record that cannot be replayed (names the record and what is missing)."""
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    """One past decision with the classifier results and context it was made from."""
+
+    id: str
+    stage: Stage
+    context: Context
+    results: tuple[ClassifierResult, ...]
+    decision: Decision
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], default_id: str = "") -> HistoryItem:
+        """Read a record shaped like `Screening.to_dict()` plus `id` and `context` (an audit payload works)."""
+        record = data.get("payload", data) if isinstance(data.get("payload"), Mapping) else data
+        ident = str(record.get("id") or data.get("id") or default_id)
+        try:
+            decision = Decision.from_dict(record["decision"])
+        except (KeyError, TypeError) as exc:
+            raise ReplayError(f"history record {ident or '?'}: no decision ({exc})") from exc
+        stage = str(record.get("stage") or decision.stage)
+        if stage not in _STAGES:
+            raise ReplayError(f"history record {ident}: unknown stage {stage!r}")
+        results = tuple(ClassifierResult.from_dict(r) for r in record.get("results") or ())
+        context = Context.from_dict(record.get("context") or {})
+        return cls(id=ident, stage=stage, context=context, results=results, decision=decision)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ChangeExample:
+    id: str
+    stage: str
+    team: str | None
+    before: str
+    after: str
+    added_rules: tuple[str, ...]
+    removed_rules: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "stage": self.stage, "team": self.team, "before": self.before, "after": self.after,
+                "added_rules": list(self.added_rules), "removed_rules": list(self.removed_rules)}
+
+
+@dataclass
+class ReplayReport:
+    """How many past decisions a candidate policy would change, by rule, with examples."""
+
+    candidate_revision: str
+    total: int = 0
+    changed: int = 0
+    transitions: Counter[str] = field(default_factory=Counter)
+    by_rule: Counter[str] = field(default_factory=Counter)
+    skipped_rules: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, list[ChangeExample]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "candidate_revision": self.candidate_revision,
+            "total": self.total,
+            "changed": self.changed,
+            "unchanged": self.total - self.changed,
+            "transitions": dict(sorted(self.transitions.items())),
+            "by_rule": dict(self.by_rule.most_common()),
+            "skipped_rules": dict(self.skipped_rules.most_common()),
+            "examples": {rule: [e.to_dict() for e in items] for rule, items in sorted(self.examples.items())},
+        }
+
+    def summary(self) -> str:
+        lines = [f"{self.changed} of {self.total} past decisions would change under {self.candidate_revision}"]
+        lines += [f"  {transition}: {count}" for transition, count in sorted(self.transitions.items())]
+        lines += [f"  rule {rule}: {count} decision(s)" for rule, count in self.by_rule.most_common()]
+        if self.skipped_rules:
+            lines.append("  not replayable from stored scores (no stored score): "
+                         + ", ".join(f"{r} ({n})" for r, n in self.skipped_rules.most_common()))
+        return "\n".join(lines)
+
+
+def replay(candidate: LoadedPolicy, history: Iterable[HistoryItem],
+           max_examples: int = MAX_EXAMPLES_PER_RULE) -> ReplayReport:
+    """Re-decide every history item under `candidate` and count what changes."""
+    report = ReplayReport(candidate_revision=candidate.revision)
+    for item in history:
+        report.total += 1
+        new = decide(candidate, item.results, item.context, item.stage, missing="skip")
+        report.skipped_rules.update(new.skipped_rules)
+        before = {r.rule_id for r in item.decision.reasons}
+        after = {r.rule_id for r in new.reasons}
+        if new.action == item.decision.action and before == after:
+            continue
+        report.changed += 1
+        report.transitions[f"{item.decision.action} -> {new.action}"] += 1
+        added, removed = tuple(sorted(after - before)), tuple(sorted(before - after))
+        example = ChangeExample(item.id, item.stage, item.context.team, item.decision.action, new.action,
+                                added, removed)
+        for rule in added + removed or ("(action only)",):
+            report.by_rule[rule] += 1
+            bucket = report.examples.setdefault(rule, [])
+            if len(bucket) < max_examples:
+                bucket.append(example)
+    return report
