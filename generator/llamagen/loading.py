@@ -87,9 +87,7 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str 
     if missing:
         raise CheckpointError(f"{source}: missing key(s) {', '.join(missing[:5])} ({len(missing)} in all)")
     if unexpected:
-        raise CheckpointError(
-            f"{source}: unexpected key(s) {', '.join(unexpected[:5])} ({len(unexpected)} in all)"
-        )
+        raise CheckpointError(f"{source}: unexpected key(s) {', '.join(unexpected[:5])} ({len(unexpected)} in all)")
     for key, shape in expected.items():
         if tuple(state[key].shape) != shape:
             raise CheckpointError(
@@ -108,12 +106,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _materialise(
-    model: nn.Module, state: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype
-) -> None:
-    converted = {
-        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()
-    }
+def _materialise(model: nn.Module, state: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype) -> None:
+    converted = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     model.load_state_dict(converted, strict=True, assign=True)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
@@ -194,6 +188,7 @@ def load_gpt(
         gpt = Transformer(args)
     check_state_dict(gpt, state, source)
     _materialise(gpt, state, dev, dtype or default_dtype(dev))
+    gpt.use_streaming_layout()
     return gpt.eval()
 
 

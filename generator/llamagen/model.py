@@ -84,14 +84,10 @@ class ModelArgs:
         if self.grid_size**2 != self.block_size:
             raise ValueError(f"block_size {self.block_size} is not a perfect square")
         if self.task == "t2i" and self.cls_token_num > self.caption_len:
-            raise ValueError(
-                f"cls_token_num {self.cls_token_num} exceeds caption_len {self.caption_len} for t2i"
-            )
+            raise ValueError(f"cls_token_num {self.cls_token_num} exceeds caption_len {self.caption_len} for t2i")
 
     @classmethod
-    def from_name(
-        cls, name: str, *, task: Task = "c2i", image_size: int = 256, downsample: int = 16
-    ) -> ModelArgs:
+    def from_name(cls, name: str, *, task: Task = "c2i", image_size: int = 256, downsample: int = 16) -> ModelArgs:
         """Official preset sized for `image_size` px images and a /`downsample` tokenizer."""
         if name not in GPT_PRESETS:
             raise ValueError(f"unknown GPT preset {name!r}; known: {', '.join(GPT_PRESETS)}")
@@ -220,9 +216,7 @@ class Attention(nn.Module):
         k = apply_rotary_emb(k, freqs_cis)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, d)
 
-    def _attend(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, train: bool
-    ) -> Tensor:
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, train: bool) -> Tensor:
         B, _, L, _ = q.shape
         y = F.scaled_dot_product_attention(
             q,
@@ -236,9 +230,7 @@ class Attention(nn.Module):
         y = self.wo(y.transpose(1, 2).reshape(B, L, self.dim))  # (B, L, D)
         return F.dropout(y, self.resid_dropout_p, training=True) if train and self.resid_dropout_p > 0 else y
 
-    def forward(
-        self, x: Tensor, freqs_cis: Tensor, mask: Tensor | None = None, train: bool = False
-    ) -> Tensor:
+    def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor | None = None, train: bool = False) -> Tensor:
         """Full-sequence causal attention (training and teacher forcing); `mask` overrides causality."""
         q, k, v = self._qkv(x, freqs_cis)
         return self._attend(q, k, v, mask, causal=True, train=train)
@@ -276,12 +268,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.drop_path = drop_path
 
-    def forward(
-        self, x: Tensor, freqs_cis: Tensor, mask: Tensor | None = None, train: bool = False
-    ) -> Tensor:
-        h = x + _drop_path(
-            self.attention(self.attention_norm(x), freqs_cis, mask, train), self.drop_path, train
-        )
+    def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor | None = None, train: bool = False) -> Tensor:
+        h = x + _drop_path(self.attention(self.attention_norm(x), freqs_cis, mask, train), self.drop_path, train)
         return h + _drop_path(self.feed_forward(self.ffn_norm(h), train), self.drop_path, train)
 
     def forward_cached(
@@ -380,9 +368,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # Plain attribute, not a buffer: absent from state_dict and kept in float32 under .to(bf16).
-        self.freqs_cis = precompute_freqs_cis_2d(
-            args.grid_size, args.head_dim, args.rope_base, args.cls_token_num
-        )
+        self.freqs_cis = precompute_freqs_cis_2d(args.grid_size, args.head_dim, args.rope_base, args.cls_token_num)
         self.max_batch_size = 0
         self.max_seq_length = 0
 
@@ -399,6 +385,20 @@ class Transformer(nn.Module):
             emb = self.cls_embedding.uncond_embedding
             emb.copy_(torch.randn_like(emb) / self.args.caption_dim**0.5)
         nn.init.zeros_(self.output.weight)
+
+    def use_streaming_layout(self) -> None:
+        """Keep float32 CPU linear weights transposed in memory; shapes, values and state_dict are unchanged.
+
+        Decode multiplies a few rows by every weight, so it is bound by how fast the weights stream. MKL's
+        small-M sgemm reads a row-major [in, out] matrix about twice as fast as nn.Linear's [out, in] one;
+        the weight becomes the [out, in]-shaped transpose view of that matrix. bf16 (oneDNN) and CUDA
+        kernels prefer the default layout, so they are left alone.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                w = module.weight
+                if w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous():
+                    module.weight.data = w.data.t().contiguous().t()
 
     @property
     def prefix_len(self) -> int:
@@ -473,9 +473,7 @@ class Transformer(nn.Module):
         return self._forward_full(cond, tokens, emb_mask, train=False)
 
     # ----- cached inference ---------------------------------------------------------------------------
-    def setup_caches(
-        self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None
-    ) -> None:
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None) -> None:
         """Attach a KV cache to every layer; reused when already large enough."""
         dtype = dtype or self.tok_embeddings.weight.dtype
         device = self.tok_embeddings.weight.device

@@ -82,9 +82,7 @@ def sample(probs: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
         return torch.multinomial(probs, 1, generator=generators[0])
     if len(generators) != probs.shape[0]:
         raise ValueError(f"{len(generators)} generators for {probs.shape[0]} rows")
-    return torch.cat(
-        [torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generators, strict=True)]
-    )
+    return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generators, strict=True)])
 
 
 def combine_cfg(logits: Tensor, params: SamplingParams, guide: bool) -> Tensor:
@@ -95,9 +93,7 @@ def combine_cfg(logits: Tensor, params: SamplingParams, guide: bool) -> Tensor:
     return uncond + (cond - uncond) * params.cfg_scale if guide else cond
 
 
-def make_generators(
-    seed: int | Sequence[int], batch: int, device: torch.device | str
-) -> list[torch.Generator]:
+def make_generators(seed: int | Sequence[int], batch: int, device: torch.device | str) -> list[torch.Generator]:
     """One generator for an int seed (official: one draw per step over the batch), or one per row."""
     seeds = [seed] if isinstance(seed, int) else list(seed)
     if len(seeds) not in (1, batch):
@@ -164,9 +160,7 @@ def decode_n_tokens(
         pos = prefix_len + i
         guide = not (params.cfg_interval > -1 and i > params.cfg_interval)
         mask = None if plan.key_ok is None else plan.key_ok[..., : pos + 1]
-        token = decode_one_token(
-            decode, token, plan.positions[pos : pos + 1], pos + 1, mask, params, generators, guide
-        )
+        token = decode_one_token(decode, token, plan.positions[pos : pos + 1], pos + 1, mask, params, generators, guide)
         plan.out[:, i + 1 : i + 2] = token
     return plan.out
 

@@ -55,13 +55,21 @@ def test_load_gpt_reads_every_official_wrapper(wrapper: str, tmp_path: Path, c2i
     path = tmp_path / "ckpt.pt"
     torch.save(WRAPPERS[wrapper](official_state(c2i_model)), path)
     loaded = load_gpt(path, model=tiny_args(), device="cpu")
+    expected = c2i_model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+
+
+def test_streaming_weight_layout_keeps_state_dict_and_logits(c2i_model: Transformer) -> None:
     cond, tokens = torch.tensor([1]), torch.randint(0, 64, (1, 5))
-    assert torch.equal(loaded.forward_logits(cond, tokens), c2i_model.forward_logits(cond, tokens))
+    before = c2i_model.forward_logits(cond, tokens)
+    state = official_state(c2i_model)
+    c2i_model.use_streaming_layout()
+    assert not c2i_model.output.weight.is_contiguous()
+    assert all(torch.equal(v, state[k]) for k, v in c2i_model.state_dict().items())
+    assert torch.allclose(c2i_model.forward_logits(cond, tokens), before, atol=1e-5)
 
 
-def test_loaded_model_is_in_eval_mode_with_exactly_the_official_keys(
-    tmp_path: Path, c2i_model: Transformer
-) -> None:
+def test_loaded_model_is_in_eval_mode_with_exactly_the_official_keys(tmp_path: Path, c2i_model: Transformer) -> None:
     save_checkpoint(c2i_model, tmp_path / "ckpt.pt")
     loaded = load_gpt(tmp_path / "ckpt.pt", model=tiny_args(), device="cpu")
     assert not loaded.training
@@ -89,9 +97,7 @@ def test_missing_key_is_an_error_naming_the_key(tmp_path: Path, c2i_model: Trans
         load_gpt(tmp_path / "ckpt.pt", model=tiny_args(), device="cpu")
 
 
-def test_misshaped_key_is_an_error_naming_the_key_and_both_shapes(
-    tmp_path: Path, c2i_model: Transformer
-) -> None:
+def test_misshaped_key_is_an_error_naming_the_key_and_both_shapes(tmp_path: Path, c2i_model: Transformer) -> None:
     state = official_state(c2i_model)
     state["cls_embedding.embedding_table.weight"] = torch.zeros(10, 32)
     torch.save(state, tmp_path / "ckpt.pt")
