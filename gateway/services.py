@@ -43,6 +43,7 @@ from generator.pipeline import PipelineContext, strictest, transition
 from generator.registry import UnknownModelError
 from policies.classifiers.base import UnavailableClassifier
 from policies.loader import LoadedPolicy, PolicyError, load_policy_text
+from policies.replay import HistoryItem, replay
 from policies.runtime import Context
 
 
@@ -181,7 +182,7 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
                              "params": params, "seed": params["seed"], "policy_revision": revision})
             append_event(session, action="prompt.screened", key_id=principal.key_id, team=principal.team,
                          job_id=job.id, payload={"policy_revision": revision, "action": action,
-                                                 "screenings": screenings, "context": _context_dict(context)})
+                                                 "screenings": screenings, "context": context.to_dict()})
             if action == "block":
                 job.error = "the prompt was blocked by the content policy"
                 transition(session, job, "blocked", "prompt blocked by policy")
@@ -202,10 +203,6 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
     if job.status == "queued":
         _dispatch(state, job.id)
     return job
-
-
-def _context_dict(context: Context) -> dict[str, Any]:
-    return {"team": context.team, "model": context.model, "use": context.use}
 
 
 def _dispatch(state: GatewayState, job_id: str) -> None:
@@ -267,7 +264,7 @@ def moderate(*, state: GatewayState, principal: Principal, request: ModerationCr
                                  team=principal.team, payload={
                                      "request_id": request_id, "prompt": stored_prompt, "model": card.name,
                                      "policy_revision": runtime.revision, "action": action,
-                                     "screenings": screenings, "context": _context_dict(context)})
+                                     "screenings": screenings, "context": context.to_dict()})
             event_id = event.id
     except Exception as exc:
         raise ServiceUnavailable(f"the audit log is unavailable: {exc}") from exc
@@ -507,3 +504,24 @@ def requeue_stale_jobs(*, state: GatewayState, now: datetime | None = None) -> l
     for job_id in ids:
         state.dispatcher.submit(job_id)
     return ids
+
+
+REPLAYABLE = ("prompt.screened", "moderation.screened", "output.screened")
+
+
+def dry_run_policy(*, state: GatewayState, principal: Principal, source: str, limit: int) -> dict[str, Any]:
+    """Replay a candidate policy over the most recent stored decisions: what would change, by rule."""
+    principal.require("policy_admin", "auditor")
+    candidate = _parse_policy(source)
+
+    def history() -> Iterator[HistoryItem]:
+        with state.ctx.sessions() as session:
+            events = session.scalars(select(AuditEvent).where(AuditEvent.action.in_(REPLAYABLE))
+                                     .order_by(AuditEvent.seq.desc()).limit(limit))
+            for event in events:
+                context = event.payload.get("context") or {"team": event.team}
+                for n, screening in enumerate(event.payload.get("screenings", [])):
+                    yield HistoryItem.from_dict({**screening, "context": context}, default_id=f"{event.id}#{n}")
+
+    report = replay(candidate, history())
+    return {**report.to_dict(), "summary": report.summary()}

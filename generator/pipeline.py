@@ -248,7 +248,7 @@ def _release(ctx: PipelineContext, job: Job, model: LoadedModel, output: Any, sa
             return  # another delivery finished it first: idempotent
         append_event(session, action="output.screened", key_id=row.key_id, team=row.team, job_id=row.id,
                      payload={"policy_revision": row.policy_revision, "screenings": output_decisions,
-                              "action": worst})
+                              "action": worst, "context": context.to_dict()})
         for item in released:
             append_event(session, event_id=item["event_id"], action="image.released", key_id=row.key_id,
                          team=row.team, job_id=row.id,
