@@ -28,7 +28,7 @@ IGNORED_KEY_PARTS = (".kv_cache.",)
 FOREIGN_PREFIXES = ("module.", "_orig_mod.")
 
 
-class CheckpointError(Exception):
+class CheckpointError(ValueError):
     """A checkpoint file cannot be read or does not match the architecture it is loaded into."""
 
 
