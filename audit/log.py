@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+import weakref
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -14,6 +15,7 @@ from audit.chain import event_hash, normalise
 from audit.models import AuditEvent, ChainHead
 
 HEAD_ROW_ID = 1
+_HEAD_KEY = "audit.locked_chain_head"
 
 
 class AuditLogError(Exception):
@@ -25,17 +27,27 @@ def lock_chain_head(session: Session) -> ChainHead:
 
     PostgreSQL: SELECT ... FOR UPDATE on the single head row. SQLite has no row locks: a no-op UPDATE of
     the head row first takes the database write lock (pysqlite begins the transaction before DML), so the
-    read that follows cannot race another writer.
+    read that follows cannot race another writer. Once locked, later appends in the same transaction reuse
+    the head without a round trip, so their inserts are flushed together at commit.
     """
+    held = session.info.get(_HEAD_KEY)
+    if held is not None and session.get_nested_transaction() is None:
+        transaction_ref, head = held
+        root = session.get_transaction()
+        if root is not None and transaction_ref() is root and root.is_active and head in session:
+            return head
     if session.get_bind().dialect.name == "sqlite":
         session.execute(update(ChainHead).where(ChainHead.id == HEAD_ROW_ID).values(seq=ChainHead.seq))
-    head = session.scalars(
-        select(ChainHead).where(ChainHead.id == HEAD_ROW_ID).with_for_update().execution_options(
-            populate_existing=True
-        )
-    ).one_or_none()
+    query = select(ChainHead).where(ChainHead.id == HEAD_ROW_ID).with_for_update()
+    head = session.scalars(query.execution_options(populate_existing=True)).one_or_none()
     if head is None:
         raise AuditLogError("the chain_head row is missing: run `llamagen-gateway migrate` on this database")
+    root = session.get_transaction()
+    if root is not None and session.get_nested_transaction() is None:
+        # A lock taken inside a savepoint is released if the savepoint rolls back: only remember root locks.
+        session.info[_HEAD_KEY] = (weakref.ref(root), head)
+    else:
+        session.info.pop(_HEAD_KEY, None)
     return head
 
 
@@ -52,7 +64,8 @@ def append_event(
     """Append one event to the chain inside the caller's transaction (the caller commits).
 
     The head stays locked until that commit, so concurrent writers queue instead of forking the chain.
-    The payload is stored exactly as it is hashed (canonical JSON round trip).
+    The payload is stored exactly as it is hashed (canonical JSON round trip). The event is pending in the
+    session: it is inserted at the next flush (any query, or the commit), together with its neighbours.
     """
     if not action:
         raise AuditLogError("an audit event needs an action")
@@ -74,5 +87,4 @@ def append_event(
     session.add(event)
     head.seq = event.seq
     head.hash = event.hash
-    session.flush()
     return event

@@ -32,25 +32,21 @@ def append(sessions: sessionmaker[Session], n: int = 1, **overrides: Any) -> lis
     return events
 
 
-def writer(url: str, worker: int, count: int) -> None:
-    """A separate process appending `count` events, one transaction each."""
+def writer(url: str, worker: int, count: int, per_commit: int) -> None:
+    """A separate process appending `count` events, `per_commit` per transaction."""
     engine = make_engine(url)
     sessions = make_session_factory(engine)
-    for i in range(count):
+    for first in range(0, count, per_commit):
         with sessions() as session, session.begin():
-            append_event(
-                session,
-                action="bench.append",
-                key_id=f"worker-{worker}",
-                team="load",
-                payload={"worker": worker, "i": i},
-            )
+            for i in range(first, first + per_commit):
+                payload = {"worker": worker, "i": i}
+                append_event(session, action="load.append", key_id=f"worker-{worker}", team="load", payload=payload)
     engine.dispose()
 
 
-def run_writers(url: str, processes: int, count: int) -> None:
+def run_writers(url: str, processes: int, count: int, per_commit: int = 1) -> None:
     ctx = multiprocessing.get_context("fork")
-    workers = [ctx.Process(target=writer, args=(url, w, count)) for w in range(processes)]
+    workers = [ctx.Process(target=writer, args=(url, w, count, per_commit)) for w in range(processes)]
     for process in workers:
         process.start()
     for process in workers:
@@ -112,6 +108,26 @@ def test_append_event_in_a_rolled_back_transaction_leaves_no_gap(session_factory
     assert event.seq == 2
 
 
+def test_appends_after_a_rolled_back_savepoint_continue_the_chain(session_factory: Any) -> None:
+    with session_factory() as session, session.begin():
+        append_event(session, action="x.first", key_id="k", team="t", payload={})
+        savepoint = session.begin_nested()
+        append_event(session, action="x.discarded", key_id="k", team="t", payload={})
+        savepoint.rollback()
+        last = append_event(session, action="x.second", key_id="k", team="t", payload={})
+    with session_factory() as session:
+        report = verify_database(session)
+        actions = list(session.scalars(select(AuditEvent.action).order_by(AuditEvent.seq)))
+    assert report.ok and last.seq == 2 and actions == ["x.first", "x.second"]
+
+
+def test_many_appends_in_one_transaction_are_numbered_in_order(session_factory: Any) -> None:
+    events = append(session_factory, 25)
+    assert [e.seq for e in events] == list(range(1, 26))
+    with session_factory() as session:
+        assert verify_database(session).count == 25
+
+
 def test_append_event_refuses_a_payload_that_is_not_json(session_factory: Any) -> None:
     with pytest.raises(ValueError, match="set is not JSON"):
         append(session_factory, payload={"tags": {"a"}})
@@ -139,8 +155,11 @@ def test_concurrent_sqlite_writer_processes_never_fork_the_chain(sqlite_url: str
 
 
 @pytest.mark.services
-def test_concurrent_postgres_writer_processes_never_fork_the_chain(pg_url: str, pg_session_factory: Any) -> None:
-    run_writers(pg_url, processes=4, count=50)
+@pytest.mark.parametrize("per_commit", [1, 5])
+def test_concurrent_postgres_writer_processes_never_fork_the_chain(
+    pg_url: str, pg_session_factory: Any, per_commit: int
+) -> None:
+    run_writers(pg_url, processes=4, count=50, per_commit=per_commit)
     with pg_session_factory() as session:
         report = verify_database(session)
         writers = set(session.scalars(select(AuditEvent.key_id)))
