@@ -1,0 +1,193 @@
+"""Model registry: card schema, content hash, checksum-verified cached loading, batched generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from generator.demo.cards import official_cards, write_card
+from generator.llamagen import ModelArgs, VQArgs, build_gpt, build_vq, save_checkpoint, sha256_file
+from generator.registry import (
+    ChecksumMismatchError,
+    GenRequest,
+    ModelCard,
+    Registry,
+    RegistryError,
+    UnknownModelError,
+    read_card,
+)
+
+VQ = {"codebook_size": 32, "codebook_embed_dim": 4, "ch": 32, "ch_mult": [1, 1], "z_channels": 32,
+      "num_res_blocks": 1}
+GPT = {"dim": 32, "n_layer": 1, "n_head": 2, "multiple_of": 16, "vocab_size": 32, "block_size": 16,
+       "num_classes": 4}
+
+
+def card_data(gpt_sha: str | None, vq_sha: str | None, **changes: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "name": "tiny-c2i",
+        "version": "1",
+        "task": "c2i",
+        "architecture": {"gpt": GPT, "vq": VQ, "image_size": 8},
+        "checkpoints": {"gpt": {"path": "tiny/gpt.pt", "sha256": gpt_sha}, "vq": {"path": "tiny/vq.pt", "sha256": vq_sha}},
+        "licence": "MIT",
+        "intended_use": "tests",
+        "defaults": {"cfg_scale": 2.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0},
+        "class_names": ["a", "b", "c", "d"],
+        "lineage": [{"stage": "c2i", "dataset": {"name": "toy", "caption_source": "programmatic", "seed": 1}}],
+    }
+    data.update(changes)
+    return data
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path) -> Path:
+    """A models dir with one servable tiny c2i card (random weights) and the official cards."""
+    torch.manual_seed(0)
+    (tmp_path / "tiny").mkdir()
+    gpt = build_gpt(ModelArgs(**GPT, task="c2i"), device="cpu")  # type: ignore[arg-type]
+    with torch.no_grad():
+        torch.nn.init.normal_(gpt.output.weight, std=1.0)  # official init zeroes the head: make sampling vary
+    save_checkpoint(gpt, tmp_path / "tiny" / "gpt.pt")
+    vq_args = VQArgs(**{**VQ, "ch_mult": tuple(VQ["ch_mult"])})  # type: ignore[arg-type]
+    save_checkpoint(build_vq(vq_args, device="cpu"), tmp_path / "tiny" / "vq.pt")
+    data = card_data(sha256_file(tmp_path / "tiny" / "gpt.pt"), sha256_file(tmp_path / "tiny" / "vq.pt"))
+    (tmp_path / "tiny-c2i.yaml").write_text(yaml.safe_dump(data))
+    for card in official_cards():
+        write_card(card, tmp_path / "official" / f"{card.name}.yaml")
+    Registry.clear_cache()
+    return tmp_path
+
+
+def test_cards_lists_every_card_under_the_models_dir_sorted_by_name(models_dir: Path) -> None:
+    names = [c.name for c in Registry(models_dir).cards()]
+    assert names == sorted(names) and "tiny-c2i" in names and "llamagen-t2i-xl-stage2-512" in names
+
+
+def test_get_unknown_model_names_the_known_ones(models_dir: Path) -> None:
+    with pytest.raises(UnknownModelError, match="no model card named 'nope'.*tiny-c2i"):
+        Registry(models_dir).get("nope")
+
+
+def test_content_hash_is_stable_and_changes_with_any_field(models_dir: Path) -> None:
+    card = Registry(models_dir).get("tiny-c2i")
+    same = ModelCard.model_validate(card.model_dump())
+    changed = ModelCard.model_validate({**card.model_dump(), "licence": "Apache-2.0"})
+    assert card.content_hash == same.content_hash != changed.content_hash
+    assert card.content_hash.startswith("sha256:") and len(card.content_hash) == 7 + 64
+
+
+def test_unknown_card_field_is_rejected_naming_file_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    data = card_data(None, None)
+    data["lineage"][0]["dataset"]["captions"] = "yes"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RegistryError, match=r"bad.yaml.*lineage\.0\.dataset\.captions"):
+        read_card(path)
+
+
+def test_unknown_caption_source_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    data = card_data(None, None)
+    data["lineage"][0]["dataset"]["caption_source"] = "crowd"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RegistryError, match="caption_source"):
+        read_card(path)
+
+
+def test_t2i_card_without_text_encoder_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(card_data(None, None, task="t2i", class_names=None)))
+    with pytest.raises(RegistryError, match="text_encoder"):
+        read_card(path)
+
+
+def test_duplicate_card_names_are_an_error(models_dir: Path) -> None:
+    (models_dir / "copy.yaml").write_text((models_dir / "tiny-c2i.yaml").read_text())
+    with pytest.raises(RegistryError, match="'tiny-c2i' is also used"):
+        Registry(models_dir).cards()
+
+
+def test_public_view_is_json_safe_and_carries_hash_and_servability(models_dir: Path) -> None:
+    import json
+
+    public = Registry(models_dir).get("tiny-c2i").public()
+    assert json.loads(json.dumps(public))["servable"] is True
+    assert public["content_hash"] == Registry(models_dir).get("tiny-c2i").content_hash
+
+
+def test_official_cards_carry_their_published_lineage(models_dir: Path) -> None:
+    stage2 = Registry(models_dir).get("llamagen-t2i-xl-stage2-512")
+    stages = {s.stage: s.dataset for s in stage2.lineage}
+    assert stages["stage1"].caption_source == "synthetic" and stages["stage1"].resolution == 256
+    assert "BLIP" in (stages["stage1"].captioning_model or "")
+    assert any("Re-LAION" in a for a in stages["stage1"].advisories)
+    assert stages["stage2"].captioning_model == "LLaVA" and stages["stage2"].resolution == 512
+    assert stage2.architecture.text_encoder is not None and stage2.architecture.text_encoder.kind == "t5"
+
+
+def test_official_card_without_pinned_digest_is_not_servable_and_refuses_to_load(models_dir: Path) -> None:
+    registry = Registry(models_dir)
+    assert not registry.get("llamagen-c2i-b-256").servable
+    with pytest.raises(RegistryError, match="no pinned sha256"):
+        registry.load("llamagen-c2i-b-256")
+
+
+def test_load_refuses_a_checkpoint_whose_sha256_differs_from_the_card(models_dir: Path) -> None:
+    with (models_dir / "tiny" / "vq.pt").open("ab") as fh:
+        fh.write(b"tampered")
+    with pytest.raises(ChecksumMismatchError, match="tiny/vq.pt has SHA-256"):
+        Registry(models_dir).load("tiny-c2i")
+
+
+def test_load_is_cached_per_process(models_dir: Path) -> None:
+    assert Registry(models_dir).load("tiny-c2i") is Registry(models_dir).load("tiny-c2i")
+
+
+def test_checkpoint_digests_are_the_pinned_ones(models_dir: Path) -> None:
+    card = Registry(models_dir).get("tiny-c2i")
+    assert card.checkpoint_digests() == {"gpt": sha256_file(models_dir / "tiny" / "gpt.pt"),
+                                         "vq": sha256_file(models_dir / "tiny" / "vq.pt")}
+
+
+def test_generate_returns_num_images_per_request_with_token_counts(models_dir: Path) -> None:
+    model = Registry(models_dir).load("tiny-c2i")
+    outputs = model.generate([GenRequest(class_id=1, seed=3, num_images=2), GenRequest(class_id=2, seed=4)])
+    assert [len(o.images) for o in outputs] == [2, 1]
+    assert [o.tokens for o in outputs] == [2 * 16, 16]
+    assert outputs[0].images[0].size == (8, 8) and all(o.device_seconds > 0 for o in outputs)
+
+
+def test_batched_requests_give_the_same_images_as_each_request_alone(models_dir: Path) -> None:
+    model = Registry(models_dir).load("tiny-c2i")
+    requests = [GenRequest(class_id=0, seed=11, num_images=2), GenRequest(class_id=3, seed=5)]
+    batched = model.generate(requests)
+    alone = [model.generate([r])[0] for r in requests]
+    for b, a in zip(batched, alone, strict=True):
+        assert [im.tobytes() for im in b.images] == [im.tobytes() for im in a.images]
+
+
+def test_image_i_of_a_request_uses_seed_plus_i(models_dir: Path) -> None:
+    model = Registry(models_dir).load("tiny-c2i")
+    (pair,) = model.generate([GenRequest(class_id=1, seed=20, num_images=2)])
+    (second,) = model.generate([GenRequest(class_id=1, seed=21)])
+    assert pair.images[1].tobytes() == second.images[0].tobytes()
+
+
+def test_class_conditional_model_rejects_a_prompt(models_dir: Path) -> None:
+    with pytest.raises(ValueError, match="class-conditional"):
+        Registry(models_dir).load("tiny-c2i").generate([GenRequest(prompt="a cat", seed=0)])
+
+
+def test_class_id_outside_the_card_classes_is_rejected(models_dir: Path) -> None:
+    with pytest.raises(ValueError, match="class_id 4 is outside 0..3"):
+        Registry(models_dir).load("tiny-c2i").generate([GenRequest(class_id=4, seed=0)])
+
+
+def test_sampling_params_fill_missing_job_params_from_card_defaults(models_dir: Path) -> None:
+    params = Registry(models_dir).load("tiny-c2i").sampling_params({"temperature": 0.5, "seed": 3})
+    assert (params.cfg_scale, params.temperature, params.top_k) == (2.0, 0.5, 0)
