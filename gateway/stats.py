@@ -7,6 +7,7 @@ pagination on the `seq` primary key with LIMIT for the explorer.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -210,8 +211,11 @@ class EventFilters:
                              AuditEvent.payload["context"]["model"].as_string() == self.model))
         payload_text = cast(AuditEvent.payload, Text)
         if self.rule:
-            # Reasons are stored as {"rule_id": "<id>", ...}; both backends keep json.dumps' ": " spacing.
-            where.append(payload_text.contains(f'"rule_id": "{self.rule}"', autoescape=True))
+            # A reason is stored as {"rule_id": "<id>", ...}: compact when the engine writes canonical JSON,
+            # with json.dumps' default spacing otherwise.
+            rule = json.dumps(self.rule)
+            where.append(or_(payload_text.contains(f'"rule_id":{rule}', autoescape=True),
+                             payload_text.contains(f'"rule_id": {rule}', autoescape=True)))
         if self.text:
             needle = self.text.strip()
             where.append(or_(AuditEvent.id == needle, AuditEvent.job_id == needle,
