@@ -207,4 +207,6 @@ def load_vq(
         vq = VQModel(args)
     check_state_dict(vq, state, source)
     _materialise(vq, state, dev, dtype)
+    if dev.type == "cpu":
+        vq.use_channels_last()
     return vq.eval()

@@ -293,7 +293,8 @@ class VQModel(nn.Module):
         if img.ndim != 4 or img.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(img.shape)}")
         dtype = self.quant_conv.weight.dtype
-        z = self.quant_conv(self.encoder(img.to(dtype)))  # (B, e, h, w)
+        img = img.to(dtype).contiguous(memory_format=self._memory_format())
+        z = self.quant_conv(self.encoder(img))  # (B, e, h, w)
         B, e, h, w = z.shape
         idx = self.quantize.nearest(z.permute(0, 2, 3, 1).reshape(-1, e).float())
         return idx.view(B, h * w)
@@ -316,8 +317,19 @@ class VQModel(nn.Module):
         if int(ids.min()) < 0 or int(ids.max()) >= self.args.codebook_size:
             raise ValueError(f"code ids must lie in [0, {self.args.codebook_size})")
         z_q = self.quantize.codebook()[ids.reshape(B, h, w).long()]  # (B, h, w, e)
-        z_q = z_q.permute(0, 3, 1, 2).contiguous()  # (B, e, h, w)
-        return self.decoder(self.post_quant_conv(z_q)).float()
+        z_q = z_q.permute(0, 3, 1, 2).contiguous(memory_format=self._memory_format())  # (B, e, h, w)
+        return self.decoder(self.post_quant_conv(z_q)).float().contiguous()
+
+    def _memory_format(self) -> torch.memory_format:
+        w = self.post_quant_conv.weight
+        return torch.channels_last if w.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+    def use_channels_last(self) -> None:
+        """Keep activations and conv weights NHWC: oneDNN's CPU convolutions then skip layout reorders.
+
+        Shapes, values and state_dict keys are unchanged; only the memory layout differs.
+        """
+        self.to(memory_format=torch.channels_last)
 
 
 def to_uint8(images: Tensor) -> Tensor:

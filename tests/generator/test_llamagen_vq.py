@@ -91,3 +91,12 @@ def test_presets_downsample_by_16_and_8() -> None:
 def test_to_uint8_uses_the_official_clamped_floor_mapping() -> None:
     x = torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
     assert to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255, 255]
+
+
+def test_channels_last_layout_keeps_decoded_images_and_codes(tiny_vq: VQModel) -> None:
+    ids = torch.randint(0, 64, (2, 16))
+    images = tiny_vq.decode_codes(ids, grid=(4, 4))
+    codes = tiny_vq.encode(images)
+    tiny_vq.use_channels_last()
+    assert torch.allclose(tiny_vq.decode_codes(ids, grid=(4, 4)), images, atol=1e-5)
+    assert torch.equal(tiny_vq.encode(images), codes)

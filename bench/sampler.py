@@ -1,0 +1,141 @@
+"""LlamaGen sampler and VQ decode throughput on random weights, against the official eager sampler.
+
+Usage: python -m bench.sampler [--threads 2] [--tokens 256] [--batches 1 8] [--dtypes fp32 bf16]
+
+Prints tokens/s and ms/step for GPT-B c2i (CFG 4.0, top-k 2000), the weight bandwidth each decode step
+achieves next to a measured memory-copy bandwidth (the roofline of batch-1 decode), and the VQ-16 decode
+time of one 256x256 image. Reference figures: the official code on the 2-core CPU machine (llamagen.md s12).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from generator.llamagen import ModelArgs, VQArgs, build_gpt, build_vq, configure_runtime
+from generator.llamagen.model import Transformer
+
+# Official eager sampler, fp32, 2 threads, GPT-B, 256 tokens, CFG 4.0, top-k 2000 (llamagen.md section 12).
+REFERENCE_TOK_S = {1: 14.6, 8: 67.0}
+REFERENCE_VQ_DECODE_S = 1.3
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Best observed memory-copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_weight_bytes(model: Transformer) -> int:
+    """Bytes of weights one decode step reads: every layer, the final norm and the output head."""
+    read = [model.layers, model.norm, model.output]
+    return sum(p.numel() * p.element_size() for m in read for p in m.parameters())
+
+
+def random_gpt(device: torch.device, dtype: torch.dtype) -> Transformer:
+    model = build_gpt(ModelArgs.from_name("GPT-B"), device=device)
+    with torch.no_grad():  # the official zero-initialised head gives uniform logits; use a realistic one
+        torch.nn.init.normal_(model.output.weight, std=0.02)
+    model = model.to(dtype).eval()
+    model.use_streaming_layout()  # what load_gpt does
+    return model
+
+
+def time_generate(model: Transformer, batch: int, tokens: int, compile: bool) -> tuple[float, torch.Tensor]:
+    device = model.tok_embeddings.weight.device
+    labels = torch.arange(batch, device=device) * 97 % 1000
+    kwargs = dict(cfg_scale=4.0, top_k=2000, seed=list(range(batch)), compile=compile)
+    model.generate(labels, tokens, **kwargs)  # warm-up (and compilation)
+    _sync(device)
+    t0 = time.perf_counter()
+    ids = model.generate(labels, tokens, **kwargs)
+    _sync(device)
+    return time.perf_counter() - t0, ids
+
+
+def greedy_matches_teacher_forcing(model: Transformer, tokens: int) -> bool:
+    """Cached greedy decoding (CFG off) equals the arg-max of the full forward at every position."""
+    labels = torch.tensor([207], device=model.tok_embeddings.weight.device)
+    ids = model.generate(labels, tokens, cfg_scale=1.0, top_k=1, seed=0)
+    logits = model.forward_logits(labels, ids[:, :-1])
+    return bool((logits.argmax(-1) == ids).all())
+
+
+def time_vq_decode(device: torch.device, repeats: int = 2) -> float:
+    vq = build_vq(VQArgs.from_name("VQ-16"), device=device).eval()
+    if device.type == "cpu":
+        vq.use_channels_last()  # what load_vq does
+    codes = torch.randint(0, 16384, (1, 256), device=device)
+    vq.decode_codes(codes, grid=(16, 16))
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        vq.decode_codes(codes, grid=(16, 16))
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (the reference used 2)")
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    parser.add_argument("--compile", action="store_true", help="static CUDA-graph decode (CUDA only)")
+    parser.add_argument("--skip-vq", action="store_true")
+    args = parser.parse_args()
+
+    device = configure_runtime(num_threads=args.threads, allow_tf32=False)
+    torch.manual_seed(0)
+    bw = copy_bandwidth(device)
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"memory copy bandwidth: {bw / 1e9:.1f} GB/s (read + write)")
+    print("GPT-B c2i, random weights, CFG 4.0, top-k 2000, per-row seeds")
+    header = "dtype batch  tok/s  ms/step  weights/step  weight GB/s  roofline ms  x roofline  vs official"
+    print(header)
+    for name in args.dtypes:
+        model = random_gpt(device, DTYPES[name])
+        if name == "fp32":
+            print(f"  fp32 greedy cached == teacher-forced arg-max: {greedy_matches_teacher_forcing(model, 64)}")
+        weight_bytes = decode_weight_bytes(model)
+        for batch in args.batches:
+            seconds, _ = time_generate(model, batch, args.tokens, args.compile)
+            step_ms = 1e3 * seconds / args.tokens
+            roofline_ms = 1e3 * weight_bytes / (bw / 2)  # a step must at least read every weight once
+            ref = REFERENCE_TOK_S.get(batch) if name == "fp32" else None
+            tok_s = batch * args.tokens / seconds
+            vs = f"{tok_s / ref:.2f}x" if ref else "-"
+            print(
+                f"{name:>5} {batch:5d} {tok_s:6.1f} {step_ms:8.1f} {weight_bytes / 1e6:10.0f} MB"
+                f" {weight_bytes / (step_ms / 1e3) / 1e9:11.1f} {roofline_ms:11.1f} {step_ms / roofline_ms:10.2f}"
+                f"  {vs:>10}"
+            )
+        del model
+    if not args.skip_vq:
+        vq_s = time_vq_decode(device)
+        print(
+            f"VQ-16 decode 256x256: {vq_s:.2f} s (official {REFERENCE_VQ_DECODE_S} s: "
+            f"{REFERENCE_VQ_DECODE_S / vq_s:.2f}x)"
+        )
+
+
+if __name__ == "__main__":
+    main()
