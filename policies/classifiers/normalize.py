@@ -55,14 +55,19 @@ def _deleet(token: str) -> str:
     return token
 
 
-def _join_spaced_letters(tokens: list[str]) -> list[str]:
-    """Collapse runs of 3+ single characters ("n u d e") into one token."""
+def _join_spaced_letters(tokens: list[str], keep_article: bool) -> list[str]:
+    """Collapse runs of 3+ single characters ("n u d e") into one token.
+
+    With `keep_article`, a run's leading "a" or "i" stays a word of its own ("a n u d e" -> "a nude").
+    """
     out: list[str] = []
     run: list[str] = []
     for token in tokens + [""]:
         if len(token) == 1:
             run.append(token)
             continue
+        if keep_article and len(run) >= 4 and run[0] in ("a", "i"):
+            out.append(run.pop(0))
         if len(run) >= 3:
             out.append("".join(run))
         else:
@@ -77,7 +82,8 @@ def variants(text: str) -> tuple[str, ...]:
     """Normalised spellings of `text`, each a space-separated string of [a-z0-9] words."""
     folded = fold(text)
     plain = _SPACES.sub(" ", _NON_WORD.sub(" ", folded)).strip()
-    tokens = [_NON_WORD.sub("", _deleet(token)) for token in folded.split()]
-    decoded = " ".join(_join_spaced_letters([t for t in tokens if t]))
-    spaced = " ".join(_join_spaced_letters(plain.split()))
-    return tuple(dict.fromkeys((plain, decoded, spaced)))
+    decoded = [t for t in (_NON_WORD.sub("", _deleet(token)) for token in folded.split()) if t]
+    spellings = [plain]
+    for tokens in (decoded, plain.split()):
+        spellings += [" ".join(_join_spaced_letters(tokens, keep)) for keep in (False, True)]
+    return tuple(dict.fromkeys(spellings))

@@ -1,0 +1,122 @@
+"""Real classifiers on tiny local models: MiniLM (bundled), Detoxify format, open_clip. Nothing downloads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from policies.classifiers.base import ClassifierError, file_sha256
+from policies.classifiers.image_concepts import ImageConceptClassifier
+from policies.classifiers.semantic import SemanticClassifier, load_minilm
+from policies.classifiers.toxicity import DetoxifyClassifier
+from policies.decisions import Context
+from policies.runtime import PolicyRuntime
+from policies.schema import ClipModel, DetoxifyModel, ImageConcept, SemanticCategory
+
+from .conftest import DETOXIFY_CLASSES, policy
+
+
+def detox_spec(root: Path, sha256: str | None = None) -> DetoxifyModel:
+    return DetoxifyModel(variant="original", checkpoint="detox/tiny.ckpt", config_dir="detox/bert",
+                         sha256=sha256 or file_sha256(root / "detox" / "tiny.ckpt"))
+
+
+def test_minilm_ranks_a_paraphrase_above_an_unrelated_prompt() -> None:
+    category = SemanticCategory(id="violence", action="review", threshold=0.5,
+                                exemplars=["a man stabbing another man with a knife"])
+    classifier = SemanticClassifier([category], load_minilm("cpu"))
+    near, far = classifier.score(["a man stabbing a stranger with a knife in a dark alley",
+                                  "a bowl of fruit on a table"])
+    assert near["violence"] > far["violence"] + 0.3
+    assert classifier.version.startswith("sha256:")
+
+
+def test_detoxify_checkpoint_scores_every_label_offline(tiny_detoxify_dir: Path) -> None:
+    classifier = DetoxifyClassifier(detox_spec(tiny_detoxify_dir), tiny_detoxify_dir)
+    (scores,) = classifier.score(["you are a wonderful person"])
+    expected = {"toxicity", "severe_toxicity", "obscene", "threat", "insult", "identity_attack"}
+    assert set(scores) == expected and len(DETOXIFY_CLASSES) == len(expected)
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+def test_detoxify_refuses_a_checkpoint_whose_hash_differs_from_the_pin(tiny_detoxify_dir: Path) -> None:
+    with pytest.raises(ClassifierError, match="refusing to unpickle"):
+        DetoxifyClassifier(detox_spec(tiny_detoxify_dir, sha256="0" * 64), tiny_detoxify_dir)
+
+
+def test_detoxify_truncates_prompts_longer_than_the_model_reads(tiny_detoxify_dir: Path) -> None:
+    classifier = DetoxifyClassifier(detox_spec(tiny_detoxify_dir), tiny_detoxify_dir)
+    assert len(classifier.score(["word " * 500])) == 1
+
+
+def test_toxicity_rules_act_through_the_runtime(tiny_detoxify_dir: Path) -> None:
+    sha = file_sha256(tiny_detoxify_dir / "detox" / "tiny.ckpt")
+    loaded = policy(f"""
+    id: tox
+    version: "1"
+    prompt:
+      toxicity:
+        model: {{variant: original, checkpoint: detox/tiny.ckpt, config_dir: detox/bert, sha256: "{sha}"}}
+        rules: [{{id: any_toxicity, label: toxicity, threshold: 0.0, action: review}}]
+    """)
+    screening = PolicyRuntime(loaded, tiny_detoxify_dir).screen_prompt("hello", Context())
+    assert screening.decision.rule_ids == ["any_toxicity"]
+
+
+def clip_spec() -> ClipModel:
+    return ClipModel(architecture="tinyclip", config="tiny/tinyclip.json", weights="tiny/tinyclip.pt")
+
+
+def concepts(threshold: float) -> list[ImageConcept]:
+    return [ImageConcept(id="red_star", name="red star", action="flag", threshold=threshold,
+                         prompts=["a red star", "a red star on white"]),
+            ImageConcept(id="blue", name="blue", action="block", threshold=threshold, prompts=["a blue circle"])]
+
+
+def test_image_concepts_give_a_raw_cosine_per_concept(tiny_clip_dir: Path) -> None:
+    classifier = ImageConceptClassifier(concepts(0.3), clip_spec(), tiny_clip_dir)
+    red, blue = classifier.score([Image.new("RGB", (40, 40), "red"), Image.new("RGB", (32, 32), "blue")])
+    assert set(red) == {"red_star", "blue"}
+    assert all(-1.0 <= v <= 1.0 for v in red.values()) and red != blue
+    assert classifier.version == "sha256:" + file_sha256(tiny_clip_dir / "tiny" / "tinyclip.pt")
+
+
+def test_image_concept_fires_when_cosine_reaches_its_threshold(tiny_clip_dir: Path) -> None:
+    image = Image.new("RGB", (32, 32), "red")
+    (scores,) = ImageConceptClassifier(concepts(0.3), clip_spec(), tiny_clip_dir).score([image])
+    loaded = policy(f"""
+    id: clip
+    version: "1"
+    output:
+      image_concepts:
+        model: {{architecture: tinyclip, config: tiny/tinyclip.json, weights: tiny/tinyclip.pt}}
+        concepts:
+          - {{id: red_star, name: red star, action: flag, threshold: {scores['red_star']}, prompts: [a red star,
+              a red star on white]}}
+    """)
+    (screening,) = PolicyRuntime(loaded, tiny_clip_dir).screen_images([image], Context())
+    assert screening.decision.action == "flag" and screening.decision.rule_ids == ["red_star"]
+
+
+def test_clip_weights_with_a_different_pinned_hash_are_refused(tiny_clip_dir: Path) -> None:
+    spec = ClipModel(architecture="tinyclip", config="tiny/tinyclip.json", weights="tiny/tinyclip.pt",
+                     sha256="0" * 64)
+    with pytest.raises(ClassifierError, match="pins"):
+        ImageConceptClassifier(concepts(0.3), spec, tiny_clip_dir)
+
+
+def test_clip_is_loaded_once_per_weights_hash(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_clip_dir / "tiny", copy)
+    a = ImageConceptClassifier(concepts(0.3), clip_spec(), tiny_clip_dir)
+    b = ImageConceptClassifier(concepts(0.3), clip_spec(), tmp_path)
+    assert a._clip is b._clip
+
+
+def test_tiny_clip_config_is_a_valid_open_clip_config(tiny_clip_dir: Path) -> None:
+    config = json.loads((tiny_clip_dir / "tiny" / "tinyclip.json").read_text())
+    assert {"embed_dim", "vision_cfg", "text_cfg"} <= set(config)

@@ -1,0 +1,108 @@
+"""policies/runtime.py: classifiers loaded once per revision, screenings for the audit log, fail closed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from policies.decisions import Context
+from policies.runtime import PolicyRuntime
+
+from .conftest import BASE_POLICY, FakeClassifier, FakeEncoder, policy
+
+CTX = Context(team=None, model="demo")
+
+
+def fake_semantic(text: str) -> dict[str, float]:
+    return {"violence": 0.9 if "stab" in text else 0.1, "lenient": 0.0}
+
+
+def runtime(text: str = BASE_POLICY, models_dir: Path = Path("models"), **sections: str) -> PolicyRuntime:
+    return PolicyRuntime(policy(text, **sections), models_dir,
+                         classifiers={"semantic": FakeClassifier("semantic", fake_semantic)})
+
+
+def test_screen_prompt_runs_every_text_classifier_and_records_them() -> None:
+    screening = runtime().screen_prompt("a zombie stabbing a man", CTX)
+    assert [r.name for r in screening.results] == ["length", "lexical", "semantic"]
+    assert screening.decision.action == "review"
+    assert set(screening.decision.rule_ids) == {"horror", "violence"}
+
+
+def test_screening_dict_is_json_safe_and_names_classifier_versions() -> None:
+    data = json.loads(json.dumps(runtime().screen_prompt("a naked man", CTX).to_dict()))
+    assert data["decision"]["action"] == "block"
+    assert data["stage"] == "prompt"
+    assert {r["name"]: r["version"] for r in data["results"]}["semantic"] == "fake-1"
+    assert all("latency_ms" in r and "error" in r for r in data["results"])
+
+
+def test_screen_prompts_runs_each_classifier_once_per_batch() -> None:
+    semantic = FakeClassifier("semantic", fake_semantic)
+    rt = PolicyRuntime(policy(), Path("models"), classifiers={"semantic": semantic})
+    screenings = rt.screen_prompts(["a cat", "a naked man", "a stabbing"], CTX)
+    assert [s.decision.action for s in screenings] == ["allow", "block", "review"]
+    assert semantic.calls == [3]
+
+
+def test_classifier_exception_becomes_a_recorded_error_and_blocks() -> None:
+    def broken(text: str) -> dict[str, float]:
+        raise RuntimeError("CUDA out of memory")
+
+    rt = PolicyRuntime(policy(), Path("models"), classifiers={"semantic": FakeClassifier("semantic", broken)})
+    screening = rt.screen_prompt("a cat", CTX)
+    assert screening.decision.action == "block"
+    assert screening.results[2].error == "RuntimeError: CUDA out of memory"
+
+
+def test_classifiers_are_built_once_per_revision(monkeypatch: object) -> None:
+    loaded = policy(BASE_POLICY.replace("  semantic:", "  unused_semantic:").split("  unused_semantic:")[0])
+    first = PolicyRuntime(loaded, Path("models"))
+    second = PolicyRuntime(loaded, Path("models"))
+    assert first.text_classifiers[1] is second.text_classifiers[1]
+
+
+def test_missing_clip_weights_block_images_with_a_message_naming_the_file(tmp_path: Path) -> None:
+    output = """
+    output:
+      image_concepts:
+        model: {architecture: tinyclip, config: tiny/tinyclip.json, weights: tiny/tinyclip.pt}
+        concepts:
+          - {id: red, name: red, action: flag, threshold: 0.3, prompts: [a red square]}
+    """
+    rt = runtime(models_dir=tmp_path, output=output)
+    (screening,) = rt.screen_images([Image.new("RGB", (32, 32), "red")], CTX)
+    assert screening.decision.action == "block"
+    assert "CLIP weights not found" in (screening.results[0].error or "")
+    assert "tiny/tinyclip.pt" in screening.decision.reasons[0].message
+
+
+def test_policy_without_output_rules_allows_images() -> None:
+    (screening,) = runtime().screen_images([Image.new("RGB", (8, 8))], CTX)
+    assert screening.decision.action == "allow" and screening.decision.stage == "output"
+
+
+def test_check_model_applies_the_allow_list() -> None:
+    rt = runtime(BASE_POLICY + "models:\n  allowed: [demo]\n")
+    assert rt.check_model(Context(model="demo")).decision.action == "allow"
+    assert rt.check_model(Context(model="other")).decision.action == "block"
+
+
+def test_prompt_storage_follows_the_team_when_it_is_more_private() -> None:
+    rt = runtime(BASE_POLICY + "audit: {prompt_storage: hashed}\nteams:\n  legal: {prompt_storage: redacted}\n")
+    assert rt.prompt_storage(CTX) == "hashed"
+    assert rt.prompt_storage(Context(team="legal")) == "redacted"
+
+
+def test_semantic_classifier_scores_best_exemplar_per_category() -> None:
+    from policies.classifiers.semantic import SemanticClassifier
+    from policies.schema import SemanticCategory
+
+    categories = [SemanticCategory(id="violence", action="review", threshold=0.5,
+                                   exemplars=["a man stabbing a man", "a bomb exploding"]),
+                  SemanticCategory(id="cats", action="flag", threshold=0.5, exemplars=["a sleeping cat"])]
+    encoder = FakeEncoder(["man", "stabbing", "bomb", "exploding", "sleeping", "cat"])
+    (scores,) = SemanticClassifier(categories, encoder).score(["bomb exploding"])
+    assert scores["violence"] > 0.99 and scores["cats"] < 0.01
