@@ -58,12 +58,11 @@ class ChangeExample:
     team: str | None
     before: str
     after: str
-    added_rules: tuple[str, ...]
-    removed_rules: tuple[str, ...]
+    rules: dict[str, str]  # rule id -> "its action before -> after" ("not fired" when absent)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "stage": self.stage, "team": self.team, "before": self.before, "after": self.after,
-                "added_rules": list(self.added_rules), "removed_rules": list(self.removed_rules)}
+                "rules": dict(self.rules)}
 
 
 @dataclass
@@ -108,16 +107,16 @@ def replay(candidate: LoadedPolicy, history: Iterable[HistoryItem],
         report.total += 1
         new = decide(candidate, item.results, item.context, item.stage, missing="skip")
         report.skipped_rules.update(new.skipped_rules)
-        before = {r.rule_id for r in item.decision.reasons}
-        after = {r.rule_id for r in new.reasons}
+        before = {r.rule_id: r.action for r in item.decision.reasons}
+        after = {r.rule_id: r.action for r in new.reasons}
         if new.action == item.decision.action and before == after:
             continue
         report.changed += 1
         report.transitions[f"{item.decision.action} -> {new.action}"] += 1
-        added, removed = tuple(sorted(after - before)), tuple(sorted(before - after))
-        example = ChangeExample(item.id, item.stage, item.context.team, item.decision.action, new.action,
-                                added, removed)
-        for rule in added + removed or ("(action only)",):
+        rules = {rule: f"{before.get(rule, 'not fired')} -> {after.get(rule, 'not fired')}"
+                 for rule in sorted(before.keys() | after.keys()) if before.get(rule) != after.get(rule)}
+        example = ChangeExample(item.id, item.stage, item.context.team, item.decision.action, new.action, rules)
+        for rule in rules:
             report.by_rule[rule] += 1
             bucket = report.examples.setdefault(rule, [])
             if len(bucket) < max_examples:

@@ -11,7 +11,6 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
 
 from policies.cases import cases_path_for, run_cases_file, summarise
 from policies.diff import diff_policies
@@ -50,60 +49,59 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     replay_cmd.set_defaults(func=cmd_replay)
 
 
-def _load(path: Path, err: TextIO) -> LoadedPolicy | None:
+def _load(path: Path) -> LoadedPolicy | None:
     try:
         return load_policy_file(path)
     except PolicyError as exc:
-        print(f"invalid policy:\n{exc}", file=err)
+        print(f"invalid policy:\n{exc}", file=sys.stderr)
         return None
 
 
-def cmd_validate(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    loaded = _load(args.file, err)
+def cmd_validate(args: argparse.Namespace) -> int:
+    loaded = _load(args.file)
     if loaded is None:
         return EXIT_POLICY
     policy = loaded.policy
-    print(f"{args.file}: ok: policy {policy.id!r} version {policy.version} revision {loaded.revision}", file=out)
+    print(f"{args.file}: ok: policy {policy.id!r} version {policy.version} revision {loaded.revision}")
     return EXIT_OK
 
 
-def cmd_test(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def cmd_test(args: argparse.Namespace) -> int:
     path: Path = args.file
     if path.name.endswith(".cases.yaml"):
         cases_path, policy_path = path, None
     else:
         cases_path, policy_path = args.cases or cases_path_for(path), path
     if not cases_path.is_file():
-        print(f"{cases_path}: no cases file (expected beside the policy as NAME.cases.yaml)", file=err)
+        print(f"{cases_path}: no cases file (expected beside the policy as NAME.cases.yaml)", file=sys.stderr)
         return EXIT_USAGE
     try:
         loaded, results = run_cases_file(cases_path, models_dir=args.models_dir, device=args.device,
                                          policy_path=policy_path)
     except PolicyError as exc:
-        print(f"invalid policy or cases file:\n{exc}", file=err)
+        print(f"invalid policy or cases file:\n{exc}", file=sys.stderr)
         return EXIT_POLICY
     for result in results:
         mark = "PASS" if result.passed else "FAIL"
-        print(f"{mark} {result.case_id}" + ("" if result.passed else f": {result.message}"), file=out)
+        print(f"{mark} {result.case_id}" + ("" if result.passed else f": {result.message}"))
     summary = summarise(results)
-    print(f"{summary['passed']} passed, {summary['failed']} failed ({cases_path}, policy {loaded.revision})",
-          file=out)
+    print(f"{summary['passed']} passed, {summary['failed']} failed ({cases_path}, policy {loaded.revision})")
     return EXIT_OK if not summary["failed"] else EXIT_POLICY
 
 
-def cmd_diff(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    old, new = _load(args.a, err), _load(args.b, err)
+def cmd_diff(args: argparse.Namespace) -> int:
+    old, new = _load(args.a), _load(args.b)
     if old is None or new is None:
         return EXIT_POLICY
     diff = diff_policies(old, new, str(args.a), str(args.b))
     if diff.identical:
-        print(f"same revision {old.revision}", file=out)
+        print(f"same revision {old.revision}")
         return EXIT_OK
-    out.write(diff.unified)
+    sys.stdout.write(diff.unified)
     for label, ids in (("added", diff.added_rules), ("removed", diff.removed_rules),
                        ("changed", diff.changed_rules), ("teams changed", diff.changed_teams)):
         if ids:
-            print(f"{label}: {', '.join(ids)}", file=out)
+            print(f"{label}: {', '.join(ids)}")
     return EXIT_OK
 
 
@@ -124,17 +122,17 @@ def _history(path: Path) -> Iterator[HistoryItem]:
                 raise ReplayError(f"{path}:{number}: {exc}") from exc
 
 
-def cmd_replay(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    candidate = _load(args.file, err)
+def cmd_replay(args: argparse.Namespace) -> int:
+    candidate = _load(args.file)
     if candidate is None:
         return EXIT_POLICY
     try:
         report = replay(candidate, _history(args.history))
     except OSError as exc:
-        print(f"{args.history}: cannot read history: {exc.strerror or exc}", file=err)
+        print(f"{args.history}: cannot read history: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     except ReplayError as exc:
-        print(str(exc), file=err)
+        print(str(exc), file=sys.stderr)
         return EXIT_USAGE
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary(), file=out)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
     return EXIT_OK

@@ -42,7 +42,7 @@ def test_removed_rule_is_reported_as_no_longer_firing() -> None:
     candidate = policy(BASE_POLICY.replace("words: [zombie]", "words: [zombie]\n      mode: shadow"))
     report = replay(candidate, [history_item("z", lexical={"horror": 1.0})])
     assert report.transitions == {"flag -> allow": 1}
-    assert report.examples["horror"][0].removed_rules == ("horror",)
+    assert report.examples["horror"][0].rules == {"horror": "flag -> not fired"}
 
 
 def test_rules_without_stored_scores_are_skipped_not_guessed() -> None:
