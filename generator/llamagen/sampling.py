@@ -208,6 +208,8 @@ def generate(
     if not 1 <= max_new_tokens <= model.args.block_size:
         raise ValueError(f"max_new_tokens must be in [1, {model.args.block_size}], got {max_new_tokens}")
     device = model.tok_embeddings.weight.device
+    if compile and device.type != "cuda":
+        raise ValueError(f"the compiled decode path needs a CUDA device, the model is on {device}")
     cond = cond.to(device)
     B, P = cond.shape[0], model.prefix_len
     if model.args.task == "t2i":
@@ -236,7 +238,5 @@ def generate(
         out=torch.empty(B, max_new_tokens, dtype=torch.int64, device=device),
     )
     plan.out[:, :1] = prefill(model, cond, params, generators, emb_mask)
-    if compile and device.type != "cuda":
-        raise ValueError("the compiled decode path needs a CUDA device")
     decode = _static_decode(model, plan) if compile else _eager_decode(model)
     return decode_n_tokens(decode, plan.out[:, :1], plan, P, params, generators)

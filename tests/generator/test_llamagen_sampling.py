@@ -230,3 +230,17 @@ def test_bf16_generation_runs_with_float32_logits() -> None:
 def test_sampling_params_reject_out_of_range_values() -> None:
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_static_decode_on_cuda_gives_the_eager_greedy_tokens() -> None:
+    model = tiny_gpt().cuda()
+    cond = torch.tensor([1, 2], device="cuda")
+    eager = model.generate(cond, 16, cfg_scale=3.0, top_k=1)
+    assert torch.equal(model.generate(cond, 16, cfg_scale=3.0, top_k=1, compile=True), eager)
+
+
+def test_compiled_decode_is_refused_off_cuda(c2i_model: Transformer) -> None:
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        c2i_model.generate(torch.tensor([1]), 4, compile=True)
