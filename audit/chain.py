@@ -40,11 +40,6 @@ def format_ts(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def parse_ts(value: str) -> datetime:
-    """Inverse of `format_ts`."""
-    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-
-
 def _default(value: Any) -> Any:
     if isinstance(value, datetime):
         return format_ts(value)
@@ -66,11 +61,6 @@ def canonical_json(value: Any) -> str:
         raise CanonicalJSONError(f"not canonical JSON: {exc}") from exc
 
 
-def normalise(value: Any) -> Any:
-    """`value` as it reads back after canonical JSON (what is stored is exactly what is hashed)."""
-    return json.loads(canonical_json(value))
-
-
 def event_hash(prev_hash: str, body: Mapping[str, Any]) -> str:
     """SHA-256 (hex) over the previous hash, a newline and the canonical JSON of the event body."""
     digest = hashlib.sha256(prev_hash.encode("ascii"))
@@ -87,7 +77,8 @@ def event_body(event: Mapping[str, Any]) -> dict[str, Any]:
         raise ChainBrokenError(f"event record lacks the field {exc.args[0]!r}", event.get("seq")) from exc
 
 
-_encode_str: Callable[[str], str] = json.encoder.c_encode_basestring or json.encoder.py_encode_basestring
+# The string encoder json.dumps uses with ensure_ascii=False (the C one when available).
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring
 
 
 def body_bytes(
@@ -161,8 +152,8 @@ class Link(NamedTuple):
     seq: Any
     prev_hash: Any
     hash: Any
-    raw_body: bytes | None
-    body: Callable[[], Mapping[str, Any]]
+    raw_body: bytes | memoryview | None
+    body: Callable[[], Mapping[str, Any]] | None  # None: parse `raw_body`
 
 
 def links_of(events: Iterable[Mapping[str, Any]]) -> Iterator[Link]:
@@ -180,8 +171,19 @@ def link_hash(link: Link, prev_hash: str) -> str | None:
         computed = digest.hexdigest()
         if computed == link.hash:
             return None
-    computed = event_hash(prev_hash, link.body())
+    body = link.body() if link.body is not None else parse_body(link.raw_body)
+    computed = event_hash(prev_hash, body)
     return None if computed == link.hash else computed
+
+
+def parse_body(raw: bytes | memoryview | None) -> dict[str, Any]:
+    """An event body parsed from its JSON bytes."""
+    if raw is None:
+        raise ChainBrokenError("the event has neither a body nor its bytes")
+    body = json.loads(bytes(raw))
+    if not isinstance(body, dict):
+        raise ChainBrokenError("the event body is not a JSON object")
+    return body
 
 
 def verify_chain(

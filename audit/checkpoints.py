@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -143,7 +143,7 @@ class CheckedCheckpoints:
     count: int
 
 
-def check_checkpoints(records: list[Mapping[str, Any]]) -> CheckedCheckpoints:
+def check_checkpoints(records: Sequence[Mapping[str, Any]]) -> CheckedCheckpoints:
     """Verify each checkpoint's signature; verified ones become anchors for `verify_chain`."""
     anchors: list[Anchor] = []
     problems: list[str] = []

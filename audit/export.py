@@ -69,7 +69,7 @@ class ExportFilters:
         return query
 
 
-def event_record(row: Mapping[str, Any]) -> dict[str, Any]:
+def event_record(row: Mapping[Any, Any]) -> dict[str, Any]:
     """An audit_events row as the JSON record exports carry (ts as canonical UTC text)."""
     return {
         "seq": row["seq"],
@@ -112,7 +112,10 @@ def iter_event_links(session: Session, filters: ExportFilters | None = None) -> 
 def event_line(link: Link) -> bytes:
     """One JSONL export line: the canonical body, then the two hashes (keys sorted, so the body's bytes
     appear verbatim and a verifier can hash them without parsing)."""
-    body = link.raw_body if link.raw_body is not None else canonical_json(link.body()).encode()
+    if link.raw_body is not None:
+        body = bytes(link.raw_body)
+    else:
+        body = canonical_json(link.body() if link.body is not None else {}).encode()
     return b"".join((b'{"body":', body, b',"hash":"', str(link.hash).encode("ascii"), b'","prev_hash":"',
                      str(link.prev_hash).encode("ascii"), b'","type":"event"}\n'))
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 import weakref
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from audit.chain import event_hash, normalise
+from audit.chain import body_bytes, canonical_json, format_ts
 from audit.models import AuditEvent, ChainHead
 
 HEAD_ROW_ID = 1
@@ -32,10 +34,10 @@ def lock_chain_head(session: Session) -> ChainHead:
     """
     held = session.info.get(_HEAD_KEY)
     if held is not None and session.get_nested_transaction() is None:
-        transaction_ref, head = held
+        transaction_ref, locked = held
         root = session.get_transaction()
-        if root is not None and transaction_ref() is root and root.is_active and head in session:
-            return head
+        if root is not None and transaction_ref() is root and root.is_active and locked in session:
+            return cast(ChainHead, locked)
     if session.get_bind().dialect.name == "sqlite":
         session.execute(update(ChainHead).where(ChainHead.id == HEAD_ROW_ID).values(seq=ChainHead.seq))
     query = select(ChainHead).where(ChainHead.id == HEAD_ROW_ID).with_for_update()
@@ -69,7 +71,7 @@ def append_event(
     """
     if not action:
         raise AuditLogError("an audit event needs an action")
-    body_payload = normalise(dict(payload))
+    payload_json = canonical_json(dict(payload))
     head = lock_chain_head(session)
     event = AuditEvent(
         seq=head.seq + 1,
@@ -80,10 +82,12 @@ def append_event(
         key_id=key_id,
         team=team,
         job_id=job_id,
-        payload=body_payload,
+        payload=json.loads(payload_json),  # stored (canonically) as exactly the text hashed below
         prev_hash=head.hash,
     )
-    event.hash = event_hash(head.hash, event.body())
+    body = body_bytes(seq=event.seq, id=event.id, ts=format_ts(event.ts), action=action, key_id=key_id,
+                      team=team, job_id=job_id, payload_json=payload_json)
+    event.hash = hashlib.sha256(head.hash.encode("ascii") + b"\n" + body).hexdigest()
     session.add(event)
     head.seq = event.seq
     head.hash = event.hash

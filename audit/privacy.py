@@ -14,9 +14,9 @@ import hashlib
 import hmac
 import secrets
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from sqlalchemy import update
+from sqlalchemy import CursorResult, update
 from sqlalchemy.orm import Session
 
 from audit.log import append_event
@@ -76,8 +76,9 @@ def erase_prompt(session: Session, commitment: str, *, key_id: str, team: str, r
     row.text = None
     row.salt = None
     row.erased_at = datetime.now(UTC)
-    cleared = session.execute(
-        update(Job).where(Job.prompt_commitment == commitment).values(prompt=None, prompt_sha256=None)
+    cleared = cast(
+        CursorResult[Any],
+        session.execute(update(Job).where(Job.prompt_commitment == commitment).values(prompt=None, prompt_sha256=None)),
     )
     return append_event(
         session,
