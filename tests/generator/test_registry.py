@@ -21,10 +21,8 @@ from generator.registry import (
     read_card,
 )
 
-VQ = {"codebook_size": 32, "codebook_embed_dim": 4, "ch": 32, "ch_mult": [1, 1], "z_channels": 32,
-      "num_res_blocks": 1}
-GPT = {"dim": 32, "n_layer": 1, "n_head": 2, "multiple_of": 16, "vocab_size": 32, "block_size": 16,
-       "num_classes": 4}
+VQ = {"codebook_size": 32, "codebook_embed_dim": 4, "ch": 32, "ch_mult": [1, 1], "z_channels": 32, "num_res_blocks": 1}
+GPT = {"dim": 32, "n_layer": 1, "n_head": 2, "multiple_of": 16, "vocab_size": 32, "block_size": 16, "num_classes": 4}
 
 
 def card_data(gpt_sha: str | None, vq_sha: str | None, **changes: Any) -> dict[str, Any]:
@@ -33,7 +31,10 @@ def card_data(gpt_sha: str | None, vq_sha: str | None, **changes: Any) -> dict[s
         "version": "1",
         "task": "c2i",
         "architecture": {"gpt": GPT, "vq": VQ, "image_size": 8},
-        "checkpoints": {"gpt": {"path": "tiny/gpt.pt", "sha256": gpt_sha}, "vq": {"path": "tiny/vq.pt", "sha256": vq_sha}},
+        "checkpoints": {
+            "gpt": {"path": "tiny/gpt.pt", "sha256": gpt_sha},
+            "vq": {"path": "tiny/vq.pt", "sha256": vq_sha},
+        },
         "licence": "MIT",
         "intended_use": "tests",
         "defaults": {"cfg_scale": 2.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0},
@@ -150,8 +151,10 @@ def test_load_is_cached_per_process(models_dir: Path) -> None:
 
 def test_checkpoint_digests_are_the_pinned_ones(models_dir: Path) -> None:
     card = Registry(models_dir).get("tiny-c2i")
-    assert card.checkpoint_digests() == {"gpt": sha256_file(models_dir / "tiny" / "gpt.pt"),
-                                         "vq": sha256_file(models_dir / "tiny" / "vq.pt")}
+    assert card.checkpoint_digests() == {
+        "gpt": sha256_file(models_dir / "tiny" / "gpt.pt"),
+        "vq": sha256_file(models_dir / "tiny" / "vq.pt"),
+    }
 
 
 def test_generate_returns_num_images_per_request_with_token_counts(models_dir: Path) -> None:
@@ -191,3 +194,68 @@ def test_class_id_outside_the_card_classes_is_rejected(models_dir: Path) -> None
 def test_sampling_params_fill_missing_job_params_from_card_defaults(models_dir: Path) -> None:
     params = Registry(models_dir).load("tiny-c2i").sampling_params({"temperature": 0.5, "seed": 3})
     assert (params.cfg_scale, params.temperature, params.top_k) == (2.0, 0.5, 0)
+
+
+@pytest.fixture
+def t5_models_dir(tmp_path: Path) -> Path:
+    """A t2i card in the official layout (T5 text encoder from a local folder) with tiny random weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = ["a", "red", "circle", "on", "white", "background"]
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    t5_dir = tmp_path / "weights" / "t5"
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(t5_dir)
+    torch.manual_seed(0)
+    T5EncoderModel(
+        T5Config(vocab_size=len(vocab), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    ).save_pretrained(t5_dir)
+    gpt_fields = {**GPT, "caption_dim": 16, "caption_len": 6, "cls_token_num": 6}
+    gpt_fields.pop("num_classes")
+    save_checkpoint(build_gpt(ModelArgs(**gpt_fields, task="t2i"), device="cpu"), tmp_path / "weights" / "gpt.pt")  # type: ignore[arg-type]
+    vq_args = VQArgs(**{**VQ, "ch_mult": tuple(VQ["ch_mult"])})  # type: ignore[arg-type]
+    save_checkpoint(build_vq(vq_args, device="cpu"), tmp_path / "weights" / "vq.pt")
+    data = card_data(None, None, name="tiny-t2i", task="t2i", class_names=None)
+    data["architecture"] = {
+        "gpt": gpt_fields,
+        "vq": VQ,
+        "image_size": 8,
+        "text_encoder": {"kind": "t5", "path": "weights/t5", "max_len": 6},
+    }
+    data["checkpoints"] = {
+        "gpt": {"path": "weights/gpt.pt", "sha256": sha256_file(tmp_path / "weights" / "gpt.pt")},
+        "vq": {"path": "weights/vq.pt", "sha256": sha256_file(tmp_path / "weights" / "vq.pt")},
+    }
+    (tmp_path / "tiny-t2i.yaml").write_text(yaml.safe_dump(data))
+    Registry.clear_cache()
+    return tmp_path
+
+
+def test_t2i_card_with_a_local_t5_text_encoder_loads_and_generates(t5_models_dir: Path) -> None:
+    model = Registry(t5_models_dir).load("tiny-t2i")
+    (out,) = model.generate([GenRequest(prompt="a red circle on a white background", seed=0)])
+    assert out.images[0].size == (8, 8) and out.tokens == 16
+
+
+def test_text_encoder_digest_is_the_sha256_of_its_weights(t5_models_dir: Path) -> None:
+    card = Registry(t5_models_dir).get("tiny-t2i")
+    weights = t5_models_dir / "weights" / "t5" / "model.safetensors"
+    assert card.checkpoint_digests()["text_encoder"] == sha256_file(weights)
+
+
+def test_t2i_model_rejects_a_request_without_prompt(t5_models_dir: Path) -> None:
+    with pytest.raises(ValueError, match="text-to-image"):
+        Registry(t5_models_dir).load("tiny-t2i").generate([GenRequest(class_id=1, seed=0)])
+
+
+def test_missing_t5_folder_is_reported_with_the_card_field(t5_models_dir: Path) -> None:
+    import shutil
+
+    shutil.rmtree(t5_models_dir / "weights" / "t5")
+    with pytest.raises(RegistryError, match="T5 text encoder folder .* not found"):
+        Registry(t5_models_dir).load("tiny-t2i")

@@ -1,0 +1,119 @@
+"""Sizes, seeds, split sizes and file locations of the bundled demo models: the one place to change them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from generator.demo.shapes import CLASS_NAMES, IMAGE_SIZE
+
+SEED = 20240630  # every split, initialisation and shuffle derives from this
+
+# Data set splits: (kind, split) -> (seed offset, number of images).
+SPLITS: dict[tuple[str, str], tuple[int, int]] = {
+    ("t2i", "train"): (0, 16000),
+    ("t2i", "heldout"): (1, 400),
+    ("c2i", "train"): (2, 8000),
+    ("c2i", "heldout"): (3, 240),
+}
+
+VQ_ARGS: dict[str, object] = {
+    "codebook_size": 512,
+    "codebook_embed_dim": 8,
+    "ch": 32,
+    "ch_mult": (1, 1, 2, 2),  # downsample 8: 64x64 px -> 8x8 codes
+    "z_channels": 64,
+    "num_res_blocks": 1,
+}
+GRID = IMAGE_SIZE // 8
+MINILM_MAX_LEN = 24  # caption tokens kept (the t2i prefix length); the longest shapes caption has 21
+
+_GPT_COMMON: dict[str, object] = {
+    "dim": 192,
+    "n_head": 3,  # head_dim 64, as in every official preset
+    "vocab_size": VQ_ARGS["codebook_size"],
+    "block_size": GRID * GRID,
+    "token_dropout_p": 0.0,
+    "resid_dropout_p": 0.0,
+    "ffn_dropout_p": 0.0,
+}
+C2I_ARGS: dict[str, object] = {
+    **_GPT_COMMON,
+    "n_layer": 3,
+    "task": "c2i",
+    "num_classes": len(CLASS_NAMES),
+    "cls_token_num": 1,
+}
+T2I_ARGS: dict[str, object] = {
+    **_GPT_COMMON,
+    "n_layer": 4,
+    "task": "t2i",
+    "caption_dim": 384,
+    "caption_len": MINILM_MAX_LEN,
+    "cls_token_num": MINILM_MAX_LEN,
+}
+
+
+@dataclass(frozen=True)
+class TrainSchedule:
+    """Warm-up + cosine learning-rate schedule over `steps`; `stop_at` ends training early on that curve."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int
+    weight_decay: float = 0.0
+    checkpoint_every: int = 100
+    stop_at: int | None = None
+
+    @property
+    def last_step(self) -> int:
+        return min(self.steps, self.stop_at or self.steps)
+
+    def trajectory(self) -> dict[str, float | int]:
+        """The fields that decide what each step computes (a resumed run must match them)."""
+        return {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "warmup": self.warmup,
+            "weight_decay": self.weight_decay,
+        }
+
+
+VQ_SCHEDULE = TrainSchedule(steps=900, batch_size=8, lr=2e-3, warmup=20, checkpoint_every=50)
+VQ_AE_WARMUP = 300  # steps trained as a plain autoencoder before the codebook is initialised (k-means)
+VQ_CROP: int | None = None  # pixels; None trains on whole images (GroupNorm sees test-time statistics)
+C2I_SCHEDULE = TrainSchedule(steps=400, batch_size=32, lr=2e-3, warmup=30, weight_decay=0.05)
+T2I_SCHEDULE = TrainSchedule(steps=1000, batch_size=32, lr=2e-3, warmup=40, weight_decay=0.05)
+CLIP_SCHEDULE = TrainSchedule(steps=250, batch_size=96, lr=2e-3, warmup=25, weight_decay=0.1)
+
+# Sampling defaults written on the cards and used by `evaluate` and `sample-grid`.
+SAMPLING_DEFAULTS: dict[str, float | int] = {"cfg_scale": 3.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where each artefact lives: models_dir ships in git, work_dir (data, resumable runs) does not."""
+
+    models_dir: Path = Path("models")
+    work_dir: Path = Path("var/demo")
+    files: dict[str, str] = field(
+        default_factory=lambda: {
+            "vq": "demo/vq.pt",
+            "c2i": "demo/c2i.pt",
+            "t2i": "demo/t2i.pt",
+            "clip": "demo/clip.pt",
+            "clip_config": "demo/clip_config.json",
+            "grid": "demo/samples.png",
+        }
+    )
+
+    def model_file(self, key: str) -> Path:
+        return self.models_dir / self.files[key]
+
+    def data_dir(self, kind: str, split: str) -> Path:
+        return self.work_dir / "data" / f"{kind}-{split}"
+
+    def run_dir(self, name: str) -> Path:
+        return self.work_dir / "runs" / name

@@ -1,0 +1,52 @@
+"""The shared training loop: learning-rate schedule, early stop on the curve, exact resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from generator.demo.config import TrainSchedule
+from generator.demo.training import STATE_FILE, lr_at, train
+
+SCHEDULE = TrainSchedule(steps=6, batch_size=4, lr=0.1, warmup=2, checkpoint_every=1)
+
+
+def _run(run_dir: Path, schedule: TrainSchedule) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    data = torch.randn(32, 3)
+
+    def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
+        idx = torch.randperm(32, generator=generator)[: schedule.batch_size]
+        return (model(data[idx]) - 1).pow(2).mean()
+
+    return train(name="t", run_dir=run_dir, model=model, schedule=schedule, seed=1, loss_fn=loss_fn)
+
+
+def test_lr_warms_up_linearly_then_decays_to_a_tenth() -> None:
+    s = TrainSchedule(steps=100, batch_size=1, lr=1.0, warmup=10)
+    assert lr_at(0, s) == pytest.approx(0.1) and lr_at(9, s) == pytest.approx(1.0)
+    assert lr_at(10, s) == pytest.approx(1.0) and lr_at(100, s) == pytest.approx(0.1)
+    assert lr_at(40, s) > lr_at(70, s)
+
+
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path: Path) -> None:
+    whole = _run(tmp_path / "whole", SCHEDULE)
+    _run(tmp_path / "split", TrainSchedule(**{**SCHEDULE.__dict__, "stop_at": 3}))
+    resumed = _run(tmp_path / "split", SCHEDULE)
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_stop_at_ends_training_early_and_records_the_step(tmp_path: Path) -> None:
+    _run(tmp_path, TrainSchedule(**{**SCHEDULE.__dict__, "stop_at": 2}))
+    assert torch.load(tmp_path / STATE_FILE, weights_only=True)["step"] == 2
+
+
+def test_resuming_with_another_schedule_is_refused(tmp_path: Path) -> None:
+    _run(tmp_path, SCHEDULE)
+    with pytest.raises(ValueError, match="another schedule"):
+        _run(tmp_path, TrainSchedule(**{**SCHEDULE.__dict__, "lr": 0.5}))
