@@ -121,6 +121,8 @@ class ChainReport:
     checkpoints: int = 0
     checkpoints_valid: bool = True
     checkpoint_problems: list[str] = field(default_factory=list)
+    checkpoint_signers: list[str] = field(default_factory=list)
+    signers_trusted: bool | None = None  # None: checkpoint signers not checked against trust anchors
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "summary": self.summary}
@@ -135,9 +137,15 @@ class ChainReport:
             if self.last_checkpoint_seq is not None
             else "no signed checkpoint yet"
         )
+        signers = ""
+        if self.checkpoints:
+            trust = {True: "trusted", False: "NOT trusted",
+                     None: "not checked against a trust list"}[self.signers_trusted]
+            signers = f"; signed by {', '.join(self.checkpoint_signers) or 'nobody'} ({trust})"
         return (
             f"chain OK: {self.count} events, head seq {self.head_seq}; {self.checkpoints} signed "
             f"checkpoint(s), {covered}; {self.uncovered_tail} tail event(s) not yet covered by a checkpoint"
+            f"{signers}"
         )
 
 

@@ -134,27 +134,83 @@ def verify_checkpoint_signature(record: Mapping[str, Any]) -> str | None:
     return None
 
 
+def load_trust_anchors(pem: bytes | str) -> list[x509.Certificate]:
+    """Root certificates from a PEM bundle."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise CheckpointError(f"the trust anchors are not PEM certificates: {exc}") from exc
+
+
+def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def signer_description(cert_pem: str) -> str:
+    """The signer of a checkpoint as people read it: common name and SHA-256 fingerprint of the leaf."""
+    leaf = x509.load_pem_x509_certificate(cert_pem.encode())
+    names = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    name = str(names[0].value) if names else leaf.subject.rfc4514_string()
+    return f"{name} (SHA-256 {leaf.fingerprint(hashes.SHA256()).hex()[:16]}…)"
+
+
+def verify_checkpoint_signer(record: Mapping[str, Any], anchors: Sequence[x509.Certificate]) -> str | None:
+    """None when the checkpoint's certificate chain leads to one of `anchors` and was valid when it
+    signed; else the problem. Without this, anyone able to write the database could sign a rewritten
+    chain with a key of their own."""
+    try:
+        chain = x509.load_pem_x509_certificates(str(record["cert_pem"]).encode())
+        signed_at = datetime.strptime(str(record["ts"]), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    except (KeyError, ValueError) as exc:
+        return f"checkpoint at seq {record.get('seq')!r} is malformed: {exc}"
+    leaf = chain[0]
+    who = signer_description(str(record["cert_pem"]))
+    if not leaf.not_valid_before_utc <= signed_at <= leaf.not_valid_after_utc:
+        return f"checkpoint at seq {record['seq']}: signed by {who} outside its certificate's validity"
+    links_ok = all(_issued_by(child, parent) for child, parent in zip(chain, chain[1:], strict=False))
+    top = chain[-1]
+    if not links_ok or not any(top == anchor or _issued_by(top, anchor) for anchor in anchors):
+        return f"checkpoint at seq {record['seq']}: signed by {who}, which is not issued by your trust anchors"
+    return None
+
+
 @dataclass
 class CheckedCheckpoints:
-    """The checkpoints whose signatures verified (as chain anchors) and the problems with the others."""
+    """The checkpoints that verified (usable as chain anchors) and the problems with the others."""
 
     anchors: list[Anchor]
     problems: list[str]
     count: int
+    signers: list[str]
+    signers_trusted: bool | None  # None: no trust anchors were given, signers not checked
 
 
-def check_checkpoints(records: Sequence[Mapping[str, Any]]) -> CheckedCheckpoints:
-    """Verify each checkpoint's signature; verified ones become anchors for `verify_chain`."""
+def check_checkpoints(
+    records: Sequence[Mapping[str, Any]], trust_anchors: Sequence[x509.Certificate] | None = None
+) -> CheckedCheckpoints:
+    """Verify each checkpoint's signature, and its signer against `trust_anchors` when given; the
+    checkpoints that pass become anchors for `verify_chain`."""
     anchors: list[Anchor] = []
     problems: list[str] = []
+    signers: list[str] = []
     for record in records:
         problem = verify_checkpoint_signature(record)
+        if problem is None and trust_anchors is not None:
+            problem = verify_checkpoint_signer(record, trust_anchors)
         if problem is None:
-            source = f"checkpoint of {record['ts']}"
-            anchors.append(Anchor(int(record["seq"]), str(record["head_hash"]), source))
+            anchors.append(Anchor(int(record["seq"]), str(record["head_hash"]), f"checkpoint of {record['ts']}"))
+            who = signer_description(str(record["cert_pem"]))
+            if who not in signers:
+                signers.append(who)
         else:
             problems.append(problem)
-    return CheckedCheckpoints(anchors=anchors, problems=problems, count=len(records))
+    trusted = None if trust_anchors is None else not problems
+    return CheckedCheckpoints(anchors, problems, len(records), signers, trusted)
 
 
 def latest_checkpoint(session: Session) -> ChainCheckpoint | None:

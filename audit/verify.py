@@ -5,16 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
+from cryptography import x509
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from audit.chain import Anchor, ChainReport, Link, event_body, verify_fragment_links, verify_links
-from audit.checkpoints import check_checkpoints
+from audit.checkpoints import CheckedCheckpoints, check_checkpoints, load_trust_anchors
 from audit.export import EXPORT_FORMAT, iter_checkpoint_records, iter_event_links
 from audit.log import HEAD_ROW_ID
 from audit.models import ChainHead
@@ -24,27 +25,34 @@ class ExportFileError(ValueError):
     """The file is not an audit export or evidence pack this version can read."""
 
 
-def _finish(report: ChainReport, checkpoints: Sequence[Mapping[str, Any]], problems: list[str]) -> ChainReport:
-    report.checkpoints = len(checkpoints)
-    report.checkpoint_problems = problems
-    report.checkpoints_valid = not problems
-    if report.ok and problems:
+def _finish(report: ChainReport, checked: CheckedCheckpoints) -> ChainReport:
+    report.checkpoints = checked.count
+    report.checkpoint_problems = checked.problems
+    report.checkpoints_valid = not checked.problems
+    report.checkpoint_signers = checked.signers
+    report.signers_trusted = checked.signers_trusted
+    if report.ok and checked.problems:
         report.ok = False
         report.first_bad_seq = None
-        report.reason = problems[0]
+        report.reason = checked.problems[0]
     return report
 
 
-def verify_database(session: Session) -> ChainReport:
-    """Verify every event in the database against its neighbours, the signed checkpoints and the head row."""
+def _anchors(trust_anchors_pem: bytes | str | None) -> list[x509.Certificate] | None:
+    return None if trust_anchors_pem is None else load_trust_anchors(trust_anchors_pem)
+
+
+def verify_database(session: Session, trust_anchors_pem: bytes | str | None = None) -> ChainReport:
+    """Verify every event in the database against its neighbours, the signed checkpoints and the head row;
+    with `trust_anchors_pem`, checkpoint signers must be issued by one of those roots."""
     checkpoints = list(iter_checkpoint_records(session))
-    checked = check_checkpoints(checkpoints)
+    checked = check_checkpoints(checkpoints, _anchors(trust_anchors_pem))
     anchors: list[Anchor] = list(checked.anchors)
     head = session.scalars(select(ChainHead).where(ChainHead.id == HEAD_ROW_ID)).one_or_none()
     if head is not None and head.seq > 0:
         anchors.append(Anchor(head.seq, head.hash, "the chain_head row"))
     report = verify_links(iter_event_links(session), anchors)
-    return _finish(report, checkpoints, checked.problems)
+    return _finish(report, checked)
 
 
 def _records(lines: Iterable[bytes | str], source: str) -> Iterator[dict[str, Any]]:
@@ -125,7 +133,12 @@ def _lines(stream: IO[bytes], chunk_size: int = 1 << 22) -> Iterator[tuple[int, 
         yield number + 1, rest.rstrip(b"\r")
 
 
-def _verify_jsonl(stream: IO[bytes], source: str, extra_checkpoints: list[dict[str, Any]]) -> ChainReport:
+def _verify_jsonl(
+    stream: IO[bytes],
+    source: str,
+    extra_checkpoints: list[dict[str, Any]],
+    trust_anchors: list[x509.Certificate] | None,
+) -> ChainReport:
     """One pass: the header, the checkpoints (written before the events), then the events streamed."""
     numbered = _lines(stream)
     first = next(numbered, None)
@@ -144,7 +157,7 @@ def _verify_jsonl(stream: IO[bytes], source: str, extra_checkpoints: list[dict[s
             continue
         pending = link if link is not None else _event_or_fail(record, source, number)
         break
-    checked = check_checkpoints(checkpoints)
+    checked = check_checkpoints(checkpoints, trust_anchors)
 
     def links() -> Iterator[Link]:
         if pending is None:
@@ -158,7 +171,7 @@ def _verify_jsonl(stream: IO[bytes], source: str, extra_checkpoints: list[dict[s
         report = verify_fragment_links(links(), checked.anchors)
     else:
         report = verify_links(links(), checked.anchors)
-    return _finish(report, checkpoints, checked.problems)
+    return _finish(report, checked)
 
 
 def _event_or_fail(record: Mapping[str, Any] | None, source: str, number: int) -> Link:
@@ -189,8 +202,10 @@ def _manifest_problems(pack: zipfile.ZipFile) -> list[str]:
     return problems
 
 
-def verify_export(path: Path) -> ChainReport:
-    """Verify a JSONL export or an evidence pack (zip) with no database."""
+def verify_export(path: Path, trust_anchors_pem: bytes | str | None = None) -> ChainReport:
+    """Verify a JSONL export or an evidence pack (zip) with no database; with `trust_anchors_pem`,
+    checkpoint signers must be issued by one of those roots (use your own, not the pack's certs/)."""
+    trust_anchors = _anchors(trust_anchors_pem)
     if not path.is_file():
         raise ExportFileError(f"{path} does not exist or is not a file")
     if zipfile.is_zipfile(path):
@@ -202,11 +217,11 @@ def verify_export(path: Path) -> ChainReport:
                 with pack.open("checkpoints.jsonl") as stream:
                     extra = list(_records(stream, f"{path.name}:checkpoints.jsonl"))
             with pack.open("events.jsonl") as stream:
-                report = _verify_jsonl(stream, f"{path.name}:events.jsonl", extra)
+                report = _verify_jsonl(stream, f"{path.name}:events.jsonl", extra, trust_anchors)
             problems = _manifest_problems(pack)
         if report.ok and problems:
             report.ok = False
             report.reason = problems[0]
         return report
     with path.open("rb") as stream:
-        return _verify_jsonl(stream, path.name, [])
+        return _verify_jsonl(stream, path.name, [], trust_anchors)

@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = sub.add_parser("verify", help="verify the hash chain and signed checkpoints")
     p.add_argument("--export", type=Path, metavar="FILE",
                    help="verify a JSONL export or evidence pack (zip) instead; needs no database")
+    p.add_argument("--trust-anchors", type=Path, metavar="PEM",
+                   help="roots that must have issued the checkpoint signer (default: LLAMAGEN_GATEWAY_TRUST_ANCHORS)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("export", help="stream the audit events as JSONL or CSV")
@@ -95,20 +97,32 @@ def print_report(report: Any) -> None:
         print(f"  note: {report.reason}")
 
 
+def trust_anchors(explicit: Path | None, settings: Settings) -> bytes | None:
+    """The PEM bundle checkpoint signers must chain to: --trust-anchors, else the configured file if present."""
+    if explicit is not None:
+        return explicit.read_bytes()  # a missing explicit file is an error the caller reports
+    configured = settings.trust_anchors
+    return configured.read_bytes() if configured is not None and configured.is_file() else None
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    from audit.checkpoints import CheckpointError
     from audit.verify import ExportFileError, verify_database, verify_export
 
-    if args.export is not None:
-        try:
-            report = verify_export(args.export)
-        except ExportFileError as exc:
-            return fail(str(exc))
-    else:
-        try:
-            with open_session(get_settings()) as session:
-                report = verify_database(session)
-        except SQLAlchemyError as exc:
-            return fail(f"cannot read the audit database: {exc.__class__.__name__}: {exc}", FAILED)
+    settings = get_settings()
+    try:
+        anchors = trust_anchors(args.trust_anchors, settings)
+        if args.export is not None:
+            report = verify_export(args.export, anchors)
+        else:
+            with open_session(settings) as session:
+                report = verify_database(session, anchors)
+    except (ExportFileError, CheckpointError) as exc:
+        return fail(str(exc))
+    except OSError as exc:
+        return fail(f"cannot read {exc.filename}: {exc.strerror}")
+    except SQLAlchemyError as exc:
+        return fail(f"cannot read the audit database: {exc.__class__.__name__}: {exc}", FAILED)
     print_report(report)
     return OK if report.ok else FAILED
 
@@ -153,7 +167,7 @@ def cmd_evidence(args: argparse.Namespace) -> int:
         return fail(f"cannot read the audit database: {exc}", FAILED)
     except OSError as exc:
         return fail(f"cannot write {args.output}: {exc.strerror or exc}")
-    report = verify_export(path)
+    report = verify_export(path, trust_anchors(None, settings))
     print(f"wrote {path}")
     print_report(report)
     return OK if report.ok else FAILED

@@ -117,6 +117,22 @@ def test_audit_checkpoint_signs_the_head(sessions: Any, capsys: pytest.CaptureFi
     assert "0 tail event(s) not yet covered" in capsys.readouterr().out
 
 
+def test_audit_verify_checks_checkpoint_signers_against_the_configured_trust_anchors(
+    sessions: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    append(sessions)
+    assert run("audit", "checkpoint") == 0
+    assert run("audit", "verify") == 0
+    assert "(trusted)" in capsys.readouterr().out
+
+
+def test_audit_verify_with_a_missing_trust_anchor_file_is_a_plain_error(
+    settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run("audit", "verify", "--trust-anchors", str(tmp_path / "missing.pem")) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
 def test_audit_evidence_writes_a_pack_that_verifies(sessions: Any, tmp_path: Path) -> None:
     append(sessions)
     assert run("audit", "checkpoint") == 0

@@ -14,7 +14,7 @@ from audit.chain import link_hash
 from audit.checkpoints import write_checkpoint
 from audit.export import ExportFilters, iter_event_links, iter_export, write_evidence_pack
 from audit.log import append_event
-from audit.provenance import DevCA
+from audit.provenance import DevCA, ensure_dev_ca
 from audit.verify import ExportFileError, verify_database, verify_export
 
 
@@ -224,3 +224,38 @@ def test_sqlite_gives_back_the_stored_canonical_bytes_for_the_fast_path(session_
 
 def unparsable() -> dict[str, Any]:
     raise AssertionError("the fast path should not need to parse the event")
+
+
+def test_checkpoint_signers_are_named_and_unchecked_without_trust_anchors(chain: Any) -> None:
+    report = verify_db(chain)
+    assert report.signers_trusted is None and report.checkpoint_signers[0].startswith("DEV-ONLY")
+    assert "not checked against a trust list" in report.summary
+
+
+def test_checkpoint_signer_issued_by_the_trust_anchor_is_trusted(chain: Any, dev_ca: DevCA) -> None:
+    with chain() as session:
+        report = verify_database(session, dev_ca.root_pem_path.read_bytes())
+    assert report.ok and report.signers_trusted is True
+
+
+def test_a_chain_re_signed_with_a_foreign_key_is_reported_against_the_trust_anchors(
+    chain: Any, dev_ca: DevCA, tmp_path: Path
+) -> None:
+    """Someone who can write the database signs a checkpoint with a CA of their own making."""
+    forger = ensure_dev_ca(tmp_path / "forger")
+    checkpoint(chain, forger)
+    with chain() as session:
+        unchecked = verify_database(session)
+        checked = verify_database(session, dev_ca.root_pem_path.read_bytes())
+    assert unchecked.ok  # the forged signature is mathematically valid...
+    assert not checked.ok and checked.signers_trusted is False  # ...but not by a signer you trust
+    assert "not issued by your trust anchors" in checked.reason
+
+
+def test_verify_export_checks_signers_against_the_given_trust_anchors(
+    chain: Any, dev_ca: DevCA, tmp_path: Path
+) -> None:
+    path = write_lines(tmp_path / "audit.jsonl", export_lines(chain))
+    stranger = ensure_dev_ca(tmp_path / "stranger")
+    assert verify_export(path, dev_ca.root_pem_path.read_bytes()).ok
+    assert not verify_export(path, stranger.root_pem_path.read_bytes()).ok
