@@ -19,6 +19,7 @@ from gateway.dashboard.web import (
     SignedInDep,
     codec,
     get_signed_in,
+    overview_cache,
     parse_utc,
     render,
 )
@@ -108,7 +109,8 @@ def overview(request: Request, session: SessionDep, signed: SignedInDep,
     until = datetime.now(UTC)
     span = WINDOWS[window]
     data = stats.overview(session=session, principal=signed.principal, since=until - span, until=until,
-                          bucket="hour" if span <= timedelta(days=2) else "day")
+                          bucket="hour" if span <= timedelta(days=2) else "day",
+                          cache=overview_cache(request))
     return render(request, "overview.html", signed, data=data, window=window, windows=list(WINDOWS),
                   chart_data=data.chart_data(), outcomes=stats.OUTCOMES)
 

@@ -27,6 +27,7 @@ from gateway.dashboard.sessions import (
 from gateway.deps import StateDep
 from gateway.errors import ApiError, Forbidden, InvalidRequest, Unauthorized
 from gateway.services import GatewayState
+from gateway.stats import OverviewCache
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -105,6 +106,15 @@ def render(request: Request, name: str, signed: SignedIn | None, status_code: in
            **context: Any) -> HTMLResponse:
     """The template `name` with the signed-in caller as `me` (None on the sign-in and error pages)."""
     return templates.TemplateResponse(request, name, {"me": signed, **context}, status_code=status_code)
+
+
+def overview_cache(request: Request) -> OverviewCache:
+    """The app's cache of closed overview buckets (created on first use)."""
+    cache: OverviewCache | None = getattr(request.app.state, "overview_cache", None)
+    if cache is None:
+        cache = OverviewCache()
+        request.app.state.overview_cache = cache
+    return cache
 
 
 def get_signed_in(request: Request, state: StateDep) -> SignedIn:

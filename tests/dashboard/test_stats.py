@@ -56,11 +56,38 @@ def test_overview_counts_rule_firings_by_the_action_they_asked_for(history) -> N
     assert rules["graphic_violence"]["block"] == 1
 
 
-def test_overview_series_has_one_bucket_per_hour(history) -> None:
+def test_overview_series_has_every_hour_of_the_window_including_empty_ones(history) -> None:
     state, _ = history
     data = _overview(state, bucket="hour")
-    assert len(data.series) == 1
-    assert data.series[0].total == 5
+    assert len(data.series) in (48, 49)  # the window starts at the top of an hour
+    assert sum(point.total for point in data.series) == 5
+    assert [p.key for p in data.series] == sorted(p.key for p in data.series)
+
+
+def test_overview_serves_closed_buckets_from_the_cache(history) -> None:
+    state, _ = history
+    cache = stats.OverviewCache()
+    now = datetime.now(UTC)
+    later = now + 2 * DAY  # from then on, every bucket of the window is closed
+    with state.ctx.sessions() as session:
+        first = stats.overview(session=session, principal=AUDITOR, since=now - DAY, until=now + DAY,
+                               cache=cache, now=later)
+    factories.blocked_prompt(state)  # lands in a bucket the cache already holds
+    with state.ctx.sessions() as session:
+        second = stats.overview(session=session, principal=AUDITOR, since=now - DAY, until=now + DAY,
+                                cache=cache, now=later)
+    # every bucket but the last, which `until` cuts short, comes from the cache the second time
+    assert first.buckets_from_cache == 0 and second.buckets_from_cache == len(second.series) - 1
+    assert second.outcomes.counts == first.outcomes.counts
+
+
+def test_overview_rescans_buckets_that_are_still_open(history) -> None:
+    state, _ = history
+    cache = stats.OverviewCache()
+    before = _overview(state, cache=cache)
+    factories.blocked_prompt(state)
+    after = _overview(state, cache=cache)
+    assert after.outcomes.counts["block"] == before.outcomes.counts["block"] + 1
 
 
 def test_overview_ignores_events_outside_the_window(history) -> None:

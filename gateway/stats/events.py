@@ -1,18 +1,18 @@
-"""Read-only queries behind the compliance dashboard: decision aggregates, the audit explorer, event detail.
+"""Audit explorer and event detail: filtered, keyset-paginated events and an event's place in the hash chain.
 
 Service functions in the style of `gateway.services` (keyword-only, role-checked through `Principal.require`,
-no FastAPI). Every query is bounded: a time window over the indexed `ts` column for aggregates, keyset
-pagination on the `seq` primary key with LIMIT for the explorer.
+no FastAPI). Queries filter on indexed columns and page on the `seq` primary key with LIMIT (no OFFSET,
+no COUNT over the whole log).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any, Literal
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import ColumnElement, Text, and_, cast, func, or_, select, text
+from sqlalchemy import ColumnElement, Text, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from audit.chain import Anchor, ChainReport, verify_fragments
@@ -21,163 +21,10 @@ from audit.export import event_record
 from audit.models import AuditEvent, ChainCheckpoint, Job
 from gateway.auth import Principal
 from gateway.errors import InvalidRequest, NotFound
+from gateway.stats.overview import DECISION_ACTIONS
 
-# Events that carry a policy decision in `payload.action` (and the rules that fired in `payload.screenings`).
-DECISION_ACTIONS = ("prompt.screened", "output.screened", "moderation.screened")
-OUTCOMES = ("allow", "flag", "review", "block")
-Bucket = Literal["hour", "day"]
-MAX_WINDOW = timedelta(days=366)
 # Event detail verifies the stretch up to the covering checkpoint when it is at most this long.
 MAX_SEGMENT = 5_000
-
-
-# --- overview ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Breakdown:
-    """Decision counts for one team, model, rule or time bucket."""
-
-    key: str
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def rate(self, outcome: str) -> float:
-        """Share of `outcome` among this row's decisions (0.0 when there are none)."""
-        return self.counts.get(outcome, 0) / self.total if self.total else 0.0
-
-
-@dataclass
-class Overview:
-    """Volumes and decision outcomes in a time window."""
-
-    since: datetime
-    until: datetime
-    bucket: Bucket
-    volumes: dict[str, int]
-    outcomes: Breakdown
-    series: list[Breakdown]
-    by_team: list[Breakdown]
-    by_model: list[Breakdown]
-    by_rule: list[Breakdown]
-
-    def chart_data(self) -> dict[str, Any]:
-        """JSON for the browser charts (the same numbers as the tables beside them)."""
-
-        def rows(items: list[Breakdown]) -> dict[str, Any]:
-            return {"labels": [b.key for b in items],
-                    "datasets": {o: [b.counts[o] for b in items] for o in OUTCOMES}}
-
-        return {"series": rows(self.series), "team": rows(self.by_team), "model": rows(self.by_model),
-                "rule": rows(self.by_rule)}
-
-
-def _bucket_expr(session: Session, bucket: Bucket) -> ColumnElement[str]:
-    """`AuditEvent.ts` truncated to the bucket, as sortable UTC text (the one dialect-specific part)."""
-    if session.get_bind().dialect.name == "sqlite":  # SQLite stores naive UTC text
-        return func.strftime("%Y-%m-%d" if bucket == "day" else "%Y-%m-%d %H:00", AuditEvent.ts)
-    utc = func.timezone("UTC", AuditEvent.ts)
-    pattern = "YYYY-MM-DD" if bucket == "day" else "YYYY-MM-DD HH24:00"
-    return func.to_char(func.date_trunc(bucket, utc), pattern)
-
-
-def _window(since: datetime, until: datetime) -> None:
-    if since.tzinfo is None or until.tzinfo is None:
-        raise InvalidRequest("time window bounds must be timezone-aware")
-    if until <= since:
-        raise InvalidRequest(f"empty time window: until ({until.isoformat()}) is not after since "
-                             f"({since.isoformat()})")
-    if until - since > MAX_WINDOW:
-        raise InvalidRequest(f"time window longer than {MAX_WINDOW.days} days; choose a shorter one")
-
-
-def _add(table: dict[str, Breakdown], key: str, outcome: str, n: int) -> None:
-    row = table.setdefault(key, Breakdown(key))
-    row.counts[outcome if outcome in OUTCOMES else "block"] += n  # an unknown outcome counts as the strictest
-
-
-def _ranked(table: dict[str, Breakdown], top: int) -> list[Breakdown]:
-    return sorted(table.values(), key=lambda b: (-b.total, b.key))[:top]
-
-
-_RULES_SQL = {
-    # One row per fired reason: unnest payload.screenings[].decision.reasons[] in the database.
-    "sqlite": """
-        SELECT json_extract(r.value, '$.rule_id') AS rule_id, json_extract(r.value, '$.action') AS outcome,
-               count(*) AS n
-        FROM audit_events AS e,
-             json_each(e.payload, '$.screenings') AS s,
-             json_each(s.value, '$.decision.reasons') AS r
-        WHERE e.action IN ('prompt.screened', 'output.screened', 'moderation.screened')
-          AND e.ts >= :since AND e.ts < :until AND json_extract(e.payload, '$.action') != 'allow'
-        GROUP BY rule_id, outcome
-    """,
-    "postgresql": """
-        SELECT r.value ->> 'rule_id' AS rule_id, r.value ->> 'action' AS outcome, count(*) AS n
-        FROM audit_events AS e,
-             json_array_elements(e.payload -> 'screenings') AS s(value),
-             json_array_elements(s.value -> 'decision' -> 'reasons') AS r(value)
-        WHERE e.action IN ('prompt.screened', 'output.screened', 'moderation.screened')
-          AND e.ts >= :since AND e.ts < :until AND e.payload ->> 'action' != 'allow'
-        GROUP BY rule_id, outcome
-    """,
-}
-
-
-def overview(*, session: Session, principal: Principal, since: datetime, until: datetime,
-             bucket: Bucket = "day", top: int = 12) -> Overview:
-    """Volumes and allow/flag/review/block counts over time, by team, model and rule, in [since, until)."""
-    principal.require("auditor", "policy_admin")
-    _window(since, until)
-    dialect = session.get_bind().dialect.name
-    if dialect not in _RULES_SQL:
-        raise InvalidRequest(f"the overview supports SQLite and PostgreSQL, not {dialect}")
-    in_window = and_(AuditEvent.ts >= since, AuditEvent.ts < until)
-    sqlite = dialect == "sqlite"
-    bound_since = since.replace(tzinfo=None) if sqlite else since
-    bound_until = until.replace(tzinfo=None) if sqlite else until
-
-    volumes = {action: n for action, n in session.execute(
-        select(AuditEvent.action, func.count()).where(in_window, AuditEvent.action.in_(
-            ("generation.requested", "image.released", "review.decided", "moderation.screened")))
-        .group_by(AuditEvent.action))}
-    volumes = {"requests": volumes.get("generation.requested", 0),
-               "images_released": volumes.get("image.released", 0),
-               "moderations": volumes.get("moderation.screened", 0),
-               "reviews": volumes.get("review.decided", 0)}
-
-    # One scan of the decision events: GROUP BY bucket, team, model, outcome; everything else sums that.
-    period = _bucket_expr(session, bucket).label("period")
-    outcome = AuditEvent.payload["action"].as_string().label("outcome")
-    model = func.coalesce(Job.model, AuditEvent.payload["context"]["model"].as_string(),
-                          AuditEvent.payload["model"].as_string(), "(none)").label("model")
-    rows = session.execute(
-        select(period, AuditEvent.team, model, outcome, func.count())
-        .select_from(AuditEvent).outerjoin(Job, Job.id == AuditEvent.job_id)
-        .where(in_window, AuditEvent.action.in_(DECISION_ACTIONS))
-        .group_by(period, AuditEvent.team, model, outcome)).all()
-    total = Breakdown("all")
-    series: dict[str, Breakdown] = {}
-    teams: dict[str, Breakdown] = {}
-    models: dict[str, Breakdown] = {}
-    for when, team, model_name, result, n in rows:
-        result = str(result)
-        _add(series, str(when), result, n)
-        _add(teams, str(team), result, n)
-        _add(models, str(model_name), result, n)
-        total.counts[result if result in OUTCOMES else "block"] += n
-
-    rules: dict[str, Breakdown] = {}
-    for rule_id, result, n in session.execute(text(_RULES_SQL[dialect]),
-                                              {"since": bound_since, "until": bound_until}):
-        _add(rules, str(rule_id), str(result), int(n))
-
-    return Overview(since=since, until=until, bucket=bucket, volumes=volumes, outcomes=total,
-                    series=sorted(series.values(), key=lambda b: b.key), by_team=_ranked(teams, top),
-                    by_model=_ranked(models, top), by_rule=_ranked(rules, top))
 
 
 # --- audit explorer ---------------------------------------------------------------------------------
