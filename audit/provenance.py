@@ -263,7 +263,10 @@ def verify_image(
         raise ProvenanceError("the file is empty")
     context = c2pa.Context.from_dict(_settings(trust_anchors_pem))
     try:
-        reader = c2pa.Reader(mime, io.BytesIO(data), context=context)
+        with c2pa.Reader(mime, io.BytesIO(data), context=context) as reader:
+            store = json.loads(reader.json())
+            state = reader.get_validation_state()
+            results = reader.get_validation_results() or {}
     except c2pa.C2paError.ManifestNotFound:
         return ProvenanceReport(has_manifest=False, trust_anchors_configured=trust_anchors_pem is not None)
     except c2pa.C2paError as exc:
@@ -272,10 +275,6 @@ def verify_image(
             trust_anchors_configured=trust_anchors_pem is not None,
             error=f"not a readable {mime} file: {exc}",
         )
-    with reader:
-        store = json.loads(reader.json())
-        state = reader.get_validation_state()
-        results = reader.get_validation_results() or {}
     active_id = store.get("active_manifest")
     manifest = store.get("manifests", {}).get(active_id, {})
     active = results.get("activeManifest", {})

@@ -282,3 +282,9 @@ def test_trust_anchors_that_are_not_pem_are_a_provenance_error(signed: Any) -> N
 def test_report_to_dict_carries_the_three_answers_and_the_summary(signed: Any) -> None:
     report = verify_image(signed.data).to_dict()
     assert {"signature_valid", "signer_trusted", "content_intact", "summary", "audit_event_id", "ok"} <= set(report)
+
+
+@pytest.mark.parametrize("cut", [40, 500, 2000])
+def test_a_truncated_signed_image_gives_a_report_not_a_crash(signed: Any, cut: int) -> None:
+    report = verify_image(signed.data[:cut])
+    assert not report.ok and report.summary
