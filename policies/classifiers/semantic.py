@@ -65,12 +65,21 @@ def load_minilm(device: str = "cpu") -> MiniLMEncoder:
         return _ENCODERS[key]
 
 
+NEUTRAL_LABEL = "_neutral"
+
+
 class SemanticClassifier:
-    """Scores each category with the best cosine between the prompt and any of its exemplars."""
+    """Scores each category with the best cosine between the prompt and any of its exemplars.
+
+    With neutral exemplars (ordinary prompts), the score is that cosine minus the best cosine to a neutral
+    exemplar: sentence embeddings are dominated by scene structure ("a woman lying on a beach" is close to
+    "a woman lying in a pool of blood"), and the margin cancels it. The neutral cosine is reported too.
+    """
 
     name = NAME
 
-    def __init__(self, categories: Sequence[SemanticCategory], encoder: Encoder) -> None:
+    def __init__(self, categories: Sequence[SemanticCategory], encoder: Encoder,
+                 neutral_exemplars: Sequence[str] = ()) -> None:
         self._encoder = encoder
         self.version = encoder.version
         self._ids = [c.id for c in categories]
@@ -78,12 +87,18 @@ class SemanticClassifier:
         # Exemplars are embedded once per policy revision; category i owns columns _bounds[i]:_bounds[i+1].
         self._exemplars = encoder.encode(exemplars) if exemplars else np.zeros((0, 1), np.float32)
         self._bounds = np.cumsum([0] + [len(c.exemplars) for c in categories])
+        self._neutral = encoder.encode(list(neutral_exemplars)) if neutral_exemplars else None
 
     def score(self, inputs: Sequence[str]) -> list[dict[str, float]]:
         if not inputs:
             return []
         if not self._ids:
             return [{} for _ in inputs]
-        sims = self._encoder.encode(inputs) @ self._exemplars.T  # (B, n_exemplars)
-        best = np.maximum.reduceat(sims, self._bounds[:-1], axis=1)  # (B, n_categories)
-        return [{cid: round(float(v), 6) for cid, v in zip(self._ids, row, strict=True)} for row in best]
+        prompts = self._encoder.encode(inputs)  # (B, D)
+        best = np.maximum.reduceat(prompts @ self._exemplars.T, self._bounds[:-1], axis=1)  # (B, n_categories)
+        if self._neutral is None:
+            return [{cid: round(float(v), 6) for cid, v in zip(self._ids, row, strict=True)} for row in best]
+        neutral = (prompts @ self._neutral.T).max(axis=1)  # (B,)
+        return [{NEUTRAL_LABEL: round(float(n), 6),
+                 **{cid: round(float(v - n), 6) for cid, v in zip(self._ids, row, strict=True)}}
+                for row, n in zip(best, neutral, strict=True)]

@@ -106,3 +106,15 @@ def test_semantic_classifier_scores_best_exemplar_per_category() -> None:
     encoder = FakeEncoder(["man", "stabbing", "bomb", "exploding", "sleeping", "cat"])
     (scores,) = SemanticClassifier(categories, encoder).score(["bomb exploding"])
     assert scores["violence"] > 0.99 and scores["cats"] < 0.01
+
+
+def test_semantic_score_is_a_margin_over_neutral_exemplars_when_given() -> None:
+    from policies.classifiers.semantic import NEUTRAL_LABEL, SemanticClassifier
+    from policies.schema import SemanticCategory
+
+    category = SemanticCategory(id="violence", action="review", threshold=0.1, exemplars=["man stabbing man"])
+    encoder = FakeEncoder(["man", "stabbing", "cooking"])
+    classifier = SemanticClassifier([category], encoder, neutral_exemplars=["man cooking"])
+    harmful, ordinary = classifier.score(["man stabbing", "man cooking"])
+    assert harmful["violence"] > 0.1 > ordinary["violence"]
+    assert ordinary[NEUTRAL_LABEL] > 0.99
