@@ -43,6 +43,10 @@ RULES = [("nudity", "block", 5), ("graphic_violence", "block", 4), ("public_figu
          ("trademarks", "review", 5), ("hateful_caricature", "review", 2), ("shocking", "flag", 6),
          ("suggestive", "flag", 5), ("weapons_making", "block", 2)]
 BATCH = 5_000
+PROMPTS = ["a red star above a blue circle", "a watercolour lighthouse at dusk", "a product shot of a green mug",
+           "a poster of a mountain trail", "an isometric city block at night", "a portrait of a senator waving",
+           "a cartoon mouse with round ears", "a knight fighting a dragon, lots of blood",
+           "a sketch of a bicycle", "a bowl of ramen, top view"]
 
 
 def _reason(rule: str, action: str, rng: random.Random) -> dict[str, Any]:
@@ -87,7 +91,7 @@ def synthetic_history(n_events: int, revision: str, days: int = 30,
         status = {"block": "blocked", "review": "review"}.get(prompt_action, "completed")
         job = {"id": job_id, "created_at": now, "updated_at": now, "status": status, "team": team,
                "key_id": key_id, "model": model, "model_card_hash": "sha256:" + "ab" * 32, "task": "t2i",
-               "prompt": f"prompt {job_id[:8]}", "prompt_sha256": "cd" * 32, "class_id": None,
+               "prompt": rng.choice(PROMPTS), "prompt_sha256": "cd" * 32, "class_id": None,
                "params": {"seed": rng.randrange(2**31), "num_images": 1}, "policy_revision": revision,
                "decisions": {"prompt": {"action": prompt_action, "screenings": screened}}, "images": [],
                "error": None, "timings": {}, "cost": {}, "review": None, "request_id": "bench", "attempts": 0}

@@ -116,7 +116,7 @@ class Overview:
 
         def rows(items: list[Breakdown]) -> dict[str, Any]:
             return {"labels": [b.key for b in items],
-                    "datasets": {o: [b.counts[o] for b in items] for o in OUTCOMES}}
+                    "datasets": [[o, [b.counts[o] for b in items]] for o in OUTCOMES]}
 
         return {"series": rows(self.series), "team": rows(self.by_team), "model": rows(self.by_model),
                 "rule": rows(self.by_rule)}

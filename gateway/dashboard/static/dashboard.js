@@ -17,14 +17,15 @@
   });
 
   function drawChart(canvas, data, stacked, kind) {
-    var outcomes = Object.keys(data.datasets);
+    // data.datasets: [[outcome, counts], ...] in the order allow, flag, review, block
     new window.Chart(canvas, {
       type: kind,
       data: {
         labels: data.labels,
-        datasets: outcomes.map(function (outcome) {
+        datasets: data.datasets.map(function (pair) {
+          var outcome = pair[0];
           return {
-            label: outcome, data: data.datasets[outcome], backgroundColor: COLOURS[outcome],
+            label: outcome, data: pair[1], backgroundColor: COLOURS[outcome],
             borderColor: COLOURS[outcome], fill: false, tension: 0.2
           };
         })
