@@ -163,9 +163,9 @@ def _verify_jsonl(
         if pending is None:
             return
         yield pending
+        fast_link = _fast_link  # the per-event loop of a large export: keep it lean
         for number, line in numbered:
-            link = _fast_link(line)
-            yield link if link is not None else _event_or_fail(_record(line, source, number), source, number)
+            yield fast_link(line) or _event_or_fail(_record(line, source, number), source, number)
 
     if header.get("filters"):
         report = verify_fragment_links(links(), checked.anchors)
