@@ -152,6 +152,32 @@ def run_jobs(ctx: PipelineContext, job_ids: Sequence[str]) -> list[str]:
     return claimed
 
 
+def run_with_companions(ctx: PipelineContext, job_id: str, wait_s: float) -> list[str]:
+    """Dynamic batching for queue workers: run `job_id` together with compatible queued jobs.
+
+    Waits up to `wait_s` for jobs of the same model and sampling parameters to fill `ctx.batch_size`. Their
+    own queue messages arrive later and find them finished (or leased), so they are no-ops.
+    """
+    with ctx.sessions() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != "queued":
+            return run_jobs(ctx, [job_id])
+        key = sampling_key(job)
+        model = job.model
+    ids = [job_id]
+    deadline = time.monotonic() + wait_s
+    while len(ids) < ctx.batch_size:
+        with ctx.sessions() as session:
+            candidates = session.scalars(select(Job).where(Job.status == "queued", Job.model == model,
+                                                           Job.id.not_in(ids))
+                                         .order_by(Job.created_at).limit(4 * ctx.batch_size)).all()
+            ids += [c.id for c in candidates if sampling_key(c) == key][: ctx.batch_size - len(ids)]
+        if len(ids) >= ctx.batch_size or time.monotonic() >= deadline:
+            break
+        time.sleep(min(0.01, max(deadline - time.monotonic(), 0.0)))
+    return run_jobs(ctx, ids)
+
+
 def _fail(ctx: PipelineContext, job_ids: Sequence[str], message: str) -> None:
     with ctx.sessions() as session, session.begin():
         for job_id in job_ids:

@@ -1,0 +1,138 @@
+"""The worker pipeline: batching, idempotent redelivery, leases, and bit-for-bit reproduction."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from audit.models import AuditEvent, Job
+from gateway.auth import Principal
+from gateway.schemas import GenerationCreate
+from gateway.services import submit_generation
+from gateway.state import build_state, close_state
+from generator.pipeline import reproduce_event, run_jobs, run_with_companions
+from tests.conftest import REPO, make_settings
+from tests.factories import write_tiny_model
+
+CREATOR = Principal(key_id="k-test", role="creator", team="design")
+
+
+class Recorder:
+    """A dispatcher that only records, so each test decides when jobs run."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def submit(self, job_id: str) -> None:
+        self.sent.append(job_id)
+
+    def ping(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Path:
+    models = tmp_path_factory.mktemp("models")
+    write_tiny_model(models, "tiny-c2i", "c2i")
+    return models
+
+
+@pytest.fixture
+def state(tmp_path, tiny_models):
+    settings = make_settings(tmp_path / "var", models_dir=tiny_models, default_model="tiny-c2i",
+                             policy_file=REPO / "tests" / "data" / "lexical-only.yaml", rate_limit_per_minute=0)
+    state = build_state(settings, dispatcher=Recorder())
+    yield state
+    close_state(state)
+
+
+def submit(state, class_id: int, seed: int, **params) -> str:
+    request = GenerationCreate.model_validate({"model": "tiny-c2i", "class_id": class_id,
+                                               "params": {"seed": seed, **params}})
+    return submit_generation(state=state, principal=CREATOR, request=request, request_id="test").id
+
+
+def count_calls(state, monkeypatch) -> list[int]:
+    model = state.ctx.registry.load("tiny-c2i", "cpu")
+    calls: list[int] = []
+    original = model.generate
+
+    def spy(requests, params=None):
+        calls.append(len(requests))
+        return original(requests, params)
+
+    monkeypatch.setattr(model, "generate", spy)
+    return calls
+
+
+def events(state, action: str) -> list[AuditEvent]:
+    with state.ctx.sessions() as session:
+        return list(session.scalars(select(AuditEvent).where(AuditEvent.action == action)))
+
+
+def test_compatible_jobs_share_one_sampling_run(state, monkeypatch) -> None:
+    calls = count_calls(state, monkeypatch)
+    ids = [submit(state, class_id=i, seed=i) for i in range(3)] + [submit(state, 1, 9, cfg_scale=3.0)]
+    run_jobs(state.ctx, ids)
+    assert sorted(calls) == [1, 3]  # the job with another cfg_scale runs apart
+
+
+def test_a_redelivered_job_releases_nothing_twice(state) -> None:
+    job_id = submit(state, class_id=2, seed=5, num_images=2)
+    assert run_jobs(state.ctx, [job_id]) == [job_id]
+    assert run_jobs(state.ctx, [job_id]) == []
+    released = Counter(e.job_id for e in events(state, "image.released"))
+    assert released[job_id] == 2
+    assert len([e for e in events(state, "generation.completed") if e.job_id == job_id]) == 1
+
+
+def test_a_job_leased_by_a_live_worker_is_left_alone_and_taken_over_when_the_lease_expires(state) -> None:
+    job_id = submit(state, class_id=3, seed=1)
+    with state.ctx.sessions() as session, session.begin():
+        job = session.get(Job, job_id)
+        job.status, job.updated_at = "running", datetime.now(UTC)
+    assert run_jobs(state.ctx, [job_id]) == []
+    with state.ctx.sessions() as session, session.begin():
+        session.get(Job, job_id).updated_at = datetime.now(UTC) - timedelta(seconds=state.ctx.lease_s + 1)
+    assert run_jobs(state.ctx, [job_id]) == [job_id]
+    with state.ctx.sessions() as session:
+        assert session.get(Job, job_id).status == "completed"
+
+
+def test_a_queue_worker_batches_queued_companions(state, monkeypatch) -> None:
+    calls = count_calls(state, monkeypatch)
+    first, *others = [submit(state, class_id=i, seed=i) for i in range(4)]
+    ran = run_with_companions(state.ctx, first, wait_s=0.0)
+    assert sorted(ran) == sorted([first, *others]) and calls == [4]
+    assert all(run_jobs(state.ctx, [other]) == [] for other in others)  # their own messages are no-ops
+
+
+def test_a_released_image_is_reproduced_bit_for_bit(state) -> None:
+    job_id = submit(state, class_id=4, seed=123)
+    run_jobs(state.ctx, [job_id])
+    event = next(e for e in events(state, "image.released") if e.job_id == job_id)
+    with state.ctx.sessions() as session:
+        report = reproduce_event(session, event.id, state.settings)
+    assert report["match"], report
+
+
+def test_a_model_fault_fails_the_job_with_its_reason_and_audits_it(state, monkeypatch) -> None:
+    model = state.ctx.registry.load("tiny-c2i", "cpu")
+
+    def broken(requests, params=None):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(model, "generate", broken)
+    job_id = submit(state, class_id=1, seed=1)
+    run_jobs(state.ctx, [job_id])
+    with state.ctx.sessions() as session:
+        job = session.get(Job, job_id)
+    assert job.status == "failed" and "out of memory" in job.error
+    assert any(e.job_id == job_id for e in events(state, "generation.failed"))
