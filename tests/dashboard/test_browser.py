@@ -121,3 +121,33 @@ def test_activated_policy_revision_is_carried_by_new_decisions(page_for: Any, li
     auditor.goto(f"{live.url}/dashboard/audit?action=moderation.screened")
     auditor.locator("#results").get_by_role("link", name="moderation.screened").first.click()
     assert revision in auditor.locator("dl.kv").first.inner_text()
+
+
+def test_sign_in_and_the_skip_link_work_from_the_keyboard(browser: Any, live: LiveGateway) -> None:
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{live.url}/dashboard/login")
+        page.keyboard.type(live.key("auditor"))  # the key field has focus on arrival
+        page.keyboard.press("Enter")
+        page.wait_for_url(re.compile(r"/dashboard/overview"))
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+        page.keyboard.press("Enter")
+        assert page.evaluate("document.activeElement.id") == "content"
+    finally:
+        context.close()
+
+
+def test_every_form_field_on_the_main_pages_has_a_label(page_for: Any, live: LiveGateway) -> None:
+    factories.park_for_review(live.state)
+    page = page_for("admin")
+    unlabelled: dict[str, list[str]] = {}
+    for path in ("/overview", "/audit", "/review", "/policies", "/policies/edit", "/provenance"):
+        page.goto(f"{live.url}/dashboard{path}")
+        missing = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea')]
+            .filter(el => el.type !== 'hidden' && el.labels.length === 0 && !el.getAttribute('aria-label'))
+            .map(el => el.name || el.id)""")
+        if missing:
+            unlabelled[path] = missing
+    assert unlabelled == {}
