@@ -177,9 +177,14 @@ def _sha256_hex(prev_hash: str, raw_body: bytes | memoryview) -> str:
     return digest.hexdigest()
 
 
+def raw_body_verifies(link: Link, prev_hash: str) -> bool:
+    """Whether the link's stored bytes are exactly the bytes its hash covers (the fast path)."""
+    return link.raw_body is not None and _sha256_hex(prev_hash, link.raw_body) == link.hash
+
+
 def link_hash(link: Link, prev_hash: str) -> str | None:
     """The link's hash recomputed on `prev_hash`, or None when its stated hash is right."""
-    if link.raw_body is not None and _sha256_hex(prev_hash, link.raw_body) == link.hash:
+    if raw_body_verifies(link, prev_hash):
         return None
     body = link.body() if link.body is not None else parse_body(link.raw_body)
     computed = event_hash(prev_hash, body)
@@ -239,7 +244,7 @@ def verify_links(
             return broken(expected_seq, f"expected seq {expected_seq}, found {seq!r} (duplicated or moved)")
         if link.prev_hash != prev:
             return broken(seq, "prev_hash does not match the hash of the event before it")
-        if link.raw_body is None or _sha256_hex(prev, link.raw_body) != link.hash:  # else: the fast path
+        if not raw_body_verifies(link, prev):
             try:
                 wrong = link_hash(link, prev)
             except (CanonicalJSONError, ChainBrokenError, ValueError) as exc:

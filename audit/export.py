@@ -17,7 +17,7 @@ from typing import Any, Literal
 from sqlalchemy import Select, Text, cast, select
 from sqlalchemy.orm import Session
 
-from audit.chain import Link, body_bytes, canonical_json, format_ts
+from audit.chain import Link, body_bytes, canonical_json, format_ts, parse_body, raw_body_verifies
 from audit.checkpoints import checkpoint_record
 from audit.models import AuditEvent, ChainCheckpoint, ModelCardRecord, PolicyRevision, PromptText
 
@@ -112,10 +112,10 @@ def iter_event_links(session: Session, filters: ExportFilters | None = None) -> 
 def event_line(link: Link) -> bytes:
     """One JSONL export line: the canonical body, then the two hashes (keys sorted, so the body's bytes
     appear verbatim and a verifier can hash them without parsing)."""
-    if link.raw_body is not None:
-        body = bytes(link.raw_body)
+    if link.raw_body is not None and raw_body_verifies(link, str(link.prev_hash)):
+        body = bytes(link.raw_body)  # the stored bytes are the hashed ones: export them verbatim
     else:
-        body = canonical_json(link.body() if link.body is not None else {}).encode()
+        body = canonical_json(link.body() if link.body is not None else parse_body(link.raw_body)).encode()
     return b"".join((b'{"body":', body, b',"hash":"', str(link.hash).encode("ascii"), b'","prev_hash":"',
                      str(link.prev_hash).encode("ascii"), b'","type":"event"}\n'))
 
@@ -169,7 +169,7 @@ def _csv_lines(session: Session, filters: ExportFilters) -> Iterator[str]:
 def iter_export(
     session: Session, fmt: ExportFormat = "jsonl", filters: ExportFilters | None = None
 ) -> Iterator[str]:
-    """Text chunks of an export, streamed (JSONL: header, events, checkpoints; CSV: events only)."""
+    """Text chunks of an export, streamed (JSONL: header, checkpoints, events; CSV: events only)."""
     chosen = filters or ExportFilters()
     if fmt == "jsonl":
         return _batched_lines(_jsonl_lines(session, chosen))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from audit.chain import canonical_json
 from audit.export import ExportError, ExportFilters, iter_export, write_evidence_pack
@@ -162,3 +163,11 @@ def test_evidence_pack_with_an_altered_policy_file_is_reported(sessions: Any, tm
             out.writestr(name, data)
     report = verify_export(forged)
     assert not report.ok and "policy_revisions/rev1.yaml does not match" in report.reason
+
+
+def test_jsonl_export_writes_canonical_bodies_even_for_payloads_stored_otherwise(sessions: Any) -> None:
+    with sessions() as session, session.begin():
+        session.execute(text("DROP TRIGGER audit_events_no_update"))
+        session.execute(text("UPDATE audit_events SET payload = '{\"seed\": 2 }' WHERE seq = 2"))
+    lines = export(sessions).splitlines()
+    assert all(canonical_json(json.loads(line)) == line for line in lines)
