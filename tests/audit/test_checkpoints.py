@@ -120,3 +120,14 @@ def test_timer_skips_a_tick_when_the_head_is_already_covered(session_factory: An
 def test_timer_refuses_an_unusable_key_at_construction(session_factory: Any, dev_ca: DevCA) -> None:
     with pytest.raises(CheckpointError, match="not an unencrypted PEM"):
         CheckpointTimer(session_factory, b"junk", dev_ca.chain_pem_path.read_bytes())
+
+
+def test_timer_stop_logs_a_failed_shutdown_checkpoint_instead_of_raising(
+    dev_ca: DevCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken_sessions() -> Any:
+        raise OSError("database is gone")
+
+    timer = CheckpointTimer(broken_sessions, dev_ca.key_path.read_bytes(), dev_ca.chain_pem_path.read_bytes())
+    assert timer.stop() is None
+    assert "shutdown audit checkpoint failed" in caplog.text
