@@ -223,3 +223,21 @@ def test_provenance_upload_explains_an_unsigned_image(dash: Dashboard) -> None:
                                 files={"image": ("plain.png", factories.png_bytes(), "image/png")})
     assert response.status_code == 200
     assert "No provenance" in response.text and "no C2PA manifest found" in response.text
+
+
+def test_dry_run_reports_how_many_stored_decisions_would_change(dash: Dashboard) -> None:
+    factories.park_for_review(dash.state)
+    factories.blocked_prompt(dash.state)
+    dash.sign_in("policy_admin")
+    source = _active_source(dash).replace(DEFAULT_VERSION, 'version: "1.0.1"')
+    response = dash.post("/dashboard/policies/dry-run", {"source": source, "reason": ""})
+    assert response.status_code == 200
+    assert re.search(r"<strong>\d+ of 2</strong> recent stored decisions would change", response.text)
+    assert dash.state.ctx.policies.active_revision().version == "1.0.0"  # nothing stored or activated
+
+
+def test_dry_run_of_an_invalid_policy_shows_its_problems(dash: Dashboard) -> None:
+    dash.sign_in("auditor")
+    response = dash.post("/dashboard/policies/dry-run", {"source": "id: x\nversion: 1\nbogus: true\n"})
+    assert response.status_code == 422
+    assert '<code class="field-path">bogus</code>' in response.text
