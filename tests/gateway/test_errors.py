@@ -1,0 +1,122 @@
+"""Bad input gets a clear 4xx with the error body, never a 500; limits answer 429 with Retry-After."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import REPO
+from tests.factories import write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    write_tiny_model(models, "tiny-c2i", "c2i")
+    return models
+
+
+@pytest.fixture
+def gw(gateway_factory, tiny_models):
+    return gateway_factory(models_dir=tiny_models, default_model="tiny-c2i",
+                           policy_file=REPO / "tests" / "data" / "lexical-only.yaml")
+
+
+def error_of(response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert body["error"]["request_id"] == response.headers["x-request-id"]
+    return body["error"]
+
+
+@pytest.mark.parametrize("payload,fragment", [
+    ({"model": "no-such-model", "class_id": 1}, "unknown model"),
+    ({"model": "tiny-c2i", "class_id": 10}, "out of range"),
+    ({"model": "tiny-c2i", "prompt": "a red star"}, "class-conditional"),
+    ({"model": "tiny-c2i", "class_id": 1, "params": {"top_p": 2}}, "top_p"),
+    ({"model": "tiny-c2i", "class_id": 1, "params": {"num_images": 9}}, "num_images"),
+    ({"model": "tiny-c2i", "prompt": "red\x00star", "class_id": 1}, "control characters"),
+    ({"model": "tiny-c2i", "class_id": "one"}, "class_id"),
+])
+def test_invalid_requests_get_422_naming_the_problem(gw, payload, fragment) -> None:
+    response = gw.client.post("/v1/generations", headers=gw.auth(gw.key("creator")), json=payload)
+    assert response.status_code == 422, response.text
+    error = error_of(response)
+    assert fragment in error["message"]
+    assert error["code"] in ("invalid_request", "unknown_model")
+
+
+def test_malformed_json_is_a_422_not_a_500(gw) -> None:
+    response = gw.client.post("/v1/generations", content=b'{"model": "tiny-c2i", "class_id": ',
+                              headers={**gw.auth(gw.key("creator")), "Content-Type": "application/json"})
+    assert response.status_code == 422 and error_of(response)["code"] == "invalid_request"
+
+
+def test_unknown_paths_and_methods_use_the_error_body(gw) -> None:
+    assert error_of(gw.client.get("/v1/nothing-here"))["code"] == "not_found"
+    assert error_of(gw.client.delete("/v1/models"))["code"] == "method_not_allowed"
+
+
+def test_junk_upload_to_provenance_verify_is_a_clear_4xx(gw) -> None:
+    response = gw.client.post("/v1/provenance/verify", content=b"this is not an image",
+                              headers={**gw.auth(gw.key("auditor")), "Content-Type": "image/png"})
+    assert response.status_code in (200, 422)
+    if response.status_code == 200:
+        assert response.json()["has_manifest"] is False
+    else:
+        assert error_of(response)["code"] == "invalid_request"
+
+
+def test_unsigned_png_is_reported_as_having_no_manifest(gw) -> None:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, format="PNG")
+    report = gw.client.post("/v1/provenance/verify", content=buf.getvalue(),
+                            headers={**gw.auth(gw.key("auditor")), "Content-Type": "image/png"}).json()
+    assert report["has_manifest"] is False and "no C2PA manifest" in report["summary"]
+
+
+def test_rate_limit_per_key_answers_429_with_retry_after(gateway_factory, tiny_models) -> None:
+    gw = gateway_factory(models_dir=tiny_models, default_model="tiny-c2i", rate_limit_per_minute=2,
+                         policy_file=REPO / "tests" / "data" / "lexical-only.yaml")
+    key = gw.key("creator")
+    statuses = [gw.client.post("/v1/moderations", headers=gw.auth(key), json={"prompt": "a red star"})
+                for _ in range(3)]
+    assert [r.status_code for r in statuses] == [200, 200, 429]
+    assert int(statuses[-1].headers["retry-after"]) >= 1
+    assert error_of(statuses[-1])["code"] == "rate_limited"
+    other = gw.key("creator")
+    assert gw.client.post("/v1/moderations", headers=gw.auth(other), json={"prompt": "a red star"}).status_code == 200
+
+
+def test_team_image_quota_answers_429(gateway_factory, tiny_models) -> None:
+    gw = gateway_factory(models_dir=tiny_models, default_model="tiny-c2i", team_quota_per_day=3,
+                         policy_file=REPO / "tests" / "data" / "lexical-only.yaml")
+    key = gw.key("creator", team="small")
+    first = gw.client.post("/v1/generations", headers=gw.auth(key), json={"class_id": 1, "params": {"num_images": 2}})
+    second = gw.client.post("/v1/generations", headers=gw.auth(key), json={"class_id": 1, "params": {"num_images": 2}})
+    assert first.status_code == 202 and second.status_code == 429
+    assert "quota" in error_of(second)["message"]
+    gw.wait(first.json()["id"], key)
+
+
+def test_moderation_screens_and_audits_without_generating(gw) -> None:
+    key = gw.key("creator")
+    result = gw.client.post("/v1/moderations", headers=gw.auth(key), json={"prompt": "something forbidden"})
+    assert result.status_code == 200
+    body = result.json()
+    assert body["decision"]["action"] == "block"
+    events = gw.client.get("/v1/audit/events", params={"action": "moderation.screened"},
+                           headers=gw.auth(gw.key("auditor"))).json()["data"]
+    assert body["audit_event_id"] in [e["id"] for e in events]
+    assert gw.client.get("/v1/generations", headers=gw.auth(key)).json()["count"] == 0
+
+
+def test_readiness_reports_each_dependency(gw) -> None:
+    ready = gw.client.get("/readyz")
+    assert ready.status_code == 200
+    assert set(ready.json()["checks"]) == {"database", "broker", "signer", "policy"}
+    assert gw.client.get("/healthz").json() == {"status": "ok"}
+    assert "gateway_http_requests_total" in gw.client.get("/metrics").text
