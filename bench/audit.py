@@ -223,6 +223,16 @@ def main() -> None:
                             print(f"  PostgreSQL  verify_database: {wall:10.0f} events/s ({cpu:.0f}/s of CPU time)")
                         engine.dispose()
                         print(f"  PostgreSQL  one-row durable commit: {postgres_commit_ms(url):.2f} ms median")
+        with postgres_database("bench_audit") as url:
+            # Not a configuration to run: it shows what the chain's lock path costs without the WAL flush.
+            database = url.rsplit("/", 1)[1]
+            engine = make_engine(url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+            with engine.connect() as connection:
+                connection.exec_driver_sql(f'ALTER DATABASE "{database}" SET synchronous_commit = off')
+            engine.dispose()
+            rate_ = appends_per_second(url, 4, args.events, 1)
+            print(f"  PostgreSQL  4 writer(s),  1 event(s)/commit, synchronous_commit=off (NOT durable; "
+                  f"lock path only): {rate_:8.0f} appends/s")
 
     events = synthetic_chain(args.verify_events)
     with tempfile.TemporaryDirectory() as tmp:
