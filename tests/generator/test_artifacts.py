@@ -28,3 +28,36 @@ def test_missing_artifact_is_a_clear_error(tmp_path) -> None:
 def test_unsupported_url_scheme_is_refused() -> None:
     with pytest.raises(ArtifactError, match="unsupported"):
         open_store("ftp://host/dir")
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """A real S3 HTTP endpoint on localhost (moto's server), as MinIO is in docker-compose."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="artifacts")
+    yield endpoint
+    server.stop()
+
+
+def test_s3_store_shares_artifacts_between_stores_on_different_hosts(s3_endpoint) -> None:
+    gateway_side = open_store("s3://artifacts/outputs", s3_endpoint_url=s3_endpoint)
+    worker_side = open_store("s3://artifacts/outputs", s3_endpoint_url=s3_endpoint)
+    uri = worker_side.put("job/0.png", b"\x89PNG signed")
+    assert uri == "s3://artifacts/outputs/job/0.png"
+    assert gateway_side.get("job/0.png") == b"\x89PNG signed" and gateway_side.exists("job/0.png")
+    assert not gateway_side.exists("job/1.png")
+
+
+def test_s3_store_reports_a_missing_bucket_clearly(s3_endpoint) -> None:
+    store = open_store("s3://no-such-bucket/x", s3_endpoint_url=s3_endpoint)
+    with pytest.raises(ArtifactError, match="cannot store"):
+        store.put("a.png", b"x")
