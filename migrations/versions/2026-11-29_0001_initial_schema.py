@@ -169,7 +169,7 @@ def downgrade() -> None:
 
 
 def _create_append_only_triggers() -> None:
-    dialect = op.get_bind().dialect.name
+    dialect = op.get_context().dialect.name
     if dialect == "postgresql":
         op.execute(
             """
@@ -200,7 +200,7 @@ def _create_append_only_triggers() -> None:
 
 
 def _drop_append_only_triggers() -> None:
-    dialect = op.get_bind().dialect.name
+    dialect = op.get_context().dialect.name
     if dialect == "postgresql":
         for table in APPEND_ONLY_TABLES:
             op.execute(f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}")
