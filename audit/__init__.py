@@ -1,0 +1,1 @@
+"""Audit log (hash chain, signed checkpoints, exports, erasable prompts) and C2PA provenance; see README.md."""
