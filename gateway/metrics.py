@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter("gateway_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram("gateway_http_request_seconds", "HTTP request latency", ["method", "route"])
 DECISIONS = Counter("gateway_decisions_total", "Policy decisions", ["stage", "action", "team", "model"])
+JOBS = Gauge("gateway_jobs", "Jobs by status (queued = queue depth)", ["status"])
 STAGE_SECONDS = Histogram("gateway_stage_seconds", "Pipeline stage latency", ["stage"])
 
 

@@ -525,3 +525,14 @@ def dry_run_policy(*, state: GatewayState, principal: Principal, source: str, li
 
     report = replay(candidate, history())
     return {**report.to_dict(), "summary": report.summary()}
+
+
+def refresh_queue_metrics(*, state: GatewayState) -> None:
+    """Job counts by status for /metrics (queued is the queue depth); skipped if the database is down."""
+    try:
+        with state.ctx.sessions() as session:
+            counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+    except Exception:
+        return
+    for status in ("queued", "review", "running", "completed", "blocked", "failed"):
+        metrics.JOBS.labels(status).set(counts.get(status, 0))

@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     worker_batch_size: int = Field(8, ge=1, le=64, description="dynamic batching: jobs per sampling run")
     worker_batch_wait_ms: int = Field(20, ge=0, le=5000, description="how long a worker waits to fill a batch")
     worker_concurrency: int = Field(1, ge=1, le=64)
+    worker_metrics_port: int | None = Field(None, ge=1, le=65535, description="Prometheus port of a worker")
     job_time_limit_s: int = Field(600, ge=5, description="hard limit per job; also the running-job lease")
     requeue_after_s: float = Field(60.0, gt=0, description="re-send a job still queued after this long")
     broker_visibility_timeout_s: int | None = Field(None, ge=5, description="redelivery of unacked jobs")

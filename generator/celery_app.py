@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
 from gateway.settings import get_settings
 
@@ -56,6 +56,14 @@ def worker_context() -> Any:
     return _context
 
 
+@worker_init.connect
+def _init_single_process_worker(sender: Any = None, **_: Any) -> None:
+    """Solo and thread pools run tasks in this process: prepare it here (prefork children do it below)."""
+    pool = str(getattr(sender, "pool_cls", "")).lower()
+    if "solo" in pool or "thread" in pool:
+        _init_worker_process()
+
+
 @worker_process_init.connect
 def _init_worker_process(**_: Any) -> None:
     from generator.llamagen import configure_runtime
@@ -63,6 +71,10 @@ def _init_worker_process(**_: Any) -> None:
     configure_runtime()
     ctx = worker_context()
     settings = get_settings()
+    if settings.worker_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.worker_metrics_port)
     try:
         ctx.registry.load(settings.default_model, ctx.device)
     except Exception:  # a worker can still serve other models; the failure is logged with its reason

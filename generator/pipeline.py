@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from prometheus_client import Counter, Histogram
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -36,6 +37,11 @@ GATEWAY_NAME = "llamagen-gateway"
 GATEWAY_VERSION = "0.1.0"
 ACTION_ORDER = {"allow": 0, "flag": 1, "review": 2, "block": 3}
 TERMINAL = {"completed", "blocked", "failed"}
+
+
+BATCH_SIZE = Histogram("worker_batch_size", "Jobs per sampling run", buckets=(1, 2, 4, 8, 16, 32, 64))
+BUSY_SECONDS = Counter("worker_busy_seconds_total", "Seconds spent sampling and decoding (utilisation)")
+OUTPUT_DECISIONS = Counter("worker_output_decisions_total", "Output screening decisions", ["action", "model"])
 
 
 class PipelineError(Exception):
@@ -208,6 +214,8 @@ def _run_group(ctx: PipelineContext, job_ids: Sequence[str]) -> None:
         t0 = time.perf_counter()
         outputs = model.generate([gen_request(j) for j in jobs], params)
         sampling_s = time.perf_counter() - t0
+        BATCH_SIZE.observe(len(jobs))
+        BUSY_SECONDS.inc(sampling_s)
     except Exception as exc:  # any model fault fails the jobs, with the reason recorded and audited
         log.exception("generation failed for jobs %s", list(job_ids))
         _fail(ctx, job_ids, f"generation failed: {exc}")
@@ -267,6 +275,7 @@ def _release(ctx: PipelineContext, job: Job, model: LoadedModel, output: Any, sa
         ctx.artifacts.put(key, data)
     output_decisions = [s.to_dict() for s in screenings]
     worst = strictest(s["decision"] for s in output_decisions) if output_decisions else "allow"
+    OUTPUT_DECISIONS.labels(worst, job.model).inc()
     t_audit = time.perf_counter()
     with ctx.sessions() as session, session.begin():
         row = session.get(Job, job.id, with_for_update=True)

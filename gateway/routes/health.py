@@ -28,5 +28,6 @@ def readyz(state: StateDep) -> JSONResponse:
 
 
 @router.get("/metrics", summary="Prometheus metrics")
-def metrics() -> Response:
+def metrics(state: StateDep) -> Response:
+    services.refresh_queue_metrics(state=state)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
