@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from generator.llamagen.conditioning import CaptionEmbedder, LabelEmbedder, build_prefix_mask
+from generator.llamagen.rope import apply_rotary_emb, precompute_freqs_cis_2d
+
 Task = Literal["c2i", "t2i"]
 
 # Official GPT_models table (gpt.py): name -> (n_layer, n_head, dim).
@@ -107,35 +110,6 @@ class ModelArgs:
     def kv_heads(self) -> int:
         """Key/value head count (n_kv_head None means plain multi-head attention)."""
         return self.n_head if self.n_kv_head is None else self.n_kv_head
-
-
-def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float, cls_token_num: int) -> Tensor:
-    """Rotary table [P + grid**2, head_dim // 2, 2] (cos, sin) in float32; the P prefix rows are zeros."""
-    half = head_dim // 2
-    freqs = 1.0 / (base ** (torch.arange(0, half, 2, device="cpu")[: half // 2].float() / half))  # (k,)
-    t = torch.arange(grid_size, device="cpu", dtype=torch.float32)
-    angles = torch.outer(t, freqs)  # (grid, k)
-    grid = torch.cat(
-        [
-            angles[:, None, :].expand(-1, grid_size, -1),  # first k pairs turn with the row
-            angles[None, :, :].expand(grid_size, -1, -1),  # last k pairs turn with the column
-        ],
-        dim=-1,
-    )  # (grid, grid, half)
-    table = torch.stack([torch.cos(grid), torch.sin(grid)], dim=-1).flatten(0, 1)  # (grid**2, half, 2)
-    prefix = torch.zeros(cls_token_num, half, 2, device="cpu")
-    return torch.cat([prefix, table], dim=0)
-
-
-def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
-    """Rotate interleaved pairs of x [B, L, H, d] by freqs_cis [L, d/2, 2]; computed in float32."""
-    B, L, H, d = x.shape
-    xs = x.float().reshape(B, L, H, d // 2, 2)
-    fc = freqs_cis.view(1, L, 1, d // 2, 2)
-    x0, x1 = xs[..., 0], xs[..., 1]
-    cos, sin = fc[..., 0], fc[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)  # (B, L, H, d/2, 2)
-    return out.flatten(3).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -277,78 +251,6 @@ class TransformerBlock(nn.Module):
     ) -> Tensor:
         h = x + self.attention.forward_cached(self.attention_norm(x), freqs_cis, input_pos, kv_len, mask)
         return h + self.feed_forward(self.ffn_norm(h))
-
-
-class LabelEmbedder(nn.Module):
-    """Class ids -> [B, 1, D]; row num_classes is the learned null class used by CFG."""
-
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        extra = 1 if args.class_dropout_prob > 0 else 0
-        self.embedding_table = nn.Embedding(args.num_classes + extra, args.dim)
-        self.num_classes = args.num_classes
-        self.dropout_prob = args.class_dropout_prob
-
-    def null_condition(self, labels: Tensor) -> Tensor:
-        return torch.full_like(labels, self.num_classes)
-
-    def forward(self, labels: Tensor, train: bool = False) -> Tensor:
-        if train and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-            labels = torch.where(drop, self.num_classes, labels)
-        return self.embedding_table(labels).unsqueeze(1)  # (B, 1, D)
-
-
-class CaptionMLP(nn.Module):
-    def __init__(self, in_features: int, hidden: int, out_features: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden, bias=False)
-        self.fc2 = nn.Linear(hidden, out_features, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-class CaptionEmbedder(nn.Module):
-    """Caption features [B, caption_len, caption_dim] -> [B, caption_len, D]; owns the null caption."""
-
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.cap_proj = CaptionMLP(args.caption_dim, args.dim, args.dim)
-        # A persistent buffer in the official state_dict (the learned null caption).
-        self.register_buffer(
-            "uncond_embedding", torch.randn(args.caption_len, args.caption_dim) / args.caption_dim**0.5
-        )
-        self.uncond_embedding: Tensor
-        self.dropout_prob = args.class_dropout_prob
-
-    def null_condition(self, caption: Tensor) -> Tensor:
-        return self.uncond_embedding.to(caption.dtype).expand(caption.shape[0], -1, -1)
-
-    def forward(self, caption: Tensor, train: bool = False) -> Tensor:
-        if train and self.dropout_prob > 0:
-            drop = torch.rand(caption.shape[0], device=caption.device) < self.dropout_prob
-            caption = torch.where(drop[:, None, None], self.uncond_embedding.to(caption.dtype), caption)
-        return self.cap_proj(caption)
-
-
-def build_prefix_mask(emb_mask: Tensor, query_len: int, key_len: int, query_start: int = 0) -> Tensor:
-    """Official t2i attention mask [B, 1, query_len, key_len] (bool, True = attend).
-
-    Causal over absolute positions, caption keys where emb_mask is 0 hidden from every query, and the
-    diagonal forced on so padding rows still attend to themselves.
-    """
-    B, P = emb_mask.shape
-    device = emb_mask.device
-    q_pos = torch.arange(query_start, query_start + query_len, device=device)[:, None]  # (Lq, 1)
-    k_pos = torch.arange(key_len, device=device)[None, :]  # (1, Lk)
-    causal = k_pos <= q_pos
-    key_ok = torch.ones(B, key_len, dtype=torch.bool, device=device)
-    n = min(P, key_len)
-    key_ok[:, :n] = emb_mask[:, :n].bool()
-    mask = causal[None] & key_ok[:, None, :]  # (B, Lq, Lk)
-    mask = mask | (k_pos == q_pos)[None]
-    return mask[:, None]  # (B, 1, Lq, Lk)
 
 
 class Transformer(nn.Module):

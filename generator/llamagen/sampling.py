@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from generator.llamagen.model import build_prefix_mask, find_multiple
+from generator.llamagen.conditioning import build_prefix_mask
+from generator.llamagen.model import find_multiple
 
 if TYPE_CHECKING:
     from generator.llamagen.model import Transformer

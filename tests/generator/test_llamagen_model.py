@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from generator.llamagen import ModelArgs, Transformer
-from generator.llamagen.model import apply_rotary_emb, precompute_freqs_cis_2d
+from generator.llamagen.rope import apply_rotary_emb, precompute_freqs_cis_2d
 from tests.generator.conftest import tiny_args, tiny_gpt
 
 KEYS_DIR = Path("/work/shared/docs/llamagen-keys")

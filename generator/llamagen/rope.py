@@ -1,0 +1,37 @@
+# 2D rotary position embedding of LlamaGen, from docs/llamagen.md section 2.5 (official
+# autoregressive/models/gpt.py precompute_freqs_cis_2d / apply_rotary_emb, arXiv 2406.06525; after gpt-fast).
+"""2D RoPE: a row/column rotary table with zero rows for the prefix, applied to interleaved pairs."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float, cls_token_num: int) -> Tensor:
+    """Rotary table [P + grid**2, head_dim // 2, 2] (cos, sin) in float32; the P prefix rows are zeros."""
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2, device="cpu")[: half // 2].float() / half))  # (k,)
+    t = torch.arange(grid_size, device="cpu", dtype=torch.float32)
+    angles = torch.outer(t, freqs)  # (grid, k)
+    grid = torch.cat(
+        [
+            angles[:, None, :].expand(-1, grid_size, -1),  # first k pairs turn with the row
+            angles[None, :, :].expand(grid_size, -1, -1),  # last k pairs turn with the column
+        ],
+        dim=-1,
+    )  # (grid, grid, half)
+    table = torch.stack([torch.cos(grid), torch.sin(grid)], dim=-1).flatten(0, 1)  # (grid**2, half, 2)
+    prefix = torch.zeros(cls_token_num, half, 2, device="cpu")
+    return torch.cat([prefix, table], dim=0)
+
+
+def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
+    """Rotate interleaved pairs of x [B, L, H, d] by freqs_cis [L, d/2, 2]; computed in float32."""
+    B, L, H, d = x.shape
+    xs = x.float().reshape(B, L, H, d // 2, 2)
+    fc = freqs_cis.view(1, L, 1, d // 2, 2)
+    x0, x1 = xs[..., 0], xs[..., 1]
+    cos, sin = fc[..., 0], fc[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)  # (B, L, H, d/2, 2)
+    return out.flatten(3).type_as(x)
