@@ -107,7 +107,10 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def _materialise(model: nn.Module, state: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype) -> None:
-    converted = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    # copy=True: never keep weights backed by the memory-mapped file, which could change under a live model.
+    converted = {
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()
+    }
     model.load_state_dict(converted, strict=True, assign=True)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
