@@ -55,9 +55,9 @@ def canonical_json(value: Any) -> str:
     """The one serialisation that is hashed and signed (see the module docstring)."""
     try:
         return _ENCODER.encode(value)
-    except ValueError as exc:  # allow_nan=False raises a plain ValueError
-        if isinstance(exc, CanonicalJSONError):
-            raise
+    except CanonicalJSONError:
+        raise
+    except (ValueError, TypeError) as exc:  # NaN/infinity; keys of mixed types that cannot be sorted
         raise CanonicalJSONError(f"not canonical JSON: {exc}") from exc
 
 

@@ -64,6 +64,11 @@ def test_canonical_json_refuses_nan_and_infinity() -> None:
         canonical_json({"score": float("nan")})
 
 
+def test_canonical_json_refuses_keys_that_cannot_be_sorted() -> None:
+    with pytest.raises(CanonicalJSONError, match="not canonical JSON"):
+        canonical_json({1: "a", "b": 2})
+
+
 def test_canonical_json_writes_datetimes_as_utc_with_microseconds() -> None:
     paris = timezone(timedelta(hours=1))
     assert canonical_json(datetime(2026, 1, 31, 13, 0, tzinfo=paris)) == '"2026-01-31T12:00:00.000000Z"'
