@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import c2pa  # type: ignore[import-untyped]
+import c2pa
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
