@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image
 from sqlalchemy import func, select
@@ -405,8 +405,8 @@ def list_events(*, session: Session, principal: Principal, action: str | None, t
     return [_event_public(e) for e in rows], total
 
 
-def export_events(*, state: GatewayState, principal: Principal, fmt: str, action: str | None, team: str | None,
-                  since: datetime | None, until: datetime | None) -> Iterator[str]:
+def export_events(*, state: GatewayState, principal: Principal, fmt: Literal["jsonl", "csv"], action: str | None,
+                  team: str | None, since: datetime | None, until: datetime | None) -> Iterator[str]:
     """A generator of text chunks that owns its own session (the response streams after the handler)."""
     principal.require("auditor")
     filters = ExportFilters(action=action, team=team, since=since, until=until)

@@ -198,8 +198,7 @@ def _fail(ctx: PipelineContext, job_ids: Sequence[str], message: str) -> None:
 
 def _run_group(ctx: PipelineContext, job_ids: Sequence[str]) -> None:
     with ctx.sessions() as session:
-        jobs = [session.get(Job, j) for j in job_ids]
-        jobs = [j for j in jobs if j is not None]
+        jobs = [job for job in (session.get(Job, j) for j in job_ids) if job is not None]
         session.expunge_all()
     if not jobs:
         return

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Query, Request, Response
 
 from audit.models import Job
 from gateway import services
 from gateway.deps import CallerDep, RequestIdDep, SessionDep, StateDep
-from gateway.schemas import ErrorResponse, GenerationCreate, GenerationPublic, ImagePublic, Page
+from gateway.schemas import ErrorResponse, GenerationCreate, GenerationPublic, ImagePublic, Page, Status
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -21,7 +21,8 @@ def to_public(job: Job, request: Request) -> GenerationPublic:
     images = [ImagePublic(index=i["index"], sha256=i["sha256"], manifest_id=i["manifest_id"],
                           audit_event_id=i["event_id"], width=i["width"], height=i["height"],
                           url=f"{base}/v1/generations/{job.id}/images/{i['index']}") for i in job.images]
-    return GenerationPublic(id=job.id, status=job.status, model=job.model, model_card_hash=job.model_card_hash,
+    return GenerationPublic(id=job.id, status=cast(Status, job.status), model=job.model,
+                            model_card_hash=job.model_card_hash,
                             team=job.team, task=job.task, prompt=job.prompt, class_id=job.class_id,
                             params=job.params, policy_revision=job.policy_revision, decisions=job.decisions,
                             images=images, error=job.error, timings=job.timings or {}, cost=job.cost or {},
