@@ -26,6 +26,7 @@ EXPORT_VERSION = 1
 CSV_COLUMNS = ("seq", "id", "ts", "action", "key_id", "team", "job_id", "payload", "prev_hash", "hash")
 BATCH = 1000
 HOW_TO_VERIFY = Path(__file__).with_name("HOW-TO-VERIFY.txt")
+OFFLINE_VERIFIER = Path(__file__).with_name("offline_verifier.py")
 
 ExportFormat = Literal["jsonl", "csv"]
 
@@ -186,8 +187,8 @@ def write_evidence_pack(
     model_cards: Iterable[ModelCardRecord] | None = None,
 ) -> Path:
     """Write a zip an auditor can verify with no database: the whole chain, checkpoints, policies,
-    model cards, public certificates, erasable prompt texts still held, a SHA-256 manifest, and
-    HOW-TO-VERIFY.txt. Revisions and cards default to every one stored.
+    model cards, public certificates, erasable prompt texts still held, a SHA-256 manifest,
+    HOW-TO-VERIFY.txt and a standard-library chain checker. Revisions and cards default to all stored.
     """
     revisions = list(policy_revisions) if policy_revisions is not None else list(
         session.scalars(select(PolicyRevision).order_by(PolicyRevision.created_at))
@@ -216,6 +217,7 @@ def write_evidence_pack(
         for cert in certs:
             put(f"certs/{cert.name}", cert.read_bytes())
         put("HOW-TO-VERIFY.txt", HOW_TO_VERIFY.read_text(encoding="utf-8"))
+        put("verify_chain.py", OFFLINE_VERIFIER.read_text(encoding="utf-8"))
         manifest = "".join(f"{digest}  {name}\n" for name, digest in sorted(digests.items()))
         pack.writestr("MANIFEST.sha256", manifest)
     return path

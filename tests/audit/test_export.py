@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import subprocess
+import sys
 import zipfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -145,6 +147,7 @@ def test_evidence_pack_holds_every_part_an_auditor_needs(sessions: Any, dev_ca: 
             "certs/DEV-ONLY-root-ca.pem",
             "HOW-TO-VERIFY.txt",
             "MANIFEST.sha256",
+            "verify_chain.py",
         } <= names
         assert json.loads(z.read("model_cards.json"))[0]["content_hash"] == "c" * 64
         assert json.loads(z.read("prompts.jsonl"))["text"] == "a red fox"
@@ -171,3 +174,32 @@ def test_jsonl_export_writes_canonical_bodies_even_for_payloads_stored_otherwise
         session.execute(text("UPDATE audit_events SET payload = '{\"seed\": 2 }' WHERE seq = 2"))
     lines = export(sessions).splitlines()
     assert all(canonical_json(json.loads(line)) == line for line in lines)
+
+
+def unpack(pack: Path, into: Path) -> Path:
+    with zipfile.ZipFile(pack) as z:
+        z.extractall(into)
+    return into
+
+
+def run_offline_verifier(directory: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "verify_chain.py", "events.jsonl"], cwd=directory, capture_output=True, text=True, check=False
+    )
+
+
+def test_evidence_pack_carries_a_standalone_verifier_that_accepts_the_chain(sessions: Any, tmp_path: Path) -> None:
+    with sessions() as session:
+        pack = write_evidence_pack(session, tmp_path / "evidence.zip", [])
+    result = run_offline_verifier(unpack(pack, tmp_path / "pack"))
+    assert result.returncode == 0 and "chain OK: 3 events" in result.stdout
+
+
+def test_standalone_verifier_reports_an_altered_event(sessions: Any, tmp_path: Path) -> None:
+    with sessions() as session:
+        pack = write_evidence_pack(session, tmp_path / "evidence.zip", [])
+    directory = unpack(pack, tmp_path / "pack")
+    events = directory / "events.jsonl"
+    events.write_text(events.read_text().replace('"seed":2', '"seed":3'))
+    result = run_offline_verifier(directory)
+    assert result.returncode == 1 and "seq 2: hash does not match" in result.stderr

@@ -1,0 +1,63 @@
+"""Standalone chain check shipped in every evidence pack as verify_chain.py: Python 3.8+, standard library only.
+
+    python3 verify_chain.py events.jsonl
+
+Recomputes every event hash and link of a full export from genesis and checks that every checkpoint's
+(seq, head_hash) is on the chain. It does not check checkpoint signatures (that needs a crypto library:
+see HOW-TO-VERIFY.txt). It deliberately repeats the rules of audit/chain.py instead of importing them, so
+an auditor can read the whole check on one page. Exit status 0: the chain verifies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from typing import Any
+
+GENESIS = "0" * 64
+
+
+def canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def check(path: str) -> str | None:
+    checkpoints: dict[int, str] = {}
+    prev, expected = GENESIS, 1
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            record = json.loads(line)
+            kind = record.get("type")
+            if kind == "header":
+                if record.get("filters"):
+                    return f"{path} is a filtered export: only a full export proves the chain"
+            elif kind == "checkpoint":
+                checkpoints[record["seq"]] = record["head_hash"]
+            elif kind == "event":
+                body = record["body"]
+                if body["seq"] != expected:
+                    return f"line {number}: expected seq {expected}, found {body['seq']} (deleted or moved)"
+                if record["prev_hash"] != prev:
+                    return f"seq {expected}: prev_hash does not match the previous event's hash"
+                digest = hashlib.sha256((prev + "\n" + canonical(body)).encode("utf-8")).hexdigest()
+                if digest != record["hash"]:
+                    return f"seq {expected}: hash does not match the event's content (event altered)"
+                if checkpoints.get(expected, digest) != digest:
+                    return f"seq {expected}: a checkpoint signs a different hash"
+                prev, expected = digest, expected + 1
+    last = expected - 1
+    beyond = [seq for seq in checkpoints if seq > last]
+    if beyond:
+        return f"a checkpoint covers seq {max(beyond)} but the chain ends at seq {last} (events truncated)"
+    covered = max(checkpoints, default=0)
+    print(f"chain OK: {last} events; {last - covered} tail event(s) after the last checkpoint")  # noqa: T201
+    return None
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python3 verify_chain.py events.jsonl")
+    problem = check(sys.argv[1])
+    if problem:
+        sys.exit(f"chain BROKEN: {problem}")
