@@ -106,7 +106,7 @@ DecodeFn = Callable[[Tensor, Tensor, int, "Tensor | None"], Tensor]
 
 
 @dataclass
-class _Plan:
+class DecodePlan:
     """Per-run tensors allocated once: positions, the t2i key mask and the output buffer."""
 
     rows: int
@@ -150,7 +150,7 @@ def decode_one_token(
 def decode_n_tokens(
     decode: DecodeFn,
     first: Tensor,
-    plan: _Plan,
+    plan: DecodePlan,
     prefix_len: int,
     params: SamplingParams,
     generators: Sequence[torch.Generator],
@@ -173,7 +173,7 @@ def _eager_decode(model: Transformer) -> DecodeFn:
     return run
 
 
-def _static_decode(model: Transformer, plan: _Plan) -> DecodeFn:
+def _static_decode(model: Transformer, plan: DecodePlan) -> DecodeFn:
     """Fixed-shape decode over the whole cache, compiled once per model with CUDA graphs."""
     compiled = getattr(model, "_compiled_decode_static", None)
     if compiled is None:
@@ -231,7 +231,7 @@ def generate(
     if emb_mask is not None:
         key_ok = torch.ones(rows, 1, 1, max_seq, dtype=torch.bool, device=device)
         key_ok[:, 0, 0, :P] = emb_mask
-    plan = _Plan(
+    plan = DecodePlan(
         rows=rows,
         max_seq=max_seq,
         positions=torch.arange(max_seq, device=device),
