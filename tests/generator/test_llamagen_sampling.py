@@ -244,3 +244,9 @@ def test_compiled_static_decode_on_cuda_gives_the_eager_greedy_tokens() -> None:
 def test_compiled_decode_is_refused_off_cuda(c2i_model: Transformer) -> None:
     with pytest.raises(ValueError, match="needs a CUDA device"):
         c2i_model.generate(torch.tensor([1]), 4, compile=True)
+
+
+def test_head_dim_100_as_in_gpt_3b_decodes_like_full_recomputation() -> None:
+    model = tiny_gpt(dim=200, n_head=2)  # head_dim 100: 25 rotary frequencies per axis
+    ids = model.generate(torch.tensor([3]), 16, cfg_scale=1.0, top_k=1)
+    assert torch.equal(model.forward_logits(torch.tensor([3]), ids[:, :-1]).argmax(-1), ids)
