@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+from gateway.stats.aggregates import (
+    DECISION_ACTIONS,
+    OUTCOMES,
+    Breakdown,
+    Overview,
+    OverviewCache,
+    overview,
+)
 from gateway.stats.events import (
     ChainPosition,
     EventDetail,
@@ -12,14 +20,6 @@ from gateway.stats.events import (
     event_teams,
     fired_rules,
     search_events,
-)
-from gateway.stats.overview import (
-    DECISION_ACTIONS,
-    OUTCOMES,
-    Breakdown,
-    Overview,
-    OverviewCache,
-    overview,
 )
 
 __all__ = ["DECISION_ACTIONS", "OUTCOMES", "Breakdown", "ChainPosition", "EventDetail", "EventFilters",

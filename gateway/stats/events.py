@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Text, cast, func, or_, select
+from sqlalchemy import ColumnElement, Text, cast, func, or_, select, text
 from sqlalchemy.orm import Session
 
 from audit.chain import Anchor, ChainReport, verify_fragments
@@ -21,8 +21,10 @@ from audit.export import event_record
 from audit.models import AuditEvent, ChainCheckpoint, Job
 from gateway.auth import Principal
 from gateway.errors import InvalidRequest, NotFound
-from gateway.stats.overview import DECISION_ACTIONS
+from gateway.stats.aggregates import DECISION_ACTIONS
 
+# A page of the explorer filtered on payload content examines at most this many events.
+SCAN_SPAN = 20_000
 # Event detail verifies the stretch up to the covering checkpoint when it is at most this long.
 MAX_SEGMENT = 5_000
 
@@ -42,6 +44,11 @@ class EventFilters:
     rule: str | None = None
     text: str | None = None
 
+    @property
+    def reads_payloads(self) -> bool:
+        """True when matching needs each event's payload (no index helps), so scans are bounded."""
+        return bool(self.model or self.rule or self.text)
+
     def conditions(self) -> list[ColumnElement[bool]]:
         where: list[ColumnElement[bool]] = []
         if self.since is not None:
@@ -58,11 +65,11 @@ class EventFilters:
                              AuditEvent.payload["context"]["model"].as_string() == self.model))
         payload_text = cast(AuditEvent.payload, Text)
         if self.rule:
-            # A reason is stored as {"rule_id": "<id>", ...}: compact when the engine writes canonical JSON,
-            # with json.dumps' default spacing otherwise.
-            rule = json.dumps(self.rule)
-            where.append(or_(payload_text.contains(f'"rule_id":{rule}', autoescape=True),
-                             payload_text.contains(f'"rule_id": {rule}', autoescape=True)))
+            # Payloads are stored as canonical JSON (audit.db.make_engine's serializer): compact, so a reason
+            # reads {"rule_id":"<id>",...}. Only screenings name the rules that fired.
+            where.append(AuditEvent.action.in_(DECISION_ACTIONS))
+            where.append(payload_text.contains(f'"rule_id":{json.dumps(self.rule, ensure_ascii=False)}',
+                                               autoescape=True))
         if self.text:
             needle = self.text.strip()
             where.append(or_(AuditEvent.id == needle, AuditEvent.job_id == needle,
@@ -73,25 +80,39 @@ class EventFilters:
 
 @dataclass
 class EventPage:
-    """One page of events, newest first; `next_before` is the keyset cursor of the next (older) page."""
+    """One page of events, newest first; `next_before` is the keyset cursor of the next (older) page.
+
+    `searched` is the seq range examined when a filter had to read payloads (rule, model, text): such a
+    page looks at most `scan_span` events, so a rare term costs several pages, never one slow one.
+    """
 
     events: list[dict[str, Any]]
     next_before: int | None
+    searched: tuple[int, int] | None = None
 
 
 def search_events(*, session: Session, principal: Principal, filters: EventFilters, limit: int = 50,
-                  before: int | None = None) -> EventPage:
+                  before: int | None = None, scan_span: int = SCAN_SPAN) -> EventPage:
     """Audit events matching `filters`, newest first, keyset-paginated on `seq` (no OFFSET, no COUNT)."""
     principal.require("auditor")
     if not 1 <= limit <= 500:
         raise InvalidRequest(f"limit must be between 1 and 500, not {limit}")
     query = (select(AuditEvent, Job.model).outerjoin(Job, Job.id == AuditEvent.job_id)
              .where(*filters.conditions()))
-    if before is not None:
-        query = query.where(AuditEvent.seq < before)
+    top = before if before is not None else (session.scalar(select(func.max(AuditEvent.seq))) or 0) + 1
+    query = query.where(AuditEvent.seq < top)
+    floor = None
+    if filters.reads_payloads:
+        floor = max(1, top - scan_span)
+        query = query.where(AuditEvent.seq >= floor)
     rows = session.execute(query.order_by(AuditEvent.seq.desc()).limit(limit + 1)).all()
     events = [_event_row(event, model) for event, model in rows[:limit]]
-    return EventPage(events=events, next_before=events[-1]["seq"] if len(rows) > limit else None)
+    if len(rows) > limit:
+        next_before: int | None = events[-1]["seq"]
+    else:
+        next_before = floor if floor is not None and floor > 1 else None
+    searched = (floor, top - 1) if floor is not None and len(rows) <= limit else None
+    return EventPage(events=events, next_before=next_before, searched=searched)
 
 
 def _event_row(event: AuditEvent, job_model: str | None) -> dict[str, Any]:
@@ -116,16 +137,30 @@ def fired_rules(payload: dict[str, Any]) -> list[str]:
     return seen
 
 
+def _distinct(session: Session, column: str) -> list[str]:
+    """Distinct values of an indexed audit_events column by a loose index scan: one index probe per value,
+    instead of reading every row (what SELECT DISTINCT does on PostgreSQL)."""
+    assert column in ("action", "team")  # identifiers, not user input
+    query = text(f"""
+        WITH RECURSIVE v(value) AS (
+            SELECT min({column}) FROM audit_events
+            UNION ALL
+            SELECT (SELECT min({column}) FROM audit_events WHERE {column} > v.value) FROM v WHERE v.value IS NOT NULL
+        )
+        SELECT value FROM v WHERE value IS NOT NULL""")
+    return [str(value) for value in session.scalars(query)]
+
+
 def event_actions(*, session: Session, principal: Principal) -> list[str]:
     """The distinct event actions present (for the explorer's action filter)."""
     principal.require("auditor")
-    return list(session.scalars(select(AuditEvent.action).distinct().order_by(AuditEvent.action)))
+    return _distinct(session, "action")
 
 
 def event_teams(*, session: Session, principal: Principal) -> list[str]:
     """The distinct teams present in the audit log (for the explorer's team filter)."""
     principal.require("auditor")
-    return list(session.scalars(select(AuditEvent.team).distinct().order_by(AuditEvent.team)))
+    return _distinct(session, "team")
 
 
 # --- event detail -----------------------------------------------------------------------------------

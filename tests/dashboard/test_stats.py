@@ -180,3 +180,27 @@ def test_event_detail_is_anchored_once_a_signed_checkpoint_covers_it(history) ->
         detail = stats.event_detail(session=session, principal=AUDITOR, event_id=first["id"])
     assert detail.chain.state == "anchored", detail.chain.explanation
     assert detail.chain.verified.ok
+
+
+def test_filter_choices_list_each_action_and_team_once_in_order(history) -> None:
+    state, _ = history
+    with state.ctx.sessions() as session:
+        actions = stats.event_actions(session=session, principal=AUDITOR)
+        teams = stats.event_teams(session=session, principal=AUDITOR)
+    assert actions == sorted(set(actions)) and {"prompt.screened", "image.released"} <= set(actions)
+    assert teams == sorted(set(teams)) and {"ads", "design"} <= set(teams)
+
+
+def test_payload_filters_scan_a_bounded_span_and_offer_the_older_one(history) -> None:
+    state, ids = history
+    with state.ctx.sessions() as session:
+        head = stats.search_events(session=session, principal=AUDITOR, filters=stats.EventFilters(),
+                                   limit=1).events[0]["seq"]
+        newest = stats.search_events(session=session, principal=AUDITOR, scan_span=3,
+                                     filters=stats.EventFilters(rule="public_figures"))
+        older = stats.search_events(session=session, principal=AUDITOR, scan_span=head,
+                                    filters=stats.EventFilters(rule="public_figures"), before=newest.next_before)
+    assert newest.events == [] and newest.searched == (head - 2, head)
+    assert newest.next_before == head - 2
+    assert [e["job_id"] for e in older.events] == [ids["review"][0]]
+    assert older.next_before is None

@@ -64,10 +64,14 @@ def _queries(dialect: str) -> dict[str, str]:
             FROM audit_events AS e LEFT JOIN jobs AS j ON j.id = e.job_id
             WHERE {window} AND {d['action']} IN {_IN_DECISIONS}
             GROUP BY 1, 2, 3, 4""",
+        # The window's non-allow decisions first (MATERIALIZED: the planner must not unnest the whole log).
         "rules": f"""
+            WITH decided AS MATERIALIZED (
+                SELECT e.ts, e.payload FROM audit_events AS e
+                WHERE {window} AND {d['action']} IN {_IN_DECISIONS} AND {j['outcome']} != 'allow'
+            )
             SELECT {d['period']} AS period, {j['rule']} AS rule_id, {j['rule_action']} AS outcome, count(*)
-            FROM audit_events AS e, {j['reasons']}
-            WHERE {window} AND {d['action']} IN {_IN_DECISIONS} AND {j['outcome']} != 'allow'
+            FROM decided AS e, {j['reasons']}
             GROUP BY 1, 2, 3""",
         "volumes": f"""
             SELECT {d['period']} AS period, e.action, count(*)
