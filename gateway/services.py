@@ -418,9 +418,16 @@ def export_events(*, state: GatewayState, principal: Principal, fmt: Literal["js
     return chunks()
 
 
-def verify_audit(*, session: Session, principal: Principal) -> dict[str, Any]:
+def verify_audit(*, state: GatewayState, session: Session, principal: Principal) -> dict[str, Any]:
+    """The chain, and the checkpoint signers checked against the configured trust anchors."""
     principal.require("auditor")
-    return verify_database(session).to_dict()
+    result: dict[str, Any] = verify_database(session, trust_anchors_pem=_trust_anchors(state)).to_dict()
+    return result
+
+
+def _trust_anchors(state: GatewayState) -> str | None:
+    anchors = state.settings.trust_anchors
+    return anchors.read_text() if anchors is not None and anchors.is_file() else None
 
 
 def verify_provenance(*, state: GatewayState, data: bytes, mime: str) -> dict[str, Any]:
@@ -428,10 +435,8 @@ def verify_provenance(*, state: GatewayState, data: bytes, mime: str) -> dict[st
         mime = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg" if data[:2] == b"\xff\xd8" else ""
     if not mime:
         raise InvalidRequest("the upload is not a PNG or JPEG image")
-    anchors = state.settings.trust_anchors
-    anchors_pem = anchors.read_text() if anchors and anchors.is_file() else None
     try:
-        report = verify_image(data, mime=mime, trust_anchors_pem=anchors_pem)
+        report = verify_image(data, mime=mime, trust_anchors_pem=_trust_anchors(state))
     except ProvenanceError as exc:
         raise InvalidRequest(f"cannot read this image: {exc}") from exc
     result: dict[str, Any] = report.to_dict()

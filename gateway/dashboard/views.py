@@ -156,8 +156,8 @@ def audit_explorer(request: Request, state: StateDep, session: SessionDep, signe
 
 
 @router.get("/audit/verify", response_class=HTMLResponse)
-def audit_verify(request: Request, session: SessionDep, signed: SignedInDep) -> HTMLResponse:
-    report = services.verify_audit(session=session, principal=signed.principal)
+def audit_verify(request: Request, state: StateDep, session: SessionDep, signed: SignedInDep) -> HTMLResponse:
+    report = services.verify_audit(state=state, session=session, principal=signed.principal)
     return render(request, "verify.html", signed, report=report)
 
 

@@ -43,5 +43,5 @@ def export(state: StateDep, caller: CallerDep, format: Literal["jsonl", "csv"] =
 
 
 @router.get("/verify", response_model=dict[str, Any], responses=ERRORS, summary="Verify the hash chain")
-def verify(session: SessionDep, caller: CallerDep) -> dict[str, Any]:
-    return services.verify_audit(session=session, principal=caller)
+def verify(state: StateDep, session: SessionDep, caller: CallerDep) -> dict[str, Any]:
+    return services.verify_audit(state=state, session=session, principal=caller)
