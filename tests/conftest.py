@@ -16,6 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODELS = REPO / "models"
 DEFAULT_POLICY = REPO / "policies" / "rules" / "default.yaml"
+LEXICAL_POLICY = REPO / "tests" / "data" / "lexical-only.yaml"  # loads instantly: for mechanics tests
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Any:
@@ -27,6 +28,17 @@ def make_settings(data_dir: Path, **overrides: Any) -> Any:
                               "worker_batch_wait_ms": 5, "log_json": False, "device": "cpu"}
     values.update(overrides)
     return Settings(_env_file=None, **values)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models directory with tiny random-weight `tiny-c2i` and `tiny-t2i` models and their cards."""
+    from tests.factories import write_tiny_model
+
+    models = tmp_path_factory.mktemp("tiny-models")
+    write_tiny_model(models, "tiny-c2i", "c2i")
+    write_tiny_model(models, "tiny-t2i", "t2i")
+    return models
 
 
 @pytest.fixture

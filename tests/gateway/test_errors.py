@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import REPO
-from tests.factories import write_tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    models = tmp_path_factory.mktemp("models")
-    write_tiny_model(models, "tiny-c2i", "c2i")
-    return models
+from tests.conftest import LEXICAL_POLICY
 
 
 @pytest.fixture
 def gw(gateway_factory, tiny_models):
     return gateway_factory(models_dir=tiny_models, default_model="tiny-c2i",
-                           policy_file=REPO / "tests" / "data" / "lexical-only.yaml")
+                           policy_file=LEXICAL_POLICY)
 
 
 def error_of(response) -> dict:
@@ -80,7 +72,7 @@ def test_unsigned_png_is_reported_as_having_no_manifest(gw) -> None:
 
 def test_rate_limit_per_key_answers_429_with_retry_after(gateway_factory, tiny_models) -> None:
     gw = gateway_factory(models_dir=tiny_models, default_model="tiny-c2i", rate_limit_per_minute=2,
-                         policy_file=REPO / "tests" / "data" / "lexical-only.yaml")
+                         policy_file=LEXICAL_POLICY)
     key = gw.key("creator")
     statuses = [gw.client.post("/v1/moderations", headers=gw.auth(key), json={"prompt": "a red star"})
                 for _ in range(3)]
@@ -93,7 +85,7 @@ def test_rate_limit_per_key_answers_429_with_retry_after(gateway_factory, tiny_m
 
 def test_team_image_quota_answers_429(gateway_factory, tiny_models) -> None:
     gw = gateway_factory(models_dir=tiny_models, default_model="tiny-c2i", team_quota_per_day=3,
-                         policy_file=REPO / "tests" / "data" / "lexical-only.yaml")
+                         policy_file=LEXICAL_POLICY)
     key = gw.key("creator", team="small")
     first = gw.client.post("/v1/generations", headers=gw.auth(key), json={"class_id": 1, "params": {"num_images": 2}})
     second = gw.client.post("/v1/generations", headers=gw.auth(key), json={"class_id": 1, "params": {"num_images": 2}})

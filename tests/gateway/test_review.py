@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import REPO
-from tests.factories import write_tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    models = tmp_path_factory.mktemp("models")
-    write_tiny_model(models, "tiny-t2i", "t2i")
-    return models
+from tests.conftest import LEXICAL_POLICY
 
 
 @pytest.fixture
 def gw(gateway_factory, tiny_models):
     return gateway_factory(models_dir=tiny_models, default_model="tiny-t2i",
-                           policy_file=REPO / "tests" / "data" / "lexical-only.yaml")
+                           policy_file=LEXICAL_POLICY)
 
 
 def park(gw, key: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -15,8 +14,7 @@ from gateway.schemas import GenerationCreate
 from gateway.services import submit_generation
 from gateway.state import build_state, close_state
 from generator.pipeline import reproduce_event, run_jobs, run_with_companions
-from tests.conftest import REPO, make_settings
-from tests.factories import write_tiny_model
+from tests.conftest import LEXICAL_POLICY, make_settings
 
 CREATOR = Principal(key_id="k-test", role="creator", team="design")
 
@@ -37,17 +35,10 @@ class Recorder:
         return None
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory) -> Path:
-    models = tmp_path_factory.mktemp("models")
-    write_tiny_model(models, "tiny-c2i", "c2i")
-    return models
-
-
 @pytest.fixture
 def state(tmp_path, tiny_models):
     settings = make_settings(tmp_path / "var", models_dir=tiny_models, default_model="tiny-c2i",
-                             policy_file=REPO / "tests" / "data" / "lexical-only.yaml", rate_limit_per_minute=0)
+                             policy_file=LEXICAL_POLICY, rate_limit_per_minute=0)
     state = build_state(settings, dispatcher=Recorder())
     yield state
     close_state(state)
