@@ -78,7 +78,7 @@ def _build(name: str, policy: Policy, models_dir: Path, device: str) -> Classifi
 
         section = policy.output.image_concepts
         assert section is not None
-        return ImageConceptClassifier(section.concepts, section.model, models_dir, device)
+        return ImageConceptClassifier(section.concepts, section.model, models_dir, device, section.neutral_prompts)
     raise ClassifierError(f"unknown classifier {name!r}")
 
 

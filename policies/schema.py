@@ -169,12 +169,18 @@ class ImageConcept(Rule):
     name: str = Field(min_length=1, description="Human name of the concept.")
     prompts: list[Phrase] = Field(min_length=1, description="Text prompts describing the concept.")
     threshold: float = Field(
-        ge=-1.0, le=1.0, description="Fires when the raw image-text cosine (best prompt) is >= this."
+        ge=-2.0, le=2.0, description="Fires when the score is >= this: the raw image-text cosine of the best "
+        "prompt, minus the best neutral-prompt cosine when the section has neutral prompts."
     )
 
 
 class ImageConceptSection(StrictModel):
     model: ClipModel
+    neutral_prompts: list[Phrase] = Field(
+        default_factory=list,
+        description="Prompts for ordinary images. When given, scores are margins over them, which carries "
+        "thresholds across CLIP models better than raw cosines (each model has its own cosine scale).",
+    )
     concepts: list[ImageConcept] = Field(description="Concepts screened in every output image.")
 
 

@@ -1,7 +1,8 @@
 """Image concepts: raw cosine between an open_clip image embedding and each concept's text prompts.
 
-Each concept has its own threshold on the raw cosine (no softmax across concepts: a softmax always elects
-a winner, even for an innocent image). Text prompts are embedded once per policy revision.
+Each concept has its own threshold on the raw cosine, or on the margin over neutral prompts when the policy
+gives some (no softmax across concepts: a softmax always elects a winner, even for an innocent image).
+Text prompts are embedded once per policy revision.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from policies.schema import ClipModel, ImageConcept
 logger = logging.getLogger(__name__)
 
 NAME = "image_concepts"
+NEUTRAL_LABEL = "_neutral"
 
 
 class _LoadedClip:
@@ -68,18 +70,20 @@ class ImageConceptClassifier:
     name = NAME
 
     def __init__(self, concepts: Sequence[ImageConcept], spec: ClipModel, models_dir: Path,
-                 device: str = "cpu") -> None:
-        import torch
-
+                 device: str = "cpu", neutral_prompts: Sequence[str] = ()) -> None:
         self._clip, digest = load_clip(spec, models_dir, device)
         self.version = "sha256:" + digest
         self._ids = [c.id for c in concepts]
         self._owner: list[int] = [i for i, c in enumerate(concepts) for _ in c.prompts]
-        prompts = [p for c in concepts for p in c.prompts]
+        self._text = self._embed_text([p for c in concepts for p in c.prompts])  # (n_prompts, D)
+        self._neutral = self._embed_text(list(neutral_prompts)) if neutral_prompts else None  # (n_neutral, D)
+
+    def _embed_text(self, prompts: list[str]) -> Any:
+        import torch
+
         with torch.inference_mode():
-            tokens = self._clip.tokenizer(prompts).to(device)
-            text = self._clip.model.encode_text(tokens).float()
-        self._text = torch.nn.functional.normalize(text, dim=-1)  # (n_prompts, D)
+            tokens = self._clip.tokenizer(prompts).to(self._clip.device)
+            return torch.nn.functional.normalize(self._clip.model.encode_text(tokens).float(), dim=-1)
 
     def score(self, inputs: Sequence[Any]) -> list[dict[str, float]]:
         import torch
@@ -91,11 +95,17 @@ class ImageConceptClassifier:
         with torch.inference_mode():
             images = torch.nn.functional.normalize(clip.model.encode_image(pixels).float(), dim=-1)  # (B, D)
             sims = (images @ self._text.T).cpu()  # (B, n_prompts)
+            neutral = ((images @ self._neutral.T).max(dim=1).values.cpu().tolist()  # (B,)
+                       if self._neutral is not None else None)
         out = []
-        for row in sims.tolist():
+        for i, row in enumerate(sims.tolist()):
             best: dict[str, float] = {}
             for owner, value in zip(self._owner, row, strict=True):
                 concept = self._ids[owner]
-                best[concept] = max(best.get(concept, -1.0), round(value, 6))
-            out.append(best)
+                best[concept] = max(best.get(concept, -1.0), value)
+            if neutral is None:
+                out.append({k: round(v, 6) for k, v in best.items()})
+            else:
+                out.append({NEUTRAL_LABEL: round(neutral[i], 6),
+                            **{k: round(v - neutral[i], 6) for k, v in best.items()}})
         return out

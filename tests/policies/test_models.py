@@ -14,10 +14,11 @@ from policies.classifiers.image_concepts import ImageConceptClassifier
 from policies.classifiers.semantic import SemanticClassifier, load_minilm
 from policies.classifiers.toxicity import DetoxifyClassifier
 from policies.decisions import Context
+from policies.loader import load_policy_file
 from policies.runtime import PolicyRuntime
 from policies.schema import ClipModel, DetoxifyModel, ImageConcept, SemanticCategory
 
-from .conftest import DETOXIFY_CLASSES, policy
+from .conftest import DETOXIFY_CLASSES, REPO, RULES, policy
 
 
 def detox_spec(root: Path, sha256: str | None = None) -> DetoxifyModel:
@@ -120,3 +121,27 @@ def test_clip_is_loaded_once_per_weights_hash(tiny_clip_dir: Path, tmp_path: Pat
 def test_tiny_clip_config_is_a_valid_open_clip_config(tiny_clip_dir: Path) -> None:
     config = json.loads((tiny_clip_dir / "tiny" / "tinyclip.json").read_text())
     assert {"embed_dim", "vision_cfg", "text_cfg"} <= set(config)
+
+
+DEMO_CLIP = REPO / "models" / "demo" / "clip.pt"
+
+
+def star(colour: str, background: str = "white") -> Image.Image:
+    """A five-pointed star filling most of a 64x64 image, like the demo 'shapes' renderer draws."""
+    import math
+
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (64, 64), background)
+    points = [(32 + (26 if i % 2 == 0 else 11) * math.sin(i * math.pi / 5),
+               32 - (26 if i % 2 == 0 else 11) * math.cos(i * math.pi / 5)) for i in range(10)]
+    ImageDraw.Draw(image).polygon(points, fill=colour)
+    return image
+
+
+@pytest.mark.skipif(not DEMO_CLIP.is_file(), reason="the demo CLIP (models/demo/clip.pt) is not built")
+def test_default_policy_flags_a_red_star_with_the_demo_clip_and_nothing_harmful() -> None:
+    runtime = PolicyRuntime(load_policy_file(RULES / "default.yaml"), REPO / "models")
+    red, blue = runtime.screen_images([star("red"), star("blue")], Context(model="demo-shapes-t2i"))
+    assert red.decision.action == "flag" and red.decision.rule_ids == ["test_red_star"]
+    assert blue.decision.action == "allow"
