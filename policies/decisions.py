@@ -304,24 +304,24 @@ def decide(policy: LoadedPolicy, results: Sequence[ClassifierResult], context: C
     if stage == "model":
         fired = _model_reasons(policy.policy, rules, context)
     for rule in rules if stage != "model" else ():
-        result = by_name.get(rule.classifier)
+        found = by_name.get(rule.classifier)
         error = None
-        if result is None:
+        if found is None:
             error = f"classifier {rule.classifier!r} produced no result"
-        elif result.error is not None:
-            error = result.error
-        elif rule.label not in result.scores:
+        elif found.error is not None:
+            error = found.error
+        elif rule.label not in found.scores:
             error = f"classifier {rule.classifier!r} returned no score for {rule.label!r}"
         if error is not None:
-            if missing == "skip" and (result is None or result.error is None):
+            if missing == "skip" and (found is None or found.error is None):
                 skipped.append(rule.id)
                 continue
             if rule.on_error != "allow":
                 fired.append((rule, Reason(rule.id, rule.classifier, rule.label, None, rule.threshold,
                                            rule.on_error, f"classifier error (fail closed): {error}")))
             continue
-        assert result is not None
-        score = result.scores[rule.label]
+        assert found is not None
+        score = found.scores[rule.label]
         if _fires(rule, score):
             fired.append((rule, Reason(rule.id, rule.classifier, rule.label, score, rule.threshold,
                                        rule.action, rule.message)))
