@@ -145,7 +145,7 @@ def audit_explorer(request: Request, state: StateDep, session: SessionDep, signe
     page = stats.search_events(session=session, principal=signed.principal, filters=filters, limit=limit,
                                before=before)
     query = {k: v for k, v in form.items() if v}
-    context = {"page": page, "form": form, "errors": errors, "query": query, "limit": limit,
+    context: dict[str, Any] = {"page": page, "form": form, "errors": errors, "query": query, "limit": limit,
                "before": before}
     if request.headers.get("hx-request") == "true" and request.headers.get("hx-target") == "results":
         return render(request, "audit_results.html", signed, **context)

@@ -34,13 +34,13 @@ _IN_DECISIONS = "('prompt.screened', 'output.screened', 'moderation.screened')"
 _IN_VOLUMES = "('generation.requested', 'image.released', 'moderation.screened', 'review.decided')"
 # Per dialect: the bucket label of e.ts, and the action column as the WHERE clause should see it. On SQLite,
 # `+e.action` keeps the planner on the ts index (a window) instead of the action index (the whole log).
-_DIALECTS = {
+_DIALECTS: dict[str, dict[str, Any]] = {
     "sqlite": {"period": "strftime(:fmt, e.ts)", "action": "+e.action",
                "fmt": {"day": "%Y-%m-%d", "hour": "%Y-%m-%d %H:00"}},
     "postgresql": {"period": "to_char(date_trunc(:unit, timezone('UTC', e.ts)), :fmt)", "action": "e.action",
                    "fmt": {"day": "YYYY-MM-DD", "hour": "YYYY-MM-DD HH24:00"}},
 }
-_JSON = {
+_JSON: dict[str, dict[str, str]] = {
     "sqlite": {"outcome": "json_extract(e.payload, '$.action')",
                "model": "coalesce(j.model, json_extract(e.payload, '$.context.model'), "
                         "json_extract(e.payload, '$.model'), '(none)')",
@@ -226,7 +226,7 @@ def overview(*, session: Session, principal: Principal, since: datetime, until: 
         raise InvalidRequest(f"the overview supports SQLite and PostgreSQL, not {dialect}")
     starts = _buckets(since, until, bucket)
     closed_before = (now or datetime.now(UTC)) - SETTLE
-    database = session.get_bind().url.render_as_string(hide_password=True)
+    database = session.get_bind().engine.url.render_as_string(hide_password=True)
 
     totals: dict[str, BucketTotals] = {}
     missing: list[datetime] = []

@@ -117,7 +117,7 @@ def search_events(*, session: Session, principal: Principal, filters: EventFilte
 
 def _event_row(event: AuditEvent, job_model: str | None) -> dict[str, Any]:
     payload = event.payload or {}
-    context = payload.get("context") if isinstance(payload.get("context"), dict) else {}
+    context: dict[str, Any] = payload["context"] if isinstance(payload.get("context"), dict) else {}
     return {"seq": event.seq, "id": event.id, "ts": event.ts, "action": event.action, "key_id": event.key_id,
             "team": event.team, "job_id": event.job_id,
             "model": job_model or payload.get("model") or context.get("model"),
