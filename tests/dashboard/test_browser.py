@@ -151,3 +151,20 @@ def test_every_form_field_on_the_main_pages_has_a_label(page_for: Any, live: Liv
         if missing:
             unlabelled[path] = missing
     assert unlabelled == {}
+
+
+def test_main_pages_run_without_script_errors_or_blocked_resources(page_for: Any, live: LiveGateway) -> None:
+    factories.released_image(live.state)
+    page = page_for("admin")
+    problems: list[str] = []
+    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.on("requestfailed", lambda request: problems.append(f"failed: {request.url}"))
+    for path in ("/overview", "/audit", "/review", "/policies", "/models", "/provenance"):
+        page.goto(f"{live.url}/dashboard{path}")
+        page.wait_for_load_state("networkidle")
+    assert page.goto(f"{live.url}/dashboard/overview") is not None
+    page.wait_for_function("() => window.Chart && window.htmx")
+    drawn = page.evaluate("() => [...document.querySelectorAll('canvas[data-chart]')].map(c => !!Chart.getChart(c))")
+    assert drawn == [True, True, True, True]
+    assert problems == []
