@@ -126,22 +126,17 @@ def test_tiny_clip_config_is_a_valid_open_clip_config(tiny_clip_dir: Path) -> No
 DEMO_CLIP = REPO / "models" / "demo" / "clip.pt"
 
 
-def star(colour: str, background: str = "white") -> Image.Image:
-    """A five-pointed star filling most of a 64x64 image, like the demo 'shapes' renderer draws."""
-    import math
+def demo_image(shape: str, colour: str) -> Image.Image:
+    """One large shape on white, drawn by the renderer the demo CLIP was trained on."""
+    from generator.demo.shapes import Scene, ShapeSpec, render
 
-    from PIL import ImageDraw
-
-    image = Image.new("RGB", (64, 64), background)
-    points = [(32 + (26 if i % 2 == 0 else 11) * math.sin(i * math.pi / 5),
-               32 - (26 if i % 2 == 0 else 11) * math.cos(i * math.pi / 5)) for i in range(10)]
-    ImageDraw.Draw(image).polygon(points, fill=colour)
-    return image
+    return render(Scene((ShapeSpec(shape, colour, "large"),), "alone", "white"))
 
 
 @pytest.mark.skipif(not DEMO_CLIP.is_file(), reason="the demo CLIP (models/demo/clip.pt) is not built")
 def test_default_policy_flags_a_red_star_with_the_demo_clip_and_nothing_harmful() -> None:
     runtime = PolicyRuntime(load_policy_file(RULES / "default.yaml"), REPO / "models")
-    red, blue = runtime.screen_images([star("red"), star("blue")], Context(model="demo-shapes-t2i"))
-    assert red.decision.action == "flag" and red.decision.rule_ids == ["test_red_star"]
-    assert blue.decision.action == "allow"
+    images = [demo_image("star", "red"), demo_image("circle", "blue"), demo_image("square", "green")]
+    red_star, blue_circle, green_square = runtime.screen_images(images, Context(model="demo-shapes-t2i"))
+    assert red_star.decision.action == "flag" and red_star.decision.rule_ids == ["test_red_star"]
+    assert blue_circle.decision.action == "allow" and green_square.decision.action == "allow"
