@@ -35,12 +35,12 @@ def build_gateway(data_dir: Path, events: int) -> Any:
     from tests.conftest import Gateway
     from tests.dashboard import factories
     from tests.dashboard.conftest import LiveGateway
-    from tests.dashboard.tiny_model import NAME, write_tiny_model
+    from tests.factories import write_tiny_model
 
     models_dir, model = REPO / "models", {}
     if not Registry(models_dir).cards():  # no model cards in this checkout yet: show a tiny one
-        models_dir, model = data_dir / "models", {"default_model": NAME}
-        write_tiny_model(models_dir)
+        models_dir, model = data_dir / "models", {"default_model": "tiny-c2i"}
+        write_tiny_model(models_dir, "tiny-c2i", "c2i")
     settings = Settings(_env_file=None, env="test", data_dir=data_dir / "var", models_dir=models_dir,
                         session_secret="screenshots-session-secret", log_json=False, device="cpu",
                         rate_limit_per_minute=0, **model)

@@ -97,13 +97,9 @@ class LiveGateway:
 
 
 @pytest.fixture
-def tiny_gateway(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> Gateway:
-    """An embedded gateway whose registry serves only the tiny test model (see tiny_model.py)."""
-    from tests.dashboard.tiny_model import NAME, write_tiny_model
-
-    models_dir = tmp_path / "models"
-    write_tiny_model(models_dir)
-    return gateway_factory(models_dir=models_dir, default_model=NAME, rate_limit_per_minute=0)
+def tiny_gateway(gateway_factory: Callable[..., Gateway], tiny_models: Path) -> Gateway:
+    """An embedded gateway whose registry serves the tiny random-weight test models."""
+    return gateway_factory(models_dir=tiny_models, default_model="tiny-c2i", rate_limit_per_minute=0)
 
 
 @pytest.fixture
