@@ -38,9 +38,7 @@ def tiny_gpt(task: str = "c2i", seed: int = 0, **overrides: object) -> Transform
     return model.eval()
 
 
-TINY_VQ = VQArgs(
-    codebook_size=64, codebook_embed_dim=4, ch=32, ch_mult=(1, 2), z_channels=32, num_res_blocks=1
-)
+TINY_VQ = VQArgs(codebook_size=64, codebook_embed_dim=4, ch=32, ch_mult=(1, 2), z_channels=32, num_res_blocks=1)
 
 
 @pytest.fixture

@@ -81,9 +81,7 @@ def test_t2i_cached_greedy_decode_equals_teacher_forced_argmax(
 
 def test_sampled_tokens_equal_full_recompute_reference_with_official_cfg(c2i_model: Transformer) -> None:
     params = SamplingParams(cfg_scale=4.0, top_k=20, top_p=0.95, temperature=0.9)
-    ids = c2i_model.generate(
-        torch.tensor([2]), 16, cfg_scale=4.0, top_k=20, top_p=0.95, temperature=0.9, seed=11
-    )
+    ids = c2i_model.generate(torch.tensor([2]), 16, cfg_scale=4.0, top_k=20, top_p=0.95, temperature=0.9, seed=11)
     assert torch.equal(ids, reference_generate(c2i_model, torch.tensor([2]), 16, params, seed=11))
 
 
@@ -174,9 +172,7 @@ def test_int_seed_reproduces_global_manual_seed_draws() -> None:
 
 def test_each_row_of_a_batch_gets_the_tokens_it_gets_alone(c2i_model: Transformer) -> None:
     batch = c2i_model.generate(torch.tensor([1, 2, 3]), 16, top_k=30, seed=[10, 20, 30])
-    alone = [
-        c2i_model.generate(torch.tensor([c]), 16, top_k=30, seed=[s]) for c, s in [(1, 10), (2, 20), (3, 30)]
-    ]
+    alone = [c2i_model.generate(torch.tensor([c]), 16, top_k=30, seed=[s]) for c, s in [(1, 10), (2, 20), (3, 30)]]
     assert torch.equal(batch, torch.cat(alone))
 
 
