@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test lint demo-models bench clean-var
+.PHONY: install system-deps run test lint demo-models bench clean-var
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,12 +17,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Debian packages the tests drive: Chromium (dashboard browser tests) and Docker Compose (compose validation).
+system-deps:
+	@if [ ! -x /usr/bin/chromium ] || ! command -v docker-compose >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium docker-compose; \
+	  else echo "install chromium and docker-compose (apt-get) to run the browser and compose tests"; fi; \
+	fi
+
 run: install
 	$(BIN) migrate
 	$(BIN) dev-setup
 	$(BIN) serve --host $(HOST) --port $(PORT)
 
-test: install
+test: install system-deps
 	$(PY) -m pytest -q
 
 lint: install

@@ -58,7 +58,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     configure_logging(settings.log_json)
     from generator.celery_app import GPU_QUEUE, app
 
-    argv = ["worker", "-Q", GPU_QUEUE, "--concurrency", str(args.concurrency or settings.worker_concurrency),
+    argv = ["worker", "-Q", args.queues or GPU_QUEUE, "--concurrency", str(args.concurrency or settings.worker_concurrency),
             "--pool", args.pool, "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"]
     if args.hostname:
         argv += ["--hostname", args.hostname]
@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run a Celery GPU worker (queue gpu)")
     p.add_argument("--concurrency", type=int, default=None)
+    p.add_argument("-Q", "--queues", default=None, help="queues to consume (default: gpu)")
     p.add_argument("--pool", default="solo", choices=["solo", "prefork", "threads"])
     p.add_argument("--loglevel", default="INFO")
     p.add_argument("--hostname", default=None)
