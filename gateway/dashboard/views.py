@@ -17,6 +17,7 @@ from gateway.dashboard.web import (
     DashboardRoute,
     SignedIn,
     SignedInDep,
+    SignInRequired,
     codec,
     get_signed_in,
     overview_cache,
@@ -65,7 +66,7 @@ def login_form(request: Request, state: StateDep, next: str | None = None) -> Re
     try:
         signed = get_signed_in(request, state)
         return RedirectResponse(_safe_next(next) or signed.home(), status_code=303)
-    except Exception:  # not signed in (or the session is stale): show the form
+    except SignInRequired:  # no session, or a stale one: show the form
         return _login_page(request, state, error=None, status=200, next_path=next)
 
 
