@@ -58,8 +58,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     configure_logging(settings.log_json)
     from generator.celery_app import GPU_QUEUE, app
 
-    argv = ["worker", "-Q", args.queues or GPU_QUEUE, "--concurrency", str(args.concurrency or settings.worker_concurrency),
-            "--pool", args.pool, "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"]
+    concurrency = str(args.concurrency or settings.worker_concurrency)
+    argv = ["worker", "-Q", args.queues or GPU_QUEUE, "--concurrency", concurrency, "--pool", args.pool,
+            "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"]
     if args.hostname:
         argv += ["--hostname", args.hostname]
     app.worker_main(argv)

@@ -6,12 +6,14 @@ Both end in the same plain function, `generator.pipeline.run_jobs`; only setting
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from generator.pipeline import PipelineContext, run_jobs
+from generator.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +24,8 @@ class Dispatcher(Protocol):
     def close(self) -> None: ...
 
     def ping(self) -> None: ...
+
+    def workers(self) -> list[dict[str, Any]]: ...
 
 
 class LocalWorker:
@@ -44,6 +48,10 @@ class LocalWorker:
     def ping(self) -> None:
         if not self._thread.is_alive():
             raise RuntimeError("the embedded worker thread has stopped")
+
+    def workers(self) -> list[dict[str, Any]]:
+        return [{"host": "in-process", "pid": os.getpid(), "models": Registry.loaded(),
+                 "alive": self._thread.is_alive()}]
 
     def drain(self, timeout: float = 60.0) -> bool:
         """Wait until every submitted job was run (tests and shutdown)."""
@@ -95,6 +103,7 @@ class CeleryDispatcher:
         from generator.celery_app import make_celery
 
         self._app = make_celery(broker_url, backend_url)
+        self._broker_url = broker_url
 
     def submit(self, job_id: str) -> None:
         from generator.celery_app import GPU_QUEUE, RUN_GENERATION
@@ -104,6 +113,11 @@ class CeleryDispatcher:
     def ping(self) -> None:
         with self._app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
+
+    def workers(self) -> list[dict[str, Any]]:
+        from generator.celery_app import registered_workers
+
+        return registered_workers(self._broker_url)
 
     def close(self) -> None:
         self._app.close()

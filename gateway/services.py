@@ -458,6 +458,12 @@ def _probe_signer(state: GatewayState) -> str:
     return state.ctx.signer.description
 
 
+def _workers(state: GatewayState) -> list[dict[str, Any]] | str:
+    """Which worker processes are up and which models each holds (informational: jobs queue meanwhile)."""
+    workers = state.dispatcher.workers()
+    return workers or "no worker has registered yet; jobs wait in the queue until one does"
+
+
 def _probe_policy(state: GatewayState) -> str:
     """The active policy is loaded and every prompt classifier it needs is available (fail closed)."""
     runtime = state.ctx.policies.runtime()
@@ -484,6 +490,7 @@ def readiness(*, state: GatewayState) -> dict[str, dict[str, Any]]:
 
     check("database", database)
     check("broker", state.dispatcher.ping)
+    check("workers", lambda: _workers(state))
     check("signer", lambda: _probe_signer(state))
     check("policy", lambda: _probe_policy(state))
     return checks

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
+import threading
+import time
 from typing import Any
 
 from celery import Celery
@@ -79,6 +84,41 @@ def _init_worker_process(**_: Any) -> None:
         ctx.registry.load(settings.default_model, ctx.device)
     except Exception:  # a worker can still serve other models; the failure is logged with its reason
         log.exception("could not preload the default model %s", settings.default_model)
+    if settings.broker_url and settings.broker_url.startswith("redis"):
+        threading.Thread(target=_heartbeat, args=(settings.broker_url,), name="worker-heartbeat",
+                         daemon=True).start()
+
+
+WORKERS_KEY = "llamagen-gateway:workers:"
+HEARTBEAT_S = 10
+
+
+def _heartbeat(broker_url: str) -> None:
+    """Announce this worker process and the models it holds, so `/readyz` can report what is served."""
+    import redis
+
+    from generator.registry import Registry
+
+    client = redis.Redis.from_url(broker_url, socket_timeout=2, socket_connect_timeout=2)
+    name = f"{WORKERS_KEY}{socket.gethostname()}:{os.getpid()}"
+    started = time.time()
+    while True:
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "models": Registry.loaded(),
+                "started_at": started, "beat_at": time.time()}
+        try:
+            client.set(name, json.dumps(info), ex=3 * HEARTBEAT_S)
+        except redis.RedisError:
+            log.warning("worker heartbeat could not reach the broker; retrying")
+        time.sleep(HEARTBEAT_S)
+
+
+def registered_workers(broker_url: str) -> list[dict[str, Any]]:
+    """Worker processes that announced themselves in the last few heartbeats."""
+    import redis
+
+    client = redis.Redis.from_url(broker_url, socket_timeout=2, socket_connect_timeout=2)
+    values = [client.get(key) for key in client.scan_iter(f"{WORKERS_KEY}*", count=100)]
+    return [json.loads(v) for v in values if v]
 
 
 @worker_process_shutdown.connect

@@ -462,6 +462,13 @@ class Registry:
             return loaded
 
     @classmethod
+    def loaded(cls) -> list[dict[str, str]]:
+        """The models this process holds (name, version, device): what a worker reports it serves."""
+        with cls._cache_lock:
+            return [{"name": m.card.name, "version": m.card.version, "device": m.device}
+                    for m in cls._cache.values()]
+
+    @classmethod
     def clear_cache(cls) -> None:
         with cls._cache_lock:
             cls._cache.clear()

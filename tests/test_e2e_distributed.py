@@ -75,6 +75,8 @@ def test_celery_worker_in_another_process_runs_the_job_with_the_same_outcome(dis
         raise AssertionError(f"worker did not finish the job; its output:\n{out[-4000:]}") from None
     assert job["status"] == "completed", job
     assert job["decisions"]["output"]["action"] in ("allow", "flag")
+    workers = gateway.client.get("/readyz").json()["checks"]["workers"]["detail"]
+    assert any(m["name"] == "demo-shapes-t2i" for w in workers for m in w["models"]), workers
 
     image = gateway.client.get(f"/v1/generations/{job['id']}/images/0", headers=gateway.auth(key))
     assert image.status_code == 200

@@ -109,6 +109,8 @@ def test_moderation_screens_and_audits_without_generating(gw) -> None:
 def test_readiness_reports_each_dependency(gw) -> None:
     ready = gw.client.get("/readyz")
     assert ready.status_code == 200
-    assert set(ready.json()["checks"]) == {"database", "broker", "signer", "policy"}
+    checks = ready.json()["checks"]
+    assert set(checks) == {"database", "broker", "workers", "signer", "policy"}
+    assert checks["workers"]["detail"][0]["host"] == "in-process"
     assert gw.client.get("/healthz").json() == {"status": "ok"}
     assert "gateway_http_requests_total" in gw.client.get("/metrics").text

@@ -31,6 +31,9 @@ class Recorder:
     def ping(self) -> None:
         return None
 
+    def workers(self) -> list[dict]:
+        return []
+
     def close(self) -> None:
         return None
 
