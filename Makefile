@@ -43,6 +43,8 @@ bench: install
 	$(PY) bench/sampler.py
 	$(PY) bench/screening.py
 	$(PY) bench/audit.py
+	$(PY) bench/dashboard.py
+	$(PY) bench/e2e.py
 
 clean-var:
 	rm -rf var

@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -103,6 +103,10 @@ def create_app(settings: Settings | None = None, state: Any = None) -> FastAPI:
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"request_id": _rid(request)})
         return error_response(500, "internal_error", "internal error; see the gateway log", _rid(request))
+
+    @app.get("/", include_in_schema=False)
+    async def home() -> RedirectResponse:
+        return RedirectResponse("/dashboard", status_code=307)
 
     for module in (generations, moderations, models, policies, review, audit, provenance, health):
         app.include_router(module.router)

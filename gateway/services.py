@@ -354,10 +354,18 @@ def get_policy(*, state: GatewayState, principal: Principal, revision: str) -> P
 
 
 def _parse_policy(source: str) -> LoadedPolicy:
+    """Validate a candidate policy; a 422 lists each problem with its dotted field path and line."""
     try:
         return load_policy_text(source, name="request body")
     except PolicyError as exc:
-        raise InvalidPolicy(str(exc)) from exc
+        problems = [{"field": field, "line": line, "message": message} for field, line, message in exc.problems]
+        raise InvalidPolicy(str(exc), details={"problems": problems}) from exc
+
+
+def validate_policy(*, principal: Principal, source: str) -> str:
+    """Validate without storing; returns the revision the policy would get."""
+    principal.require("policy_admin", "auditor")
+    return _parse_policy(source).revision
 
 
 def create_policy(*, state: GatewayState, principal: Principal, source: str, activate: bool,

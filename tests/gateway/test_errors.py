@@ -114,3 +114,15 @@ def test_readiness_reports_each_dependency(gw) -> None:
     assert checks["workers"]["detail"][0]["host"] == "in-process"
     assert gw.client.get("/healthz").json() == {"status": "ok"}
     assert "gateway_http_requests_total" in gw.client.get("/metrics").text
+
+
+def test_an_invalid_policy_is_a_422_listing_field_and_line(gateway_factory, tiny_models) -> None:
+    gw = gateway_factory(models_dir=tiny_models, default_model="tiny-c2i", policy_file=LEXICAL_POLICY)
+    bad = "id: p\nversion: '1'\ndescription: d\nprompt:\n  lexical:\n    - id: r\n      action: explode\n"
+    response = gw.client.post("/v1/policies", content=bad.encode(),
+                              headers={**gw.auth(gw.key("policy_admin")), "Content-Type": "application/yaml"})
+    assert response.status_code == 422
+    error = error_of(response)
+    assert error["code"] == "invalid_policy"
+    problem = error["details"]["problems"][0]
+    assert problem["field"].startswith("prompt.lexical.0") and problem["line"] >= 6
