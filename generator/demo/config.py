@@ -81,8 +81,8 @@ class TrainSchedule:
         }
 
 
-# The VQ follows the first 600 steps of a 900-step curve (the shared CPUs of the first run set the budget).
-VQ_SCHEDULE = TrainSchedule(steps=900, batch_size=8, lr=2e-3, warmup=20, checkpoint_every=50, stop_at=600)
+VQ_SCHEDULE = TrainSchedule(steps=700, batch_size=8, lr=2e-3, warmup=20, checkpoint_every=50)
+VQ_FOREGROUND_WEIGHT = 3.0  # extra pixel-loss weight where an image differs from its border colour
 VQ_AE_WARMUP = 300  # steps trained as a plain autoencoder before the codebook is initialised (k-means)
 VQ_CROP: int | None = None  # pixels; None trains on whole images (GroupNorm sees test-time statistics)
 C2I_SCHEDULE = TrainSchedule(steps=250, batch_size=32, lr=2e-3, warmup=20, weight_decay=0.05)

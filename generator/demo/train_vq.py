@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from generator.demo.config import SEED, VQ_AE_WARMUP, VQ_ARGS, VQ_CROP, VQ_SCHEDULE, TrainSchedule
+from generator.demo.config import (
+    SEED,
+    VQ_AE_WARMUP,
+    VQ_ARGS,
+    VQ_CROP,
+    VQ_FOREGROUND_WEIGHT,
+    VQ_SCHEDULE,
+    TrainSchedule,
+)
 from generator.demo.dataset import load_image_set
 from generator.demo.training import batch_indices, train
 from generator.llamagen import VQArgs, VQModel, build_vq, save_checkpoint
@@ -30,10 +38,27 @@ def images_to_input(images: np.ndarray | Tensor) -> Tensor:
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def reconstruction_loss(vq: VQModel, x: Tensor) -> Tensor:
-    """Pixel L1 + L2 plus the quantiser's codebook and commitment terms (no perceptual or GAN loss)."""
+def pixel_weights(x: Tensor, foreground_weight: float) -> Tensor:
+    """(B, 1, H, W) loss weights: 1 on the background (the image's border colour), more elsewhere.
+
+    Flat backgrounds cover most pixels, so an unweighted loss learns them first and leaves the shapes in
+    the mean shape colour for hundreds of steps; weighting the rest makes colours come through early.
+    """
+    border = torch.cat([x[:, :, 0, :], x[:, :, -1, :], x[:, :, :, 0], x[:, :, :, -1]], dim=2)  # (B, 3, 4W)
+    background = border.median(dim=2).values[:, :, None, None]
+    foreground = ((x - background).abs().sum(dim=1, keepdim=True) > 0.2).to(x.dtype)
+    return 1.0 + foreground_weight * foreground
+
+
+def _pixel_loss(recon: Tensor, x: Tensor, foreground_weight: float) -> Tensor:
+    w = pixel_weights(x, foreground_weight)
+    return (w * ((recon - x).abs() + (recon - x) ** 2)).mean() / w.mean()
+
+
+def reconstruction_loss(vq: VQModel, x: Tensor, foreground_weight: float = 0.0) -> Tensor:
+    """Weighted pixel L1 + L2 plus the quantiser's codebook and commitment terms (no perceptual/GAN loss)."""
     recon, losses = vq(x)
-    return F.l1_loss(recon, x) + F.mse_loss(recon, x) + losses.codebook + losses.commitment
+    return _pixel_loss(recon, x, foreground_weight) + losses.codebook + losses.commitment
 
 
 def normalised_latents(vq: VQModel, x: Tensor) -> Tensor:
@@ -41,11 +66,11 @@ def normalised_latents(vq: VQModel, x: Tensor) -> Tensor:
     return F.normalize(vq.quant_conv(vq.encoder(x)), p=2, dim=1)
 
 
-def autoencoder_loss(vq: VQModel, x: Tensor) -> Tensor:
+def autoencoder_loss(vq: VQModel, x: Tensor, foreground_weight: float = 0.0) -> Tensor:
     """Warm-up objective: reconstruct through the unquantised (normalised) latent, so encoder and decoder
     learn colours and edges before the codebook exists."""
     recon = vq.decoder(vq.post_quant_conv(normalised_latents(vq, x)))
-    return F.l1_loss(recon, x) + F.mse_loss(recon, x)
+    return _pixel_loss(recon, x, foreground_weight)
 
 
 @torch.no_grad()
@@ -74,6 +99,7 @@ def train_vq(
     seed: int = SEED,
     crop: int | None = VQ_CROP,
     ae_warmup: int = VQ_AE_WARMUP,
+    foreground_weight: float = VQ_FOREGROUND_WEIGHT,
 ) -> VQModel:
     """Train on the images in data_dir (random flips, code-aligned crops); write the weights to out_path.
 
@@ -104,7 +130,9 @@ def train_vq(
                 torch.randint(0, (x.shape[-1] - crop) // step_px + 1, (2,), generator=generator) * step_px
             ).tolist()
             x = x[:, :, top : top + crop, left : left + crop]
-        return autoencoder_loss(vq, x) if step < ae_warmup else reconstruction_loss(vq, x)
+        if step < ae_warmup:
+            return autoencoder_loss(vq, x, foreground_weight)
+        return reconstruction_loss(vq, x, foreground_weight)
 
     train(name="train-vq", run_dir=run_dir, model=vq, schedule=schedule, seed=seed, loss_fn=loss_fn)
     out_path.parent.mkdir(parents=True, exist_ok=True)
