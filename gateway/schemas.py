@@ -144,3 +144,5 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+MAX_OFFSET = 1_000_000_000  # keeps page offsets inside every database's integer range

@@ -13,6 +13,7 @@ from gateway.dashboard.policy_check import Problem, problems_of, validate_source
 from gateway.dashboard.web import PREFIX, CsrfDep, DashboardRoute, SignedIn, SignedInDep, render
 from gateway.deps import SessionDep, StateDep
 from gateway.errors import InvalidPolicy, InvalidRequest
+from gateway.schemas import MAX_OFFSET
 from gateway.services import GatewayState
 
 router = APIRouter(prefix=PREFIX, route_class=DashboardRoute, include_in_schema=False)
@@ -34,7 +35,7 @@ def _review_page(request: Request, session: Any, signed: SignedIn, *, offset: in
 
 @router.get("/review", response_class=HTMLResponse)
 def review_queue(request: Request, session: SessionDep, signed: SignedInDep,
-                 offset: Annotated[int, Query(ge=0)] = 0,
+                 offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
                  done: Annotated[str, Query(max_length=80)] = "") -> HTMLResponse:
     return _review_page(request, session, signed, offset=offset, notice=done or None)
 
@@ -61,7 +62,7 @@ def review_decide(job_id: str, request: Request, state: StateDep, session: Sessi
 
 @router.get("/policies", response_class=HTMLResponse)
 def policies(request: Request, state: StateDep, signed: SignedInDep,
-             offset: Annotated[int, Query(ge=0)] = 0) -> HTMLResponse:
+             offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> HTMLResponse:
     active = services.active_policy(state=state)
     history, total = services.policy_history(state=state, principal=signed.principal, limit=50, offset=offset)
     return render(request, "policies.html", signed, active=active, history=history, total=total,

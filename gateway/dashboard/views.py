@@ -128,7 +128,7 @@ def audit_explorer(request: Request, state: StateDep, session: SessionDep, signe
                    action: Annotated[str, Query(max_length=64)] = "",
                    rule: Annotated[str, Query(max_length=128)] = "",
                    q: Annotated[str, Query(max_length=200)] = "",
-                   before: Annotated[int | None, Query(ge=1)] = None,
+                   before: Annotated[int | None, Query(ge=1, le=2**62)] = None,
                    limit: Annotated[int, Query(ge=1, le=200)] = 50) -> HTMLResponse:
     form = {"since": since, "until": until, "team": team, "model": model, "action": action, "rule": rule,
             "q": q}

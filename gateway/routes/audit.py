@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from gateway import services
 from gateway.deps import CallerDep, SessionDep, StateDep
 from gateway.routes.generations import ERRORS
-from gateway.schemas import Page
+from gateway.schemas import MAX_OFFSET, Page
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
@@ -23,7 +23,7 @@ def list_events(session: SessionDep, caller: CallerDep,
                 job_id: Annotated[str | None, Query(max_length=64)] = None,
                 since: datetime | None = None, until: datetime | None = None,
                 limit: Annotated[int, Query(ge=1, le=500)] = 100,
-                offset: Annotated[int, Query(ge=0)] = 0) -> Page[dict[str, Any]]:
+                offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Page[dict[str, Any]]:
     rows, total = services.list_events(session=session, principal=caller, action=action, team=team,
                                        job_id=job_id, since=since, until=until, limit=limit, offset=offset)
     return Page[dict[str, Any]](data=rows, count=total)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 from audit.models import Job
 from gateway import services
 from gateway.deps import CallerDep, RequestIdDep, SessionDep, StateDep
-from gateway.schemas import ErrorResponse, GenerationCreate, GenerationPublic, ImagePublic, Page, Status
+from gateway.schemas import MAX_OFFSET, ErrorResponse, GenerationCreate, GenerationPublic, ImagePublic, Page, Status
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -41,7 +41,7 @@ def create_generation(body: GenerationCreate, request: Request, state: StateDep,
 def list_generations(request: Request, session: SessionDep, caller: CallerDep,
                      status: Annotated[str | None, Query(max_length=16)] = None,
                      limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                     offset: Annotated[int, Query(ge=0)] = 0) -> Page[GenerationPublic]:
+                     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Page[GenerationPublic]:
     jobs, total = services.list_generations(session=session, principal=caller, status=status, limit=limit,
                                             offset=offset)
     return Page[GenerationPublic](data=[to_public(j, request) for j in jobs], count=total)

@@ -10,7 +10,7 @@ from gateway import services
 from gateway.deps import CallerDep, StateDep
 from gateway.errors import InvalidRequest
 from gateway.routes.generations import ERRORS
-from gateway.schemas import Page, PolicyPublic
+from gateway.schemas import MAX_OFFSET, Page, PolicyPublic
 
 router = APIRouter(prefix="/v1/policies", tags=["policies"])
 YAML_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
@@ -38,7 +38,7 @@ def active_policy(state: StateDep, caller: CallerDep) -> PolicyPublic:
 
 @router.get("", response_model=Page[PolicyPublic], responses=ERRORS, summary="Policy history")
 def policy_history(state: StateDep, caller: CallerDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                   offset: Annotated[int, Query(ge=0)] = 0) -> Page[PolicyPublic]:
+                   offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Page[PolicyPublic]:
     rows, total = services.policy_history(state=state, principal=caller, limit=limit, offset=offset)
     return Page[PolicyPublic](data=rows, count=total)
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from gateway import services
 from gateway.deps import CallerDep, SessionDep, StateDep
 from gateway.routes.generations import ERRORS, to_public
-from gateway.schemas import GenerationPublic, Page, ReviewDecisionIn
+from gateway.schemas import MAX_OFFSET, GenerationPublic, Page, ReviewDecisionIn
 
 router = APIRouter(prefix="/v1/review", tags=["review"])
 
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1/review", tags=["review"])
 @router.get("", response_model=Page[GenerationPublic], responses=ERRORS, summary="Pending review items")
 def list_review(request: Request, session: SessionDep, caller: CallerDep,
                 limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                offset: Annotated[int, Query(ge=0)] = 0) -> Page[GenerationPublic]:
+                offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Page[GenerationPublic]:
     jobs, total = services.list_review(session=session, principal=caller, limit=limit, offset=offset)
     return Page[GenerationPublic](data=[to_public(j, request) for j in jobs], count=total)
 
