@@ -6,7 +6,7 @@ import pytest
 
 ROLES = ("creator", "reviewer", "auditor", "policy_admin", "admin")
 ANY = set(ROLES)
-GEN = {"model": "demo-shapes-c2i", "class_id": 0, "params": {"seed": 1}}
+GEN = {"model": "tiny-c2i", "class_id": 0, "params": {"seed": 1}}
 
 # (method, path, body kind, roles allowed)
 MATRIX = [
@@ -16,7 +16,7 @@ MATRIX = [
     ("GET", "/v1/generations/{job}/images/0", None, {"creator", "auditor", "reviewer", "admin"}),
     ("POST", "/v1/moderations", "moderation", {"creator", "admin"}),
     ("GET", "/v1/models", None, ANY),
-    ("GET", "/v1/models/demo-shapes-c2i", None, ANY),
+    ("GET", "/v1/models/tiny-c2i", None, ANY),
     ("GET", "/v1/policies/active", None, ANY),
     ("GET", "/v1/policies", None, {"auditor", "policy_admin", "admin"}),
     ("GET", "/v1/policies/{revision}", None, {"auditor", "policy_admin", "admin"}),
@@ -32,15 +32,16 @@ MATRIX = [
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_models):
     """One gateway, one key per role (team design), a finished job of team design, the active policy."""
     from fastapi.testclient import TestClient
 
     from gateway.main import create_app
     from gateway.state import build_state, close_state
-    from tests.conftest import Gateway, make_settings
+    from tests.conftest import LEXICAL_POLICY, Gateway, make_settings
 
-    settings = make_settings(tmp_path_factory.mktemp("roles") / "var", rate_limit_per_minute=0)
+    settings = make_settings(tmp_path_factory.mktemp("roles") / "var", rate_limit_per_minute=0,
+                             models_dir=tiny_models, default_model="tiny-c2i", policy_file=LEXICAL_POLICY)
     state = build_state(settings)
     with TestClient(create_app(settings, state=state), raise_server_exceptions=False) as client:
         gw = Gateway(client, state)
@@ -60,7 +61,7 @@ def _call(gw, method, path, body, key, job_id, active, image):
     if body == "gen":
         kwargs["json"] = GEN
     elif body == "moderation":
-        kwargs["json"] = {"prompt": "a red star", "model": "demo-shapes-c2i"}
+        kwargs["json"] = {"prompt": "a red star", "model": "tiny-c2i"}
     elif body == "review":
         kwargs["json"] = {"decision": "approve", "reason": "looks fine to me"}
     elif body == "policy":
