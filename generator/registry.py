@@ -30,7 +30,7 @@ from generator.llamagen import (
     load_vq,
     to_uint8,
 )
-from generator.llamagen.loading import sha256_file
+from generator.llamagen.loading import CheckpointError, sha256_file
 from generator.llamagen.sampling import generate, make_generators
 
 log = logging.getLogger(__name__)
@@ -454,7 +454,7 @@ class Registry:
                     device=device,
                     downsample=vq_args.downsample,
                 )
-            except (ValueError, OSError) as exc:
+            except (CheckpointError, ValueError, OSError) as exc:
                 raise RegistryError(f"{card.name}: cannot load checkpoints: {exc}") from exc
             loaded = LoadedModel(card, device, gpt, vq, _text_encoder(card, device))
             self._cache[key] = loaded
