@@ -105,7 +105,7 @@ def cluster(tmp_path: Path):
         settings.data_dir.mkdir(parents=True)
         upgrade_database(db_url)
         state = build_state(settings)
-        workers = [_worker(settings, f"w{i}", tmp_path / f"worker{i}.log") for i in range(2)]
+        workers = [_worker(settings, "w0", tmp_path / "worker0.log")]
         client = TestClient(create_app(settings, state=state), raise_server_exceptions=False)
         client.__enter__()
         try:
@@ -131,13 +131,13 @@ def test_no_job_is_lost_or_duplicated_when_a_worker_dies_and_redis_restarts(clus
 
     with ThreadPoolExecutor(16) as pool:
         first = list(pool.map(submit, range(JOBS // 2)))
-        time.sleep(3)  # workers are mid-run
-        workers[0].send_signal(signal.SIGKILL)
+        _wait_for_a_running_job(gateway)
+        workers[0].send_signal(signal.SIGKILL)  # mid-run: it holds a leased job it will never finish
         workers[0].wait()
-        redis.kill()
+        redis.kill()  # the broker loses every queued message (it keeps nothing on disk)
         down = submit(JOBS)  # the broker is down: a clear 503, and the job is recorded as failed
         redis.start()
-        workers.append(_worker(settings, "w2", tmp_path / "worker2.log"))
+        workers += [_worker(settings, f"w{i}", tmp_path / f"worker{i}.log") for i in (1, 2)]
         second = list(pool.map(submit, range(JOBS // 2, JOBS)))
 
     assert down[0] == 503
@@ -160,6 +160,7 @@ def test_no_job_is_lost_or_duplicated_when_a_worker_dies_and_redis_restarts(clus
             select(AuditEvent).where(AuditEvent.action == "generation.completed")))
 
     by_status = Counter(j.status for j in jobs)
+    assert any(j.attempts > 1 for j in jobs), "no job was taken over from the killed worker"
     assert by_status["completed"] >= len(accepted) * 0.95, by_status
     for job in jobs:
         expected = len(job.images) if job.status == "completed" else 0
@@ -172,6 +173,16 @@ def test_no_job_is_lost_or_duplicated_when_a_worker_dies_and_redis_restarts(clus
             assert gateway.state.ctx.artifacts.exists(image["uri"])
     chain = gateway.client.get("/v1/audit/verify", headers=gateway.auth(gateway.key("auditor"))).json()
     assert chain["ok"], chain
+
+
+def _wait_for_a_running_job(gateway, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with gateway.state.ctx.sessions() as session:
+            if session.scalar(select(Job.id).where(Job.status == "running").limit(1)):
+                return
+        time.sleep(0.02)
+    raise AssertionError("no job started running")
 
 
 def test_database_down_gives_503_and_nothing_is_generated(gateway_factory, tmp_path) -> None:
