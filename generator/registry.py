@@ -393,6 +393,7 @@ class Registry:
     """The cards under one models directory (searched recursively), by name."""
 
     _cache: dict[tuple[str, str, str], LoadedModel] = {}
+    _parsed: dict[tuple[str, int, int, str], ModelCard] = {}
     _cache_lock = threading.Lock()
 
     def __init__(self, models_dir: Path | str) -> None:
@@ -404,13 +405,25 @@ class Registry:
             raise RegistryError(f"models directory {self.models_dir} does not exist")
         found: dict[str, ModelCard] = {}
         for path in sorted(p for p in self.models_dir.rglob("*") if p.suffix in CARD_SUFFIXES):
-            card = read_card(path, self.models_dir)
+            card = self._read_cached(path)
             if card.name in found:
                 raise RegistryError(
                     f"{path}: model name {card.name!r} is also used by {found[card.name]._source}"
                 )
             found[card.name] = card
         return [found[name] for name in sorted(found)]
+
+    def _read_cached(self, path: Path) -> ModelCard:
+        """Parse a card once per file version (path, size, mtime): requests look cards up on the hot path."""
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(self.models_dir))
+        with self._cache_lock:
+            card = self._parsed.get(key)
+        if card is None:
+            card = read_card(path, self.models_dir)
+            with self._cache_lock:
+                self._parsed[key] = card
+        return card
 
     def get(self, name: str) -> ModelCard:
         cards = {card.name: card for card in self.cards()}
