@@ -86,6 +86,9 @@ def _build(name: str, policy: Policy, models_dir: Path, device: str) -> Classifi
 # computed once per policy revision; the heavy models underneath are cached by weights hash.
 _CACHE: dict[tuple[str, str, str, str], Classifier] = {}
 _CACHE_LOCK = threading.Lock()
+# One screening at a time per process: each model call already uses every core, so concurrent requests
+# queue here instead of oversubscribing the CPU (16 concurrent MiniLM calls on 2 cores run 10x slower each).
+_RUN_LOCK = threading.Lock()
 
 
 def _cached(loaded: LoadedPolicy, name: str, models_dir: Path, device: str) -> Classifier:
@@ -157,7 +160,8 @@ class PolicyRuntime:
 
     def _screen(self, inputs: Sequence[Any], ctx: Context, stage: Stage,
                 classifiers: Sequence[Classifier]) -> list[Screening]:
-        per_classifier = [run_classifier(c, inputs) for c in classifiers]
+        with _RUN_LOCK:
+            per_classifier = [run_classifier(c, inputs) for c in classifiers]
         screenings = []
         for i in range(len(inputs)):
             results = tuple(batch[i] for batch in per_classifier)
