@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -48,6 +49,13 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _warm_dashboard(app: FastAPI) -> None:
+    try:
+        dashboard.views.warm_overview_cache(app)
+    except Exception:  # only a cache: the page computes what is missing when it is opened
+        log.warning("could not warm the dashboard overview cache", exc_info=True)
+
+
 def create_app(settings: Settings | None = None, state: Any = None) -> FastAPI:
     """The gateway app. Tests may pass a prebuilt `state` (a `services.GatewayState`)."""
 
@@ -55,6 +63,7 @@ def create_app(settings: Settings | None = None, state: Any = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = state is None
         app.state.gateway = state if state is not None else build_state(settings or get_settings())
+        threading.Thread(target=_warm_dashboard, args=(app,), name="dashboard-warm-up", daemon=True).start()
         try:
             yield
         finally:

@@ -116,6 +116,19 @@ def overview(request: Request, session: SessionDep, signed: SignedInDep,
                   chart_data=data.chart_data(), outcomes=stats.OUTCOMES)
 
 
+def warm_overview_cache(app: Any) -> None:
+    """Fill the closed-bucket cache for every overview window, so the first page view is as fast as the rest."""
+    from gateway.auth import SYSTEM
+
+    state = app.state.gateway
+    cache = app.state.overview_cache = getattr(app.state, "overview_cache", None) or stats.OverviewCache()
+    until = datetime.now(UTC)
+    with state.ctx.sessions() as session:
+        for span in WINDOWS.values():
+            stats.overview(session=session, principal=SYSTEM, since=until - span, until=until,
+                           bucket="hour" if span <= timedelta(days=2) else "day", cache=cache)
+
+
 # --- audit explorer -------------------------------------------------------------------------------------
 
 
