@@ -42,9 +42,28 @@ def build_state(settings: Settings, *, dispatcher: Dispatcher | None = None) -> 
     state.checkpoints.start()
     state.sweeper = Sweeper(state, interval_s=min(settings.requeue_after_s, 30.0))
     state.sweeper.start()
+    threading.Thread(target=_warm_up, args=(state,), name="warm-up", daemon=True).start()
     log.info("gateway ready", extra={"mode": "embedded" if settings.embedded else "distributed",
                                      "database": settings.database_url.split("@")[-1]})
     return state
+
+
+def _warm_up(state: GatewayState) -> None:
+    """Load the prompt classifiers (and, for the in-process worker, the default model and the image
+    classifier) before the first request needs them."""
+    from PIL import Image
+
+    from policies.runtime import Context
+
+    try:
+        runtime = state.ctx.policies.runtime()
+        context = Context(team="warm-up", model=state.settings.default_model)
+        runtime.screen_prompt("a red star on a white background", context)
+        if state.settings.embedded:
+            state.ctx.registry.load(state.settings.default_model, state.ctx.device)
+            runtime.screen_images([Image.new("RGB", (64, 64), "white")], context)
+    except Exception:  # the first request loads what is missing, and reports any real fault itself
+        log.warning("warm-up did not complete", exc_info=True)
 
 
 class Sweeper:
