@@ -20,7 +20,7 @@ from gateway import dashboard, metrics
 from gateway.errors import ApiError
 from gateway.routes import audit, generations, health, models, moderations, policies, provenance, review
 from gateway.settings import Settings, get_settings
-from gateway.state import build_state, close_state
+from gateway.state import build_state, close_state, warm_up
 
 log = logging.getLogger("gateway")
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -49,7 +49,8 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def _warm_dashboard(app: FastAPI) -> None:
+def _warm_up(app: FastAPI) -> None:
+    warm_up(app.state.gateway)
     try:
         dashboard.views.warm_overview_cache(app)
     except Exception:  # only a cache: the page computes what is missing when it is opened
@@ -63,7 +64,8 @@ def create_app(settings: Settings | None = None, state: Any = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = state is None
         app.state.gateway = state if state is not None else build_state(settings or get_settings())
-        threading.Thread(target=_warm_dashboard, args=(app,), name="dashboard-warm-up", daemon=True).start()
+        if owned:  # a served gateway loads its models before the first request needs them
+            threading.Thread(target=_warm_up, args=(app,), name="warm-up", daemon=True).start()
         try:
             yield
         finally:

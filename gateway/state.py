@@ -42,13 +42,12 @@ def build_state(settings: Settings, *, dispatcher: Dispatcher | None = None) -> 
     state.checkpoints.start()
     state.sweeper = Sweeper(state, interval_s=min(settings.requeue_after_s, 30.0))
     state.sweeper.start()
-    threading.Thread(target=_warm_up, args=(state,), name="warm-up", daemon=True).start()
     log.info("gateway ready", extra={"mode": "embedded" if settings.embedded else "distributed",
                                      "database": settings.database_url.split("@")[-1]})
     return state
 
 
-def _warm_up(state: GatewayState) -> None:
+def warm_up(state: GatewayState) -> None:
     """Load the prompt classifiers (and, for the in-process worker, the default model and the image
     classifier) before the first request needs them."""
     from PIL import Image
