@@ -192,8 +192,6 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
                 transition(session, job, "queued", f"prompt {action}")
             append_event(session, action=f"generation.{job.status}", key_id=principal.key_id,
                          team=principal.team, job_id=job.id, payload={"stage": "prompt", "action": action})
-    except (ContentPolicyViolation, InvalidRequest):
-        raise
     except Exception as exc:  # no audit record -> no generation
         raise ServiceUnavailable(f"the audit log is unavailable, nothing was generated: {exc}") from exc
     if job.status == "blocked":

@@ -250,10 +250,17 @@ class GenOutput:
 
 
 class SamplingOptions(Protocol):
-    cfg_scale: float
-    temperature: float
-    top_k: int
-    top_p: float
+    @property
+    def cfg_scale(self) -> float: ...
+
+    @property
+    def temperature(self) -> float: ...
+
+    @property
+    def top_k(self) -> int: ...
+
+    @property
+    def top_p(self) -> float: ...
 
 
 class CaptionEncoder(Protocol):
