@@ -10,21 +10,19 @@ audit) <= 5% of end-to-end latency; batching >= 3x throughput at concurrency 16 
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from fastapi.testclient import TestClient  # noqa: E402
-
-from gateway.main import create_app  # noqa: E402
-from gateway.state import build_state, close_state  # noqa: E402
-from tests.conftest import Gateway, make_settings  # noqa: E402
 
 PROMPTS = ["a small red star above a large blue circle on a white background",
            "a green square on a black background",
@@ -34,34 +32,67 @@ STAGES = ("prompt_screening_s", "queue_s", "sampling_s", "output_screening_s", "
 GOVERNANCE = ("prompt_screening_s", "output_screening_s", "signing_s", "audit_s")
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def run(model: str, jobs: int, concurrency: int, batch: int) -> dict[str, float]:
+    """One configuration against a served gateway in its own process (clients poll every 0.1 s)."""
     with tempfile.TemporaryDirectory() as tmp:
-        settings = make_settings(Path(tmp) / "var", worker_batch_size=batch,
-                                 worker_batch_wait_ms=30 if batch > 1 else 0,
-                                 rate_limit_per_minute=0, team_quota_per_day=0)
-        state = build_state(settings)
-        with TestClient(create_app(settings, state=state)) as client:
-            gw = Gateway(client, state)
-            key = gw.key("creator", team="bench")
-            warm = client.post("/v1/generations", headers=gw.auth(key), json=_body(model, 0)).json()
-            gw.wait(warm["id"], key)
+        port = _free_port()
+        env = {**os.environ, "LLAMAGEN_GATEWAY_DATA_DIR": f"{tmp}/var", "LLAMAGEN_GATEWAY_ENV": "test",
+               "LLAMAGEN_GATEWAY_SESSION_SECRET": "bench", "LLAMAGEN_GATEWAY_WORKER_BATCH_SIZE": str(batch),
+               "LLAMAGEN_GATEWAY_WORKER_BATCH_WAIT_MS": "30" if batch > 1 else "0",
+               "LLAMAGEN_GATEWAY_RATE_LIMIT_PER_MINUTE": "0", "LLAMAGEN_GATEWAY_TEAM_QUOTA_PER_DAY": "0",
+               "LLAMAGEN_GATEWAY_LOG_JSON": "false", "LLAMAGEN_GATEWAY_DEVICE": "cpu"}
+        cli = [sys.executable, "-m", "gateway.cli"]
+        subprocess.run([*cli, "migrate"], env=env, cwd=REPO, check=True, capture_output=True)
+        key = subprocess.run([*cli, "keys", "create", "--role", "creator", "--team", "bench"], env=env, cwd=REPO,
+                             check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        server = subprocess.Popen([*cli, "serve", "--port", str(port)], env=env, cwd=REPO,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=600) as client:
+                _wait_ready(client)
 
-            def one(i: int) -> tuple[float, dict]:
+                def one(i: int) -> tuple[float, dict]:
+                    t0 = time.perf_counter()
+                    job = client.post("/v1/generations", json=_body(model, i)).json()
+                    while True:
+                        done = client.get(f"/v1/generations/{job['id']}").json()
+                        if done["status"] not in ("queued", "running"):
+                            break
+                        time.sleep(0.1)
+                    assert done["status"] == "completed", done
+                    return time.perf_counter() - t0, done["timings"]
+
+                one(0)  # warm: models and classifiers loaded
                 t0 = time.perf_counter()
-                job = client.post("/v1/generations", headers=gw.auth(key), json=_body(model, i)).json()
-                done = gw.wait(job["id"], key, timeout=600)
-                assert done["status"] == "completed", done
-                return time.perf_counter() - t0, done["timings"]
-
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(concurrency) as pool:
-                results = list(pool.map(one, range(1, jobs + 1)))
-            wall = time.perf_counter() - t0
-        close_state(state)
+                with ThreadPoolExecutor(concurrency) as pool:
+                    results = list(pool.map(one, range(1, jobs + 1)))
+                wall = time.perf_counter() - t0
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
     latencies = [r[0] for r in results]
     shares = {s: statistics.mean(r[1].get(s, 0.0) for r in results) for s in STAGES}
     return {"throughput": jobs / wall, "p50": statistics.median(latencies), "mean": statistics.mean(latencies),
             **shares}
+
+
+def _wait_ready(client: httpx.Client) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if client.get("/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the gateway did not become ready")
 
 
 def _body(model: str, i: int) -> dict:
