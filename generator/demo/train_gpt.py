@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -108,18 +109,7 @@ def train_c2i(
         tokens = codes[idx]
         return gpt.forward_train(labels[idx], tokens[:, :-1], targets=tokens)[1]  # type: ignore[return-value]
 
-    train(name="train-c2i", run_dir=run_dir, model=gpt, schedule=schedule, seed=seed, loss_fn=loss_fn)
-    save_half(
-        gpt,
-        out_path,
-        args=_plain(args),
-        steps=schedule.last_step,
-        schedule_steps=schedule.steps,
-        batch_size=schedule.batch_size,
-        seed=seed,
-    )
-    log.info("c2i weights written to %s", out_path)
-    return gpt
+    return _train_and_save("train-c2i", gpt, args, schedule, seed, loss_fn, run_dir, out_path)
 
 
 def train_t2i(
@@ -150,17 +140,16 @@ def train_t2i(
         cond = feats[rows].float()
         return gpt.forward_train(cond, tokens[:, :-1], targets=tokens, mask=masks[rows])[1]  # type: ignore[return-value]
 
-    train(name="train-t2i", run_dir=run_dir, model=gpt, schedule=schedule, seed=seed, loss_fn=loss_fn)
-    save_half(
-        gpt,
-        out_path,
-        args=_plain(args),
-        steps=schedule.last_step,
-        schedule_steps=schedule.steps,
-        batch_size=schedule.batch_size,
-        seed=seed,
-    )
-    log.info("t2i weights written to %s", out_path)
+    return _train_and_save("train-t2i", gpt, args, schedule, seed, loss_fn, run_dir, out_path)
+
+
+def _train_and_save(name: str, gpt: Transformer, args: ModelArgs, schedule: TrainSchedule, seed: int,
+                    loss_fn: Callable[[int, torch.Generator], Tensor], run_dir: Path, out_path: Path) -> Transformer:
+    """Run the resumable training loop, then write the float16 weights with their training record."""
+    train(name=name, run_dir=run_dir, model=gpt, schedule=schedule, seed=seed, loss_fn=loss_fn)
+    save_half(gpt, out_path, args=_plain(args), steps=schedule.last_step, schedule_steps=schedule.steps,
+              batch_size=schedule.batch_size, seed=seed)
+    log.info("%s weights written to %s", name, out_path)
     return gpt
 
 
