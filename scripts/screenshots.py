@@ -52,9 +52,24 @@ def build_gateway(data_dir: Path, events: int) -> Any:
     factories.park_for_review(state, team="ads", prompt="a portrait of a famous senator shaking hands")
     factories.park_for_review(state, team="retail", prompt="a cartoon mouse with round ears on a T-shirt",
                               rule_id="trademarks")
-    factories.released_image(state, team="design", prompt="a small red square on white")
+    if model:  # only the tiny random-weight stand-in: a signed placeholder image
+        factories.released_image(state, team="design", prompt="a small red square on white")
+    else:  # the shipped demo model: a real governed generation, screened, signed and audited
+        _generate(state, "a small red star above a large blue circle on a white background")
     state.checkpoints.tick(force=True)
     return LiveGateway(Gateway(client=None, state=state))
+
+
+def _generate(state: Any, prompt: str) -> None:
+    from gateway.auth import Principal
+    from gateway.schemas import GenerationCreate
+    from gateway.services import submit_generation
+
+    request = GenerationCreate.model_validate({"model": "demo-shapes-t2i", "prompt": prompt,
+                                               "params": {"seed": 7}})
+    submit_generation(state=state, principal=Principal(key_id="creator0002", role="creator", team="design"),
+                      request=request, request_id="screenshots")
+    state.dispatcher.drain(timeout=300)
 
 
 def sign_in(browser: Any, live: Any, role: str) -> Any:
