@@ -308,19 +308,16 @@ def decide_review(*, state: GatewayState, principal: Principal, job_id: str, dec
 
 
 def list_models(*, state: GatewayState) -> list[dict[str, Any]]:
-    return [_public_card(card) for card in state.ctx.registry.cards()]
+    return [card.public() for card in state.ctx.registry.cards()]
 
 
 def get_model(*, state: GatewayState, name: str) -> dict[str, Any]:
     try:
-        return _public_card(state.ctx.registry.get(name))
+        public: dict[str, Any] = state.ctx.registry.get(name).public()
+        return public
     except UnknownModelError as exc:
         raise NotFound(f"no model card {name!r}") from exc
 
-
-def _public_card(card: Any) -> dict[str, Any]:
-    public: dict[str, Any] = card.public()
-    return public
 
 
 def _policy_public(stored: StoredPolicy, *, with_source: bool = True) -> PolicyPublic:
@@ -436,9 +433,9 @@ def _trust_anchors(state: GatewayState) -> str | None:
     return anchors.read_text() if anchors is not None and anchors.is_file() else None
 
 
-def verify_provenance(*, state: GatewayState, data: bytes, mime: str) -> dict[str, Any]:
-    if mime not in ("image/png", "image/jpeg"):
-        mime = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg" if data[:2] == b"\xff\xd8" else ""
+def verify_provenance(*, state: GatewayState, data: bytes) -> dict[str, Any]:
+    # The bytes decide the type (a declared Content-Type can be wrong); anything else is a clear 422.
+    mime = "image/png" if data.startswith(b"\x89PNG\r\n\x1a\n") else "image/jpeg" if data[:3] == b"\xff\xd8\xff" else ""
     if not mime:
         raise InvalidRequest("the upload is not a PNG or JPEG image")
     try:

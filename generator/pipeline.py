@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,6 @@ from policies.runtime import Context
 log = logging.getLogger(__name__)
 
 GATEWAY_NAME = "llamagen-gateway"
-GATEWAY_VERSION = "0.1.0"
 ACTION_ORDER = {"allow": 0, "flag": 1, "review": 2, "block": 3}
 TERMINAL = {"completed", "blocked", "failed"}
 
@@ -60,6 +60,14 @@ class PipelineContext:
     device: str
     batch_size: int = 8
     lease_s: float = 600.0  # a running job untouched this long is presumed abandoned by a dead worker
+
+
+def _version() -> str:
+    """The installed distribution's version (the one pyproject.toml declares)."""
+    try:
+        return metadata.version(GATEWAY_NAME)
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def resolve_device(requested: str) -> str:
@@ -251,7 +259,7 @@ def _release(ctx: PipelineContext, job: Job, model: LoadedModel, output: Any, sa
         signed = ctx.signer.sign_png(
             encode_png(image),
             title=f"{job.id}-{index}.png",
-            software_agent=f"{GATEWAY_NAME}/{GATEWAY_VERSION} ({card.name} {card.version})",
+            software_agent=f"{GATEWAY_NAME}/{_version()} ({card.name} {card.version})",
             assertions={
                 "com.llamagen-gateway.lineage": {"model": card.name, "version": card.version,
                                                   "model_card_hash": card.content_hash,

@@ -26,5 +26,4 @@ async def verify(request: Request, state: StateDep, caller: CallerDep) -> dict[s
         raise InvalidRequest("send the image bytes as the request body")
     if len(data) > MAX_UPLOAD:
         raise InvalidRequest(f"upload is larger than {MAX_UPLOAD} bytes")
-    mime = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    return services.verify_provenance(state=state, data=data, mime=mime)
+    return services.verify_provenance(state=state, data=data)
