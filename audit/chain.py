@@ -61,6 +61,19 @@ def canonical_json(value: Any) -> str:
         raise CanonicalJSONError(f"not canonical JSON: {exc}") from exc
 
 
+class CanonicalText(str):
+    """JSON text that is already canonical: `store_json` writes it verbatim instead of encoding it again."""
+
+    __slots__ = ()
+
+
+def store_json(value: Any) -> str:
+    """The JSON serializer of our engines: canonical JSON, and `CanonicalText` as it is."""
+    if type(value) is CanonicalText:
+        return str.__str__(value)
+    return canonical_json(value)
+
+
 def event_hash(prev_hash: str, body: Mapping[str, Any]) -> str:
     """SHA-256 (hex) over the previous hash, a newline and the canonical JSON of the event body."""
     digest = hashlib.sha256(prev_hash.encode("ascii"))

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
-from audit.chain import canonical_json
+from audit.chain import store_json
 
 # Repository root: alembic.ini and migrations/ sit beside the packages in an (editable) checkout.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +61,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     JSON columns are written as canonical JSON, so an audit payload is stored as exactly the text that was
     hashed and verification can hash the stored text without re-encoding it.
     """
-    kwargs.setdefault("json_serializer", canonical_json)
+    kwargs.setdefault("json_serializer", store_json)
     parsed = make_url(url)
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")

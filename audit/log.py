@@ -1,4 +1,4 @@
-"""The only writer of the audit chain: `append_event`, serialised on the chain head row."""
+"""The only writer of the audit chain: `append_many` and `append_event`, serialised on the chain head row."""
 
 from __future__ import annotations
 
@@ -6,22 +6,81 @@ import hashlib
 import json
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, insert, select, update
 from sqlalchemy.orm import Session
 
-from audit.chain import body_bytes, canonical_json, format_ts
+from audit.chain import CanonicalText, body_bytes, canonical_json, format_ts
 from audit.models import AuditEvent, ChainHead
 
 HEAD_ROW_ID = 1
 _HEAD_KEY = "audit.locked_chain_head"
+_EVENTS = cast(Table, AuditEvent.__table__)
 
 
 class AuditLogError(Exception):
     """The audit log cannot accept an event (missing chain head, bad payload)."""
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to append: everything but its place in the chain (seq, ts, prev_hash, hash)."""
+
+    action: str
+    key_id: str
+    team: str
+    payload: Mapping[str, Any]
+    job_id: str | None = None
+    event_id: str | None = None
+
+
+@dataclass(slots=True)
+class ChainedEvent:
+    """An appended event as stored: its place in the chain and the fields its hash covers.
+
+    A plain record, not an ORM object (building one per event cost more than hashing and inserting it);
+    load `AuditEvent` rows for anything that needs the session.
+    """
+
+    seq: int
+    id: str
+    ts: datetime
+    action: str
+    key_id: str
+    team: str
+    job_id: str | None
+    payload_json: str  # canonical JSON, exactly as stored and hashed
+    prev_hash: str
+    hash: str
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        payload: dict[str, Any] = json.loads(self.payload_json)
+        return payload
+
+    def body(self) -> dict[str, Any]:
+        """The hashed part of the event (as `AuditEvent.body`)."""
+        return {"seq": self.seq, "id": self.id, "ts": self.ts, "action": self.action, "key_id": self.key_id,
+                "team": self.team, "job_id": self.job_id, "payload": self.payload}
+
+
+@dataclass(frozen=True)
+class PreparedEvent:
+    """A checked event with its payload already as canonical JSON text (what is hashed and stored)."""
+
+    event: NewEvent
+    payload_json: str
+
+
+def prepare(event: NewEvent) -> PreparedEvent:
+    """Check an event and encode its payload; raises before anything touches the database."""
+    if not event.action:
+        raise AuditLogError("an audit event needs an action")
+    return PreparedEvent(event, canonical_json(dict(event.payload)))
 
 
 def lock_chain_head(session: Session) -> ChainHead:
@@ -30,10 +89,11 @@ def lock_chain_head(session: Session) -> ChainHead:
     PostgreSQL: SELECT ... FOR UPDATE on the single head row. SQLite has no row locks: a no-op UPDATE of
     the head row first takes the database write lock (pysqlite begins the transaction before DML), so the
     read that follows cannot race another writer. Once locked, later appends in the same transaction reuse
-    the head without a round trip, so their inserts are flushed together at commit.
+    the head without a round trip, also inside savepoints: a savepoint that rolls back expires the head
+    object it changed, so the next read reloads the root transaction's head, which is still locked.
     """
     held = session.info.get(_HEAD_KEY)
-    if held is not None and session.get_nested_transaction() is None:
+    if held is not None:
         transaction_ref, locked = held
         root = session.get_transaction()
         if root is not None and transaction_ref() is root and root.is_active and locked in session:
@@ -53,6 +113,71 @@ def lock_chain_head(session: Session) -> ChainHead:
     return head
 
 
+# PostgreSQL: one statement and one parameter (the rows as a JSON array), however many rows: executemany
+# would run one INSERT per row on the server while the head is locked, and array parameters are slow to
+# encode. Each payload travels as a JSON string holding its canonical text, stored verbatim by the cast.
+_PG_INSERT = (
+    "INSERT INTO audit_events (seq, id, ts, action, key_id, team, job_id, payload, prev_hash, hash) "
+    "SELECT seq, id, ts, action, key_id, team, job_id, payload::json, prev_hash, hash "
+    "FROM json_to_recordset(%(rows)s::json) AS rows (seq bigint, id text, ts timestamptz, action text, "
+    "key_id text, team text, job_id text, payload text, prev_hash text, hash text)"
+)
+
+
+def _insert_rows(session: Session, rows: list[dict[str, Any]], ts_text: str) -> None:
+    """Insert event rows with one statement on the session's connection (no autoflush: the head's UPDATE
+    is sent once, with the commit)."""
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        document = json.dumps([{**row, "ts": ts_text} for row in rows], ensure_ascii=False)
+        connection.exec_driver_sql(_PG_INSERT, {"rows": document})
+    else:
+        connection.execute(insert(_EVENTS), rows)
+
+
+def append_prepared(session: Session, prepared: Sequence[PreparedEvent]) -> list[ChainedEvent]:
+    """Chain prepared events after the head and insert them with one statement (see `append_many`)."""
+    if not prepared:
+        return []
+    head = lock_chain_head(session)
+    seq, prev_hash = head.seq, head.hash
+    # One instant for the events of one call (they commit together); microseconds are what every backend
+    # stores, and the hash covers exactly that.
+    ts = datetime.now(UTC)
+    ts_text = format_ts(ts)
+    rows: list[dict[str, Any]] = []
+    for item in prepared:
+        event = item.event
+        seq += 1
+        event_id = event.event_id or str(uuid.uuid4())
+        body = body_bytes(seq=seq, id=event_id, ts=ts_text, action=event.action, key_id=event.key_id,
+                          team=event.team, job_id=event.job_id, payload_json=item.payload_json)
+        digest = hashlib.sha256(prev_hash.encode("ascii") + b"\n" + body).hexdigest()
+        rows.append({"seq": seq, "id": event_id, "ts": ts, "action": event.action, "key_id": event.key_id,
+                     "team": event.team, "job_id": event.job_id,
+                     "payload": CanonicalText(item.payload_json),  # stored as exactly the text hashed
+                     "prev_hash": prev_hash, "hash": digest})
+        prev_hash = digest
+    _insert_rows(session, rows, ts_text)
+    head.seq, head.hash = seq, prev_hash  # one UPDATE of the head row, sent with the commit
+    return [
+        ChainedEvent(row["seq"], row["id"], ts, row["action"], row["key_id"], row["team"], row["job_id"],
+                     item.payload_json, row["prev_hash"], row["hash"])
+        for row, item in zip(rows, prepared, strict=True)
+    ]
+
+
+def append_many(session: Session, events: Sequence[NewEvent]) -> list[ChainedEvent]:
+    """Append events, in order, to the chain inside the caller's transaction (the caller commits).
+
+    Every event is checked and encoded first; then the head is locked (once per transaction) and the
+    events are inserted with one statement. The head stays locked until the caller's commit, so
+    concurrent writers queue instead of forking the chain. Returns the events as stored (payloads after
+    the canonical JSON round trip) as `ChainedEvent` records.
+    """
+    return append_prepared(session, [prepare(event) for event in events])
+
+
 def append_event(
     session: Session,
     *,
@@ -62,33 +187,8 @@ def append_event(
     job_id: str | None = None,
     payload: Mapping[str, Any],
     event_id: str | None = None,
-) -> AuditEvent:
-    """Append one event to the chain inside the caller's transaction (the caller commits).
-
-    The head stays locked until that commit, so concurrent writers queue instead of forking the chain.
-    The payload is stored exactly as it is hashed (canonical JSON round trip). The event is pending in the
-    session: it is inserted at the next flush (any query, or the commit), together with its neighbours.
-    """
-    if not action:
-        raise AuditLogError("an audit event needs an action")
-    payload_json = canonical_json(dict(payload))
-    head = lock_chain_head(session)
-    event = AuditEvent(
-        seq=head.seq + 1,
-        id=event_id or str(uuid.uuid4()),
-        # Microsecond precision is what every backend stores; the hash covers exactly that.
-        ts=datetime.now(UTC),
-        action=action,
-        key_id=key_id,
-        team=team,
-        job_id=job_id,
-        payload=json.loads(payload_json),  # stored (canonically) as exactly the text hashed below
-        prev_hash=head.hash,
-    )
-    body = body_bytes(seq=event.seq, id=event.id, ts=format_ts(event.ts), action=action, key_id=key_id,
-                      team=team, job_id=job_id, payload_json=payload_json)
-    event.hash = hashlib.sha256(head.hash.encode("ascii") + b"\n" + body).hexdigest()
-    session.add(event)
-    head.seq = event.seq
-    head.hash = event.hash
-    return event
+) -> ChainedEvent:
+    """Append one event to the chain inside the caller's transaction (the caller commits); a request that
+    writes several events together should use `append_many` (one INSERT for all of them)."""
+    new = NewEvent(action=action, key_id=key_id, team=team, job_id=job_id, payload=payload, event_id=event_id)
+    return append_many(session, [new])[0]

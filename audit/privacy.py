@@ -19,8 +19,8 @@ from typing import Any, Literal, cast
 from sqlalchemy import CursorResult, update
 from sqlalchemy.orm import Session
 
-from audit.log import append_event
-from audit.models import AuditEvent, Job, PromptText
+from audit.log import ChainedEvent, append_event
+from audit.models import Job, PromptText
 
 PromptStorage = Literal["full", "hashed", "redacted"]
 STORAGE_MODES: tuple[PromptStorage, ...] = ("full", "hashed", "redacted")
@@ -64,7 +64,7 @@ def matches_commitment(session: Session, commitment: str, candidate: str) -> boo
     return hmac.compare_digest(commitment_of(row.salt, candidate), commitment)
 
 
-def erase_prompt(session: Session, commitment: str, *, key_id: str, team: str, reason: str) -> AuditEvent:
+def erase_prompt(session: Session, commitment: str, *, key_id: str, team: str, reason: str) -> ChainedEvent:
     """Erase a prompt's text and salt, clear it from jobs, and append a `prompt.erased` event."""
     if not reason.strip():
         raise PrivacyError("an erasure needs a reason (e.g. the data subject request reference)")

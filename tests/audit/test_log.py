@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from audit.chain import GENESIS_HASH, canonical_json, event_hash
 from audit.db import make_engine, make_session_factory
-from audit.log import AuditLogError, append_event
+from audit.log import AuditLogError, NewEvent, append_event, append_many
 from audit.models import AuditEvent, ChainHead
 from audit.verify import verify_database
 
@@ -165,3 +165,67 @@ def test_concurrent_postgres_writer_processes_never_fork_the_chain(
         writers = set(session.scalars(select(AuditEvent.key_id)))
     assert report.ok and report.count == 200, report.summary
     assert writers == {"worker-0", "worker-1", "worker-2", "worker-3"}
+
+
+def test_append_many_numbers_and_links_events_in_order(session_factory: Any) -> None:
+    with session_factory() as session, session.begin():
+        first = append_event(session, action="x.first", key_id="k", team="t", payload={})
+        events = append_many(session, [NewEvent("x.many", "k", "t", {"i": i}, job_id="job-1") for i in range(5)])
+    assert [e.seq for e in events] == [2, 3, 4, 5, 6]
+    assert events[0].prev_hash == first.hash
+    assert all(b.prev_hash == a.hash for a, b in zip(events, events[1:], strict=False))
+    with session_factory() as session:
+        assert verify_database(session).count == 6
+        stored = session.scalars(select(AuditEvent).order_by(AuditEvent.seq)).all()
+    assert [(s.seq, s.hash, s.payload) for s in stored[1:]] == [(e.seq, e.hash, e.payload) for e in events]
+
+
+def test_append_many_checks_every_event_before_writing_any(session_factory: Any) -> None:
+    with session_factory() as session, session.begin(), pytest.raises(ValueError, match="set is not JSON"):
+        append_many(session, [NewEvent("x.ok", "k", "t", {}), NewEvent("x.bad", "k", "t", {"s": {1}})])
+    with session_factory() as session:
+        assert session.scalar(select(AuditEvent.seq)) is None
+
+
+def test_append_many_of_nothing_takes_no_lock(session_factory: Any) -> None:
+    with session_factory() as session, session.begin():
+        assert append_many(session, []) == []
+        assert not session.info
+
+
+def test_appended_event_body_hashes_to_its_hash(session_factory: Any) -> None:
+    (event,) = append(session_factory, payload={"ratio": 0.1, "text": "naïve ✓", "nested": [1.5e-07, None]})
+    assert event_hash(event.prev_hash, event.body()) == event.hash
+
+
+PAYLOADS = [
+    {"ratio": 0.1, "big": 1e300, "small": -2.5e-08, "int": 2**63, "neg": -0.0},
+    {"text": "naïve café ✓ 日本語 \U0001f600", "quote": "a \"b\" \\ c", "ctrl": "\x00\x01\n\t"},
+    {"nested": {"z": [1, {"b": None, "a": True}], "a": []}, "empty": {}},
+]
+
+
+@pytest.mark.services
+def test_postgres_append_many_stores_payloads_exactly_as_hashed(pg_session_factory: Any) -> None:
+    with pg_session_factory() as session, session.begin():
+        events = append_many(session, [NewEvent("x.y", "k", "t", payload, job_id=None) for payload in PAYLOADS])
+    with pg_session_factory() as session:
+        stored = list(session.scalars(text("SELECT payload::text FROM audit_events ORDER BY seq")))
+        rows = session.scalars(select(AuditEvent).order_by(AuditEvent.seq)).all()
+        report = verify_database(session)
+    assert stored == [canonical_json(payload) for payload in PAYLOADS]
+    assert [(r.seq, r.ts, r.hash) for r in rows] == [(e.seq, e.ts, e.hash) for e in events]
+    assert report.ok and report.count == 3, report.summary
+
+
+@pytest.mark.services
+def test_postgres_appends_after_a_rolled_back_savepoint_continue_the_chain(pg_session_factory: Any) -> None:
+    with pg_session_factory() as session, session.begin():
+        append_event(session, action="x.first", key_id="k", team="t", payload={})
+        savepoint = session.begin_nested()
+        append_many(session, [NewEvent("x.discarded", "k", "t", {})] * 3)
+        savepoint.rollback()
+        last = append_event(session, action="x.second", key_id="k", team="t", payload={})
+    with pg_session_factory() as session:
+        report = verify_database(session)
+    assert report.ok and report.count == 2 and last.seq == 2, report.summary
