@@ -1,0 +1,147 @@
+"""Group commit: concurrent appenders in one process share a transaction, and so one durable commit.
+
+Every append holds the chain head lock until its commit is durable, so one writer at a time pays a full
+WAL flush: appends per second can never beat commits per second. A `GroupCommitter` lets the threads of a
+process queue their events; whichever caller finds no commit in progress becomes the leader, takes every
+queued request, appends them all under one head lock, commits once, and hands each caller its events (or
+the error). Callers block until the commit that holds their events is durable, so nothing is
+acknowledged early: the guarantees are those of `append_many` in the caller's own transaction.
+No thread is started and no timer delays a commit: a batch is whatever queued while the previous one was
+committing. Processes still serialise on the head row, a batch at a time.
+
+Units of work (`run`) carry their own row changes with their events (a job row and its audit events):
+each runs in a savepoint of the shared transaction, so one unit's failure rolls back only that unit.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from audit.log import AuditLogError, ChainedEvent, NewEvent, PreparedEvent, append_prepared, lock_chain_head, prepare
+
+T = TypeVar("T")
+DEFAULT_MAX_BATCH = 1000
+
+
+@dataclass(eq=False)
+class _Request(Generic[T]):
+    """One caller's share of a group commit: prepared events or a unit of work, then its outcome."""
+
+    prepared: Sequence[PreparedEvent] = ()
+    work: Callable[[Session], T] | None = None
+    done: bool = False
+    result: Any = None
+    error: Exception | None = None
+    batch_failed: bool = False  # the shared commit failed (not this request's own work)
+    size: int = field(default=1)
+
+    def outcome(self) -> Any:
+        if self.batch_failed:
+            # Each caller gets its own exception object: the batch's is shared between threads.
+            raise AuditLogError(f"the audit commit failed, nothing in it was recorded: {self.error}") \
+                from self.error
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class GroupCommitter:
+    """Appends from many threads of one process, coalesced into shared transactions (see the module)."""
+
+    def __init__(self, sessions: sessionmaker[Session], *, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        self._sessions = sessions
+        self._max_batch = max_batch
+        self._cond = threading.Condition()
+        self._queue: list[_Request[Any]] = []
+        self._leading = False
+        self.commits = 0  # transactions committed; with `events`, shows how well appends coalesce
+        self.events = 0
+
+    def append(self, event: NewEvent) -> ChainedEvent:
+        """Append one event; returns once the commit holding it is durable."""
+        return self.append_many([event])[0]
+
+    def append_many(self, events: Sequence[NewEvent]) -> list[ChainedEvent]:
+        """Append events (consecutive in the chain); returns once the commit holding them is durable.
+
+        Events are checked and encoded in the calling thread, so a bad payload fails only its caller.
+        """
+        prepared = [prepare(event) for event in events]
+        if not prepared:
+            return []
+        request: _Request[list[ChainedEvent]] = _Request(prepared=prepared, size=len(prepared))
+        result: list[ChainedEvent] = self._submit(request)
+        return result
+
+    def run(self, work: Callable[[Session], T]) -> T:
+        """Run `work(session)` in a savepoint of a shared transaction and return its result once committed.
+
+        `work` makes its row changes and appends its events (`append_many`) with the session it is given;
+        it must not commit, and should only write: it runs while the chain head is locked. It runs in the
+        leader's thread. An exception rolls back this unit alone and is raised to its caller.
+        """
+        request: _Request[T] = _Request(work=work)
+        result: T = self._submit(request)
+        return result
+
+    def _submit(self, request: _Request[Any]) -> Any:
+        with self._cond:
+            self._queue.append(request)
+            while not request.done:
+                if self._leading:
+                    self._cond.wait()
+                    continue
+                self._leading = True
+                batch = self._take()
+                self._cond.release()
+                try:
+                    self._commit(batch)
+                finally:
+                    self._cond.acquire()
+                    self._leading = False
+                    self._cond.notify_all()
+        return request.outcome()
+
+    def _take(self) -> list[_Request[Any]]:
+        """The oldest queued requests, up to `max_batch` events (at least one request)."""
+        taken, size = 0, 0
+        for request in self._queue:
+            if taken and size + request.size > self._max_batch:
+                break
+            taken += 1
+            size += request.size
+        batch, self._queue[:taken] = self._queue[:taken], []
+        return batch
+
+    def _commit(self, batch: list[_Request[Any]]) -> None:
+        """One transaction for the whole batch; every request ends done, with a result or an error."""
+        results: list[tuple[_Request[Any], Any]] = []
+        events = 0
+        try:
+            with self._sessions() as session, session.begin():
+                lock_chain_head(session)  # once, in the root transaction: every unit below reuses it
+                for request in batch:
+                    if request.work is None:
+                        results.append((request, append_prepared(session, request.prepared)))
+                        events += request.size
+                        continue
+                    try:
+                        with session.begin_nested():
+                            results.append((request, request.work(session)))
+                    except Exception as exc:  # this unit only; the others still commit
+                        request.error = exc
+            self.commits += 1
+            self.events += events
+            for request, result in results:
+                request.result = result
+        except Exception as exc:  # the commit failed: nothing in the batch is durable
+            for request in batch:
+                request.result, request.error, request.batch_failed = None, exc, True
+        finally:
+            for request in batch:
+                request.done = True

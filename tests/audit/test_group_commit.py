@@ -1,0 +1,152 @@
+"""audit/group_commit.py: concurrent appenders share commits without forking the chain or losing events."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from audit.db import Base, make_engine, make_session_factory
+from audit.group_commit import GroupCommitter
+from audit.log import AuditLogError, NewEvent, append_many
+from audit.models import AuditEvent, PromptText
+from audit.verify import verify_database
+
+
+def event(i: int, key: str = "k") -> NewEvent:
+    return NewEvent(action="load.append", key_id=key, team="load", payload={"i": i})
+
+
+def test_group_committer_returns_each_caller_its_chained_events(session_factory: Any) -> None:
+    committer = GroupCommitter(session_factory)
+    first = committer.append(event(0))
+    rest = committer.append_many([event(1), event(2)])
+    assert [e.seq for e in [first, *rest]] == [1, 2, 3] and rest[0].prev_hash == first.hash
+    with session_factory() as session:
+        report = verify_database(session)
+    assert report.ok and report.count == 3 and committer.commits == 2
+
+
+def test_requests_queued_during_a_commit_share_the_next_commit(session_factory: Any) -> None:
+    committer = GroupCommitter(session_factory)
+    leading, release = threading.Event(), threading.Event()
+
+    def slow_unit(session: Session) -> None:
+        append_many(session, [event(-1, "slow")])
+        leading.set()
+        release.wait(10)  # holds the commit open while the others queue
+
+    threads = [threading.Thread(target=committer.run, args=(slow_unit,))]
+    threads[0].start()
+    assert leading.wait(10)
+    threads += [threading.Thread(target=committer.append, args=(event(i, f"t{i}"),)) for i in range(8)]
+    for thread in threads[1:]:
+        thread.start()
+    while len(committer._queue) < 8:  # every caller is waiting for the commit in progress
+        threading.Event().wait(0.01)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    with session_factory() as session:
+        report = verify_database(session)
+    assert report.ok and report.count == 9, report.summary
+    assert committer.commits == 2  # the slow one, then all eight together
+
+
+def test_a_failing_unit_rolls_back_alone(session_factory: Any) -> None:
+    committer = GroupCommitter(session_factory)
+    leading, release = threading.Event(), threading.Event()
+    outcomes: dict[str, Any] = {}
+
+    def hold(session: Session) -> None:
+        leading.set()
+        release.wait(10)
+
+    def good(session: Session) -> int:
+        session.add(PromptText(commitment="c" * 64, salt=None, text=None, mode="hashed",
+                               created_at=datetime.now(UTC)))
+        return append_many(session, [event(1, "good")])[0].seq
+
+    def bad(session: Session) -> None:
+        append_many(session, [event(2, "bad"), event(3, "bad")])
+        raise RuntimeError("unit failed after appending")
+
+    def call(name: str, work: Any) -> None:
+        try:
+            outcomes[name] = committer.run(work)
+        except RuntimeError as exc:
+            outcomes[name] = exc
+
+    holder = threading.Thread(target=committer.run, args=(hold,))
+    holder.start()
+    assert leading.wait(10)
+    threads = [threading.Thread(target=call, args=(name, work)) for name, work in
+               (("bad", bad), ("good", good), ("after", lambda s: append_many(s, [event(4, "after")])[0].seq))]
+    for thread in threads:
+        thread.start()
+        while len(committer._queue) < threads.index(thread) + 1:
+            threading.Event().wait(0.01)
+    release.set()
+    for thread in [holder, *threads]:
+        thread.join(10)
+    assert isinstance(outcomes["bad"], RuntimeError)
+    assert (outcomes["good"], outcomes["after"]) == (1, 2)
+    with session_factory() as session:
+        report = verify_database(session)
+        keys = list(session.scalars(select(AuditEvent.key_id).order_by(AuditEvent.seq)))
+        assert session.get(PromptText, "c" * 64) is not None
+    assert report.ok and keys == ["good", "after"], report.summary
+    assert committer.commits == 2
+
+
+def test_a_failed_commit_fails_every_caller_in_it() -> None:
+    engine = make_engine("sqlite://")
+    Base.metadata.create_all(engine)  # no chain_head row: the batch cannot lock the head
+    committer = GroupCommitter(make_session_factory(engine))
+    with pytest.raises(AuditLogError, match="nothing in it was recorded.*migrate"):
+        committer.append(event(0))
+
+
+def test_a_bad_payload_fails_only_its_caller(session_factory: Any) -> None:
+    committer = GroupCommitter(session_factory)
+    with pytest.raises(ValueError, match="set is not JSON"):
+        committer.append(NewEvent("x.y", "k", "t", {"s": {1}}))
+    assert committer.append(event(0)).seq == 1
+
+
+def threaded_writer(url: str, worker: int, threads: int, count: int) -> None:
+    """A process whose threads append `count` events each through one GroupCommitter."""
+    engine = make_engine(url)
+    committer = GroupCommitter(make_session_factory(engine))
+
+    def run(thread: int) -> None:
+        for i in range(count):
+            committer.append(event(i, f"w{worker}-t{thread}"))
+
+    pool = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    engine.dispose()
+
+
+@pytest.mark.services
+def test_group_committing_postgres_processes_never_fork_the_chain(pg_url: str, pg_session_factory: Any) -> None:
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=threaded_writer, args=(pg_url, w, 6, 15)) for w in range(3)]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(timeout=120)
+    assert [p.exitcode for p in workers] == [0, 0, 0]
+    with pg_session_factory() as session:
+        report = verify_database(session)
+        writers = set(session.scalars(select(AuditEvent.key_id)))
+    assert report.ok and report.count == 3 * 6 * 15, report.summary
+    assert len(writers) == 18
