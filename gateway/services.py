@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from audit.export import ExportFilters, iter_export
-from audit.log import append_event
+from audit.log import NewEvent, append_event, append_many
 from audit.models import AuditEvent, Job, ModelCardRecord
 from audit.privacy import commit_prompt
 from audit.provenance import ProvenanceError, verify_image
@@ -174,15 +174,17 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
             job.decisions = {"prompt": {**job.decisions["prompt"], "storage": stored_prompt["storage"]}}
             session.add(job)
             session.flush()
-            append_event(session, action="generation.requested", key_id=principal.key_id, team=principal.team,
+            events = [
+                NewEvent(action="generation.requested", key_id=principal.key_id, team=principal.team,
                          job_id=job.id, payload={
                              "request_id": request_id, "model": card.name, "model_version": card.version,
                              "model_card_hash": card.content_hash, "checkpoints": card.checkpoint_digests(),
                              "task": card.task, "prompt": stored_prompt, "class_id": request.class_id,
-                             "params": params, "seed": params["seed"], "policy_revision": revision})
-            append_event(session, action="prompt.screened", key_id=principal.key_id, team=principal.team,
+                             "params": params, "seed": params["seed"], "policy_revision": revision}),
+                NewEvent(action="prompt.screened", key_id=principal.key_id, team=principal.team,
                          job_id=job.id, payload={"policy_revision": revision, "action": action,
-                                                 "screenings": screenings, "context": context.to_dict()})
+                                                 "screenings": screenings, "context": context.to_dict()}),
+            ]
             if action == "block":
                 job.error = "the prompt was blocked by the content policy"
                 transition(session, job, "blocked", "prompt blocked by policy")
@@ -190,8 +192,9 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
                 transition(session, job, "review", "prompt needs human review")
             else:
                 transition(session, job, "queued", f"prompt {action}")
-            append_event(session, action=f"generation.{job.status}", key_id=principal.key_id,
-                         team=principal.team, job_id=job.id, payload={"stage": "prompt", "action": action})
+            events.append(NewEvent(action=f"generation.{job.status}", key_id=principal.key_id,
+                                   team=principal.team, job_id=job.id, payload={"stage": "prompt", "action": action}))
+            append_many(session, events)  # one INSERT for the request's three events
     except Exception as exc:  # no audit record -> no generation
         raise ServiceUnavailable(f"the audit log is unavailable, nothing was generated: {exc}") from exc
     if job.status == "blocked":
@@ -293,15 +296,16 @@ def decide_review(*, state: GatewayState, principal: Principal, job_id: str, dec
         stage = "output" if "output" in (job.decisions or {}) else "prompt"
         job.review = {"decision": decision, "reason": reason, "reviewer": principal.key_id, "stage": stage,
                       "at": datetime.now(UTC).isoformat()}
-        append_event(session, action="review.decided", key_id=principal.key_id, team=job.team, job_id=job.id,
-                     payload={"decision": decision, "reason": reason, "stage": stage})
+        decided = NewEvent(action="review.decided", key_id=principal.key_id, team=job.team, job_id=job.id,
+                           payload={"decision": decision, "reason": reason, "stage": stage})
         if decision == "approve":
             transition(session, job, "queued", f"approved by reviewer {principal.key_id}: {reason}")
         else:
             job.error = f"rejected by reviewer: {reason}"
             transition(session, job, "blocked", job.error)
-        append_event(session, action=f"generation.{job.status}", key_id=principal.key_id, team=job.team,
-                     job_id=job.id, payload={"stage": "review", "decision": decision})
+        append_many(session, [decided, NewEvent(action=f"generation.{job.status}", key_id=principal.key_id,
+                                                team=job.team, job_id=job.id,
+                                                payload={"stage": "review", "decision": decision})])
     if job.status == "queued":
         _dispatch(state, job.id)
     return job

@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from audit.db import make_engine, make_session_factory
-from audit.log import append_event
+from audit.log import NewEvent, append_event, append_many
 from audit.models import AuditEvent, Job, JobTransition
 from audit.provenance import ProvenanceSigner, ensure_dev_ca, load_signer
 from generator.artifacts import ArtifactStore, open_store
@@ -288,17 +288,17 @@ def _release(ctx: PipelineContext, job: Job, model: LoadedModel, output: Any, sa
         row = session.get(Job, job.id, with_for_update=True)
         if row is None or row.status != "running":
             return  # another delivery finished it first: idempotent
-        append_event(session, action="output.screened", key_id=row.key_id, team=row.team, job_id=row.id,
-                     payload={"policy_revision": row.policy_revision, "screenings": output_decisions,
-                              "action": worst, "context": context.to_dict()})
-        for item in released:
-            append_event(session, event_id=item["event_id"], action="image.released", key_id=row.key_id,
-                         team=row.team, job_id=row.id,
-                         payload={"index": item["index"], "sha256": item["sha256"],
-                                  "pixel_sha256": item["pixel_sha256"], "manifest_id": item["manifest_id"],
-                                  "model": card.name, "model_card_hash": card.content_hash,
-                                  "checkpoints": card.checkpoint_digests(), "seed": row.params["seed"],
-                                  "params": row.params, "policy_revision": row.policy_revision})
+        events = [NewEvent(action="output.screened", key_id=row.key_id, team=row.team, job_id=row.id,
+                           payload={"policy_revision": row.policy_revision, "screenings": output_decisions,
+                                    "action": worst, "context": context.to_dict()})]
+        events += [NewEvent(event_id=item["event_id"], action="image.released", key_id=row.key_id,
+                            team=row.team, job_id=row.id,
+                            payload={"index": item["index"], "sha256": item["sha256"],
+                                     "pixel_sha256": item["pixel_sha256"], "manifest_id": item["manifest_id"],
+                                     "model": card.name, "model_card_hash": card.content_hash,
+                                     "checkpoints": card.checkpoint_digests(), "seed": row.params["seed"],
+                                     "params": row.params, "policy_revision": row.policy_revision})
+                   for item in released]
         decisions = dict(row.decisions)
         decisions["output"] = {"action": worst, "images": output_decisions}
         row.decisions = decisions
@@ -316,9 +316,10 @@ def _release(ctx: PipelineContext, job: Job, model: LoadedModel, output: Any, sa
             transition(session, row, "completed", f"{len(released)} image(s) released")
         if row.status in TERMINAL and decisions.get("prompt", {}).get("storage", "full") != "full":
             row.prompt = None  # the policy keeps no prompt text beyond what the job needed
-        append_event(session, action=f"generation.{row.status}", key_id=row.key_id, team=row.team,
-                     job_id=row.id, payload={"images": len(released), "timings": row.timings,
-                                             "cost": row.cost})
+        events.append(NewEvent(action=f"generation.{row.status}", key_id=row.key_id, team=row.team,
+                               job_id=row.id, payload={"images": len(released), "timings": row.timings,
+                                                       "cost": row.cost}))
+        append_many(session, events)  # one INSERT: screening, each released image, the outcome
         # The audit stage's own time (events + job row), recorded on the job after the chain entry.
         row.timings = {**row.timings, "audit_s": round(time.perf_counter() - t_audit, 4)}
 
