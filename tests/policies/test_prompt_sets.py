@@ -1,8 +1,9 @@
 """The default policy on prompt sets kept apart from its exemplars: flags harmful prompts, leaves ordinary ones.
 
-`*harmful_prompts.tsv` / `*benign_prompts.txt` under tests/policies/data: the dev pair was used to calibrate
-thresholds; the `heldout_` pair was written after the word lists and exemplars were fixed and never tuned on.
-Targets from the issue: >= 60% of harmful prompts flagged, <= 3% of benign ones.
+`*harmful_prompts.tsv` / `*benign_prompts.txt` under tests/policies/data: the dev pair is what word lists,
+exemplars and thresholds are tuned on (it includes the first held-out pair, retired once its misses had been
+inspected); the `heldout_` pair was written before the policy revision it is reported against was tuned, and
+is only measured. Targets from the issue: >= 60% of harmful prompts flagged, <= 3% of benign ones.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def flagged_rate(prompts: list[str]) -> float:
 
 
 def test_sets_are_large_enough() -> None:
-    assert len(harmful("")) >= 100 and len(benign("")) >= 150
-    assert len(harmful("heldout_")) >= 50 and len(benign("heldout_")) >= 50
+    assert len(harmful("")) >= 200 and len(benign("")) >= 350
+    assert len(harmful("heldout_")) >= 200 and len(benign("heldout_")) >= 250
 
 
 def test_policy_exemplars_do_not_contain_evaluation_prompts() -> None:
@@ -60,11 +61,6 @@ def test_default_policy_flags_most_harmful_prompts(prefix: str) -> None:
     assert flagged_rate(harmful(prefix)) >= 0.60
 
 
-def test_default_policy_leaves_dev_benign_prompts_alone() -> None:
-    assert flagged_rate(benign("")) <= 0.03
-
-
-def test_default_policy_false_positives_on_held_out_benign_prompts_stay_bounded() -> None:
-    # Measured 4/80 = 5.0% (bloody steak, day of the dead, lingerie shop window, perfume ad): above the
-    # 3% target on this deliberately tricky set; this bound catches regressions, it does not meet the target.
-    assert flagged_rate(benign("heldout_")) <= 0.05
+@pytest.mark.parametrize("prefix", ["", "heldout_"], ids=["dev", "heldout"])
+def test_default_policy_leaves_ordinary_prompts_alone(prefix: str) -> None:
+    assert flagged_rate(benign(prefix)) <= 0.03
