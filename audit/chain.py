@@ -229,20 +229,22 @@ def verify_links(
     anchors: Sequence[Anchor] = (),
     *,
     start_prev_hash: str = GENESIS_HASH,
+    start_seq: int = 1,
 ) -> ChainReport:
     """Verify a whole chain in seq order: numbering, links, hashes, and every anchor's (seq, hash).
 
-    The first event must have seq 1 and prev_hash `start_prev_hash`. An anchor beyond the last event
-    means the tail was truncated. Stops at the first problem.
+    The first event must have seq `start_seq` and prev_hash `start_prev_hash` (a later start resumes
+    after events 1..start_seq-1, verified already by the caller along with their anchors). An anchor
+    beyond the last event means the tail was truncated. Stops at the first problem.
     """
     anchor_at: dict[int, list[Anchor]] = {}
     for anchor in anchors:
         anchor_at.setdefault(anchor.seq, []).append(anchor)
     covered_seq = max((a.seq for a in anchors if a.source.startswith("checkpoint")), default=None)
 
-    expected_seq = 1
+    expected_seq = start_seq
     prev = start_prev_hash
-    count = 0
+    count = start_seq - 1
 
     def broken(seq: int, reason: str) -> ChainReport:
         return ChainReport(ok=False, count=count, first_bad_seq=seq, reason=reason, head_seq=count,

@@ -8,15 +8,31 @@ import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from cryptography import x509
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from audit.chain import Anchor, ChainReport, Link, event_body, verify_fragment_links, verify_links
+from audit.chain import (
+    GENESIS_HASH,
+    Anchor,
+    ChainReport,
+    Link,
+    event_body,
+    verify_fragment_links,
+    verify_links,
+)
 from audit.checkpoints import CheckedCheckpoints, check_checkpoints, load_trust_anchors
 from audit.export import EXPORT_FORMAT, iter_checkpoint_records, iter_event_links
+from audit.line_scan import (
+    PARALLEL_MIN_BYTES,
+    Scan,
+    default_workers,
+    scan,
+    scan_file_parallel,
+    scan_file_range,
+)
 from audit.log import HEAD_ROW_ID
 from audit.models import ChainHead
 
@@ -79,6 +95,7 @@ _PREV_KEY = b'","prev_hash":"'
 _EVENT_TAIL = b'","type":"event"}'
 _TAIL_LEN = len(_HASH_KEY) + 64 + len(_PREV_KEY) + 64 + len(_EVENT_TAIL)
 _SEQ_KEY = b',"seq":'
+_CHUNK = 1 << 22
 
 
 def _fast_link(line: bytes) -> Link | None:
@@ -116,10 +133,12 @@ def _slow_link(record: Mapping[str, Any]) -> Link:
     return Link(body.get("seq"), record.get("prev_hash"), record.get("hash"), None, partial(event_body, body))
 
 
-def _lines(stream: IO[bytes], chunk_size: int = 1 << 22) -> Iterator[tuple[int, bytes]]:
-    """Numbered non-blank lines without their line ending; read in large chunks (fewer calls per line)."""
-    number = 0
-    rest = b""
+def _lines(
+    stream: IO[bytes], first: bytes = b"", number: int = 0, chunk_size: int = _CHUNK
+) -> Iterator[tuple[int, bytes]]:
+    """Numbered non-blank lines without their line ending (`first`: bytes already read, `number`: lines
+    before them); read in large chunks (fewer calls per line)."""
+    rest = first
     while chunk := stream.read(chunk_size):
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()
@@ -129,8 +148,115 @@ def _lines(stream: IO[bytes], chunk_size: int = 1 << 22) -> Iterator[tuple[int, 
                 line = line[:-1]
             if line and not line.isspace():
                 yield number, line
-    if rest and not rest.isspace():
-        yield number + 1, rest.rstrip(b"\r")
+    for line in rest.split(b"\n"):  # `first` may hold several lines and no chunk follows
+        number += 1
+        line = line.rstrip(b"\r")
+        if line and not line.isspace():
+            yield number, line
+
+
+class _Prefix(NamedTuple):
+    """What comes before the events: the header, the checkpoints, and where the events begin."""
+
+    header: dict[str, Any]
+    checkpoints: list[dict[str, Any]]
+    rest: bytes  # read already: from the first event line on
+    offset: int  # of the first event line in the stream
+    lines: int  # lines before it
+
+
+def _read_prefix(stream: IO[bytes], source: str) -> _Prefix:
+    """Read the header and the checkpoint records (written before the events) up to the first event."""
+    buf, pos, base, number, eof = b"", 0, 0, 0, False
+    header: dict[str, Any] | None = None
+    checkpoints: list[dict[str, Any]] = []
+    while True:
+        newline = buf.find(b"\n", pos)
+        if newline < 0 and not eof:
+            more = stream.read(_CHUNK)
+            base, buf, pos = base + pos, buf[pos:] + more, 0
+            eof = not more
+            continue
+        end = newline if newline >= 0 else len(buf)
+        if newline < 0 and pos >= end:
+            break  # the end of the file
+        line = buf[pos:end].rstrip(b"\r")
+        if line.strip():
+            if header is None:
+                header = _record(line, source, number + 1)
+                if header.get("type") != "header" or header.get("format") != EXPORT_FORMAT:
+                    break
+            elif line.startswith(_EVENT_HEAD):
+                break  # the events begin here
+            else:
+                record = _record(line, source, number + 1)
+                if record.get("type") != "checkpoint":
+                    break  # an event in another layout, or junk: the events path reports it
+                record.pop("type")
+                checkpoints.append(record)
+        number += 1
+        pos = end + 1
+    if header is None or header.get("type") != "header" or header.get("format") != EXPORT_FORMAT:
+        raise ExportFileError(f"{source} is not a {EXPORT_FORMAT} JSONL file (its first line is no header)")
+    return _Prefix(header, checkpoints, buf[pos:], base + pos, number)
+
+
+def _general_links(lines: Iterator[tuple[int, bytes]], source: str) -> Iterator[Link]:
+    fast_link = _fast_link  # the per-event loop of a large export: keep it lean
+    for number, line in lines:
+        yield fast_link(line) or _event_or_fail(_record(line, source, number), source, number)
+
+
+class _ScanState(NamedTuple):
+    seq: int
+    prev: bytes
+    lines: int
+
+
+def _advance(state: _ScanState, result: Scan) -> _ScanState:
+    if result.count == 0:
+        return _ScanState(state.seq, state.prev, state.lines + result.lines)
+    assert result.last_seq is not None and result.last_hash is not None
+    return _ScanState(result.last_seq + 1, result.last_hash, state.lines + result.lines)
+
+
+def _scan_stream(prefix: _Prefix, stream: IO[bytes], anchors: dict[int, frozenset[bytes]]
+                 ) -> tuple[_ScanState, bytes]:
+    """Fast-scan the events as they are read; returns the state and the bytes from the first line the
+    scan could not vouch for (empty when it verified everything)."""
+    state = _ScanState(1, GENESIS_HASH.encode(), prefix.lines)
+    buf = prefix.rest
+    while True:
+        more = stream.read(_CHUNK)
+        buf = buf + more if more else buf
+        cut = buf.rfind(b"\n") + 1 if more else len(buf)
+        result = scan(buf, 0, cut, state.seq, state.prev, anchors)
+        state = _advance(state, result)
+        if not result.complete:
+            return state, buf[result.stop :]
+        buf = buf[cut:]
+        if not more:
+            return state, b""
+
+
+def _scan_file(prefix: _Prefix, path: Path, anchors: dict[int, frozenset[bytes]], workers: int
+               ) -> tuple[_ScanState, int]:
+    """Fast-scan the events of a file in `workers` processes; the chunks are joined in order, checking
+    each chunk's first seq and prev_hash against the chunk before. Returns the state and the offset of the
+    first line not verified (the file size when all were)."""
+    size = path.stat().st_size
+    state = _ScanState(1, GENESIS_HASH.encode(), prefix.lines)
+    for chunk in scan_file_parallel(path, prefix.offset, size, anchors, workers):
+        seam_ok = chunk.count == 0 or (chunk.first_seq == state.seq and chunk.first_prev == state.prev)
+        if chunk.complete and seam_ok:
+            state = _advance(state, chunk)
+            continue
+        # Everything before this chunk verified: rescan it from its start with the real state.
+        result = scan_file_range(path, chunk.start, chunk.end, state.seq, state.prev, anchors)
+        state = _advance(state, result)
+        if not result.complete:
+            return state, result.stop
+    return state, size
 
 
 def _verify_jsonl(
@@ -138,39 +264,35 @@ def _verify_jsonl(
     source: str,
     extra_checkpoints: list[dict[str, Any]],
     trust_anchors: list[x509.Certificate] | None,
+    path: Path | None = None,
+    workers: int = 1,
 ) -> ChainReport:
-    """One pass: the header, the checkpoints (written before the events), then the events streamed."""
-    numbered = _lines(stream)
-    first = next(numbered, None)
-    header = _record(first[1], source, first[0]) if first is not None else None
-    if header is None or header.get("type") != "header" or header.get("format") != EXPORT_FORMAT:
-        raise ExportFileError(f"{source} is not a {EXPORT_FORMAT} JSONL file (its first line is no header)")
+    """One pass: the header, the checkpoints (written before the events), then the events streamed.
+
+    Events in our own layout are verified from their bytes (`audit.line_scan`), split across `workers`
+    processes when `path` names a large plain file; from the first line that scan cannot vouch for, the
+    general path takes over, so it is what names a problem.
+    """
+    prefix = _read_prefix(stream, source)
     checkpoints: list[dict[str, Any]] = list(extra_checkpoints)
-    pending: Link | None = None
-    for number, line in numbered:
-        link = _fast_link(line)
-        record = None if link is not None else _record(line, source, number)
-        if record is not None and record.get("type") == "checkpoint":
-            record.pop("type")
-            if record not in checkpoints:
-                checkpoints.append(record)
-            continue
-        pending = link if link is not None else _event_or_fail(record, source, number)
-        break
+    checkpoints += [record for record in prefix.checkpoints if record not in checkpoints]
     checked = check_checkpoints(checkpoints, trust_anchors)
-
-    def links() -> Iterator[Link]:
-        if pending is None:
-            return
-        yield pending
-        fast_link = _fast_link  # the per-event loop of a large export: keep it lean
-        for number, line in numbered:
-            yield fast_link(line) or _event_or_fail(_record(line, source, number), source, number)
-
-    if header.get("filters"):
-        report = verify_fragment_links(links(), checked.anchors)
+    if prefix.header.get("filters"):
+        links = _general_links(_lines(stream, prefix.rest, prefix.lines), source)
+        return _finish(verify_fragment_links(links, checked.anchors), checked)
+    anchors: dict[int, frozenset[bytes]] = {}
+    for anchor in checked.anchors:
+        anchors[anchor.seq] = anchors.get(anchor.seq, frozenset()) | {anchor.head_hash.encode()}
+    events_size = path.stat().st_size - prefix.offset if path is not None else 0
+    if path is not None and workers > 1 and events_size >= PARALLEL_MIN_BYTES:
+        state, stop = _scan_file(prefix, path, anchors, workers)
+        stream.seek(stop)
+        rest = b""
     else:
-        report = verify_links(links(), checked.anchors)
+        state, rest = _scan_stream(prefix, stream, anchors)
+    links = _general_links(_lines(stream, rest, state.lines), source)
+    report = verify_links(links, checked.anchors, start_prev_hash=state.prev.decode("ascii"),
+                          start_seq=state.seq)
     return _finish(report, checked)
 
 
@@ -202,9 +324,12 @@ def _manifest_problems(pack: zipfile.ZipFile) -> list[str]:
     return problems
 
 
-def verify_export(path: Path, trust_anchors_pem: bytes | str | None = None) -> ChainReport:
+def verify_export(
+    path: Path, trust_anchors_pem: bytes | str | None = None, *, workers: int | None = None
+) -> ChainReport:
     """Verify a JSONL export or an evidence pack (zip) with no database; with `trust_anchors_pem`,
-    checkpoint signers must be issued by one of those roots (use your own, not the pack's certs/)."""
+    checkpoint signers must be issued by one of those roots (use your own, not the pack's certs/).
+    A large JSONL file is verified by `workers` processes (default: one per CPU this process may use)."""
     trust_anchors = _anchors(trust_anchors_pem)
     if not path.is_file():
         raise ExportFileError(f"{path} does not exist or is not a file")
@@ -224,4 +349,5 @@ def verify_export(path: Path, trust_anchors_pem: bytes | str | None = None) -> C
             report.reason = problems[0]
         return report
     with path.open("rb") as stream:
-        return _verify_jsonl(stream, path.name, [], trust_anchors)
+        return _verify_jsonl(stream, path.name, [], trust_anchors, path,
+                             default_workers() if workers is None else workers)
