@@ -13,6 +13,7 @@ from typing import Any, cast
 
 from sqlalchemy import Table, insert, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from audit.chain import CanonicalText, body_bytes, canonical_json, format_ts
 from audit.models import AuditEvent, ChainHead
@@ -116,23 +117,41 @@ def lock_chain_head(session: Session) -> ChainHead:
 # PostgreSQL: one statement and one parameter (the rows as a JSON array), however many rows: executemany
 # would run one INSERT per row on the server while the head is locked, and array parameters are slow to
 # encode. Each payload travels as a JSON string holding its canonical text, stored verbatim by the cast.
+# The same statement moves the head row: one round trip fewer while the head is locked.
 _PG_INSERT = (
     "INSERT INTO audit_events (seq, id, ts, action, key_id, team, job_id, payload, prev_hash, hash) "
     "SELECT seq, id, ts, action, key_id, team, job_id, payload::json, prev_hash, hash "
     "FROM json_to_recordset(%(rows)s::json) AS rows (seq bigint, id text, ts timestamptz, action text, "
     "key_id text, team text, job_id text, payload text, prev_hash text, hash text)"
 )
+_PG_INSERT_MOVING_HEAD = (
+    f"WITH inserted AS ({_PG_INSERT}) UPDATE chain_head SET seq = %(head_seq)s, hash = %(head_hash)s "
+    f"WHERE id = {HEAD_ROW_ID}"
+)
 
 
-def _insert_rows(session: Session, rows: list[dict[str, Any]], ts_text: str) -> None:
-    """Insert event rows with one statement on the session's connection (no autoflush: the head's UPDATE
-    is sent once, with the commit)."""
+def _insert_rows(session: Session, head: ChainHead, rows: list[dict[str, Any]], ts_text: str) -> None:
+    """Insert event rows with one statement on the session's connection and move the head to the last.
+
+    On the connection, not the session: no autoflush. On PostgreSQL outside savepoints the statement
+    moves the head row too, recorded as the head's committed state (so the ORM sends no UPDATE; a
+    rollback expires it). Elsewhere the head object is changed and flushed with the transaction (inside
+    a savepoint that way a rollback of the savepoint expires the head it moved).
+    """
     connection = session.connection()
-    if connection.dialect.name == "postgresql":
-        document = json.dumps([{**row, "ts": ts_text} for row in rows], ensure_ascii=False)
-        connection.exec_driver_sql(_PG_INSERT, {"rows": document})
-    else:
+    last = rows[-1]
+    if connection.dialect.name != "postgresql":
         connection.execute(insert(_EVENTS), rows)
+    else:
+        document = json.dumps([{**row, "ts": ts_text} for row in rows], ensure_ascii=False)
+        if session.get_nested_transaction() is None:
+            connection.exec_driver_sql(_PG_INSERT_MOVING_HEAD, {"rows": document, "head_seq": last["seq"],
+                                                                "head_hash": last["hash"]})
+            set_committed_value(head, "seq", last["seq"])
+            set_committed_value(head, "hash", last["hash"])
+            return
+        connection.exec_driver_sql(_PG_INSERT, {"rows": document})
+    head.seq, head.hash = last["seq"], last["hash"]
 
 
 def append_prepared(session: Session, prepared: Sequence[PreparedEvent]) -> list[ChainedEvent]:
@@ -158,8 +177,7 @@ def append_prepared(session: Session, prepared: Sequence[PreparedEvent]) -> list
                      "payload": CanonicalText(item.payload_json),  # stored as exactly the text hashed
                      "prev_hash": prev_hash, "hash": digest})
         prev_hash = digest
-    _insert_rows(session, rows, ts_text)
-    head.seq, head.hash = seq, prev_hash  # one UPDATE of the head row, sent with the commit
+    _insert_rows(session, head, rows, ts_text)
     return [
         ChainedEvent(row["seq"], row["id"], ts, row["action"], row["key_id"], row["team"], row["job_id"],
                      item.payload_json, row["prev_hash"], row["hash"])

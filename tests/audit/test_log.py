@@ -229,3 +229,33 @@ def test_postgres_appends_after_a_rolled_back_savepoint_continue_the_chain(pg_se
     with pg_session_factory() as session:
         report = verify_database(session)
     assert report.ok and report.count == 2 and last.seq == 2, report.summary
+
+
+@pytest.mark.services
+def test_postgres_rolled_back_appends_leave_the_head_where_it_was(pg_session_factory: Any) -> None:
+    append(pg_session_factory)
+    with pg_session_factory() as session, session.begin():
+        append_many(session, [NewEvent("x.discarded", "k", "t", {})] * 2)
+        session.rollback()
+    (event,) = append(pg_session_factory)
+    with pg_session_factory() as session:
+        head = session.get(ChainHead, 1)
+        report = verify_database(session)
+    assert event.seq == 2 and head is not None and (head.seq, head.hash) == (2, event.hash)
+    assert report.ok, report.summary
+
+
+@pytest.mark.services
+def test_postgres_head_read_after_appends_in_the_same_transaction_is_the_new_head(pg_session_factory: Any) -> None:
+    with pg_session_factory() as session, session.begin():
+        events = append_many(session, [NewEvent("x.y", "k", "t", {"i": i}) for i in range(3)])
+        head = session.get(ChainHead, 1)
+        stored = session.execute(text("SELECT seq, hash FROM chain_head")).one()
+        assert head is not None and (head.seq, head.hash) == tuple(stored) == (3, events[-1].hash)
+        savepoint = session.begin_nested()
+        append_many(session, [NewEvent("x.z", "k", "t", {})])
+        savepoint.commit()
+        last = append_event(session, action="x.last", key_id="k", team="t", payload={})
+    with pg_session_factory() as session:
+        report = verify_database(session)
+    assert last.seq == 5 and report.ok and report.count == 5, report.summary
