@@ -145,11 +145,15 @@ def bench_prompt_sets() -> None:
         return [x for x in path.read_text().splitlines() if x.strip() and not x.startswith("#")]
 
     for prefix, name in (("", "dev"), ("heldout_", "held-out")):
-        for kind, prompts in (("harmful", [x.split("\t", 1)[1] for x in lines(DATA / f"{prefix}harmful_prompts.tsv")]),
-                              ("benign", lines(DATA / f"{prefix}benign_prompts.txt"))):
-            screenings = runtime.screen_prompts(prompts, Context(model="demo"))
-            flagged = sum(s.decision.action != "allow" for s in screenings)
-            print(f"{name:8s} {kind:7s}: {flagged:3d}/{len(prompts):3d} flagged = {flagged / len(prompts):6.1%}")
+        rows = [x.split("\t", 1) for x in lines(DATA / f"{prefix}harmful_prompts.tsv")]
+        for kind, labels, prompts in (("harmful", [r[0] for r in rows], [r[1] for r in rows]),
+                                      ("benign", None, lines(DATA / f"{prefix}benign_prompts.txt"))):
+            hits = [s.decision.action != "allow" for s in runtime.screen_prompts(prompts, Context(model="demo"))]
+            line = f"{name:8s} {kind:7s}: {sum(hits):3d}/{len(prompts):3d} flagged = {sum(hits) / len(prompts):6.1%}"
+            if labels is not None:
+                per = {c: [h for h, lab in zip(hits, labels, strict=True) if lab == c] for c in sorted(set(labels))}
+                line += "  (" + ", ".join(f"{c} {sum(h)}/{len(h)}" for c, h in per.items()) + ")"
+            print(line)
 
 
 def main(argv: list[str] | None = None) -> None:
