@@ -7,7 +7,9 @@ queued request, appends them all under one head lock, commits once, and hands ea
 the error). Callers block until the commit that holds their events is durable, so nothing is
 acknowledged early: the guarantees are those of `append_many` in the caller's own transaction.
 No thread is started and no timer delays a commit: a batch is whatever queued while the previous one was
-committing. Processes still serialise on the head row, a batch at a time.
+committing. A waiting caller is woken once: when its commit is done, or to lead the next batch (a leader
+hands over to the oldest waiter once its own events are committed). Processes still serialise on the head
+row, a batch at a time.
 
 Units of work (`run`) carry their own row changes with their events (a job row and its audit events):
 each runs in a savepoint of the shared transaction, so one unit's failure rolls back only that unit.
@@ -34,11 +36,12 @@ class _Request(Generic[T]):
 
     prepared: Sequence[PreparedEvent] = ()
     work: Callable[[Session], T] | None = None
+    size: int = 1
     done: bool = False
     result: Any = None
     error: Exception | None = None
     batch_failed: bool = False  # the shared commit failed (not this request's own work)
-    size: int = field(default=1)
+    wake: threading.Event = field(default_factory=threading.Event)
 
     def outcome(self) -> Any:
         if self.batch_failed:
@@ -56,7 +59,7 @@ class GroupCommitter:
     def __init__(self, sessions: sessionmaker[Session], *, max_batch: int = DEFAULT_MAX_BATCH) -> None:
         self._sessions = sessions
         self._max_batch = max_batch
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._queue: list[_Request[Any]] = []
         self._leading = False
         self.commits = 0  # transactions committed; with `events`, shows how well appends coalesce
@@ -90,21 +93,25 @@ class GroupCommitter:
         return result
 
     def _submit(self, request: _Request[Any]) -> Any:
-        with self._cond:
+        with self._lock:
             self._queue.append(request)
-            while not request.done:
-                if self._leading:
-                    self._cond.wait()
-                    continue
-                self._leading = True
-                batch = self._take()
-                self._cond.release()
-                try:
-                    self._commit(batch)
-                finally:
-                    self._cond.acquire()
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            request.wake.wait()  # woken once: its commit is done, or it is handed the leadership
+            if request.done:
+                return request.outcome()
+        try:
+            while not request.done:  # lead: commit batches until this caller's own request is in one
+                with self._lock:
+                    batch = self._take()
+                self._commit(batch)
+        finally:
+            with self._lock:  # hand over to the oldest waiter (woken, not done: it leads), or stop leading
+                if self._queue:
+                    self._queue[0].wake.set()
+                else:
                     self._leading = False
-                    self._cond.notify_all()
         return request.outcome()
 
     def _take(self) -> list[_Request[Any]]:
@@ -145,3 +152,4 @@ class GroupCommitter:
         finally:
             for request in batch:
                 request.done = True
+                request.wake.set()
