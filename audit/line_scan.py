@@ -94,19 +94,17 @@ def scan(
             break
         # The top-level seq is the last `,"seq":` of a canonical body: only team and ts (strings, where a
         # quote is always escaped) follow it.
-        at = rfind(SEQ_KEY, pos + head_len, body_end) + seq_len
-        comma = find(b",", at, body_end)
-        if at < seq_len or comma < 0:
-            break
-        digits = data[at:comma]
-        if not digits.isdigit():
-            break
-        line_seq = int(digits)
+        at = rfind(SEQ_KEY, pos + head_len, body_end)
         line_prev = data[body_end + _PREV_AT : body_end + _PREV_AT + 64]
-        if seq is None:
-            first_seq, first_prev, seq, prev = line_seq, line_prev, line_seq, line_prev
-        elif line_seq != seq or line_prev != prev:
+        if seq is None:  # the first line of a chunk: read its seq
+            comma = find(b",", at + seq_len, body_end)
+            digits = data[at + seq_len : comma]
+            if at < 0 or comma < 0 or not digits.isdigit():
+                break
+            first_seq, first_prev, seq, prev = int(digits), line_prev, int(digits), line_prev
+        elif at < 0 or not startswith(b'%s%d,' % (SEQ_KEY, seq), at) or line_prev != prev:
             break
+        line_seq = seq
         # One copy of the body: cheaper than hashing a memoryview slice of it.
         line_hash = sha256(line_prev + b"\n" + data[pos + head_len : body_end]).hexdigest().encode()
         if line_hash != data[body_end + _HASH_AT : body_end + _HASH_AT + 64]:
