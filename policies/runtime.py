@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from policies.batching import run_batched
 from policies.classifiers.base import (
     Classifier,
     ClassifierError,
     ClassifierResult,
     UnavailableClassifier,
-    run_classifier,
 )
 from policies.classifiers.lexical import LengthClassifier, LexicalClassifier
 from policies.decisions import Context, Decision, Stage, decide
@@ -86,9 +86,6 @@ def _build(name: str, policy: Policy, models_dir: Path, device: str) -> Classifi
 # computed once per policy revision; the heavy models underneath are cached by weights hash.
 _CACHE: dict[tuple[str, str, str, str], Classifier] = {}
 _CACHE_LOCK = threading.Lock()
-# One screening at a time per process: each model call already uses every core, so concurrent requests
-# queue here instead of oversubscribing the CPU (16 concurrent MiniLM calls on 2 cores run 10x slower each).
-_RUN_LOCK = threading.Lock()
 
 
 def _cached(loaded: LoadedPolicy, name: str, models_dir: Path, device: str) -> Classifier:
@@ -139,7 +136,7 @@ class PolicyRuntime:
 
     def screen_prompts(self, prompts: Sequence[str], ctx: Context) -> list[Screening]:
         """Screen a batch of prompts; each classifier runs once over the whole batch."""
-        return self._screen(prompts, ctx, "prompt", self._text)
+        return self._screen(prompts, [ctx] * len(prompts), "prompt", self._text)
 
     def check_model(self, ctx: Context) -> Screening:
         """Model rules: the allow-list and conditions on the model's training lineage."""
@@ -147,9 +144,19 @@ class PolicyRuntime:
 
     def screen_images(self, images: Sequence[Any], ctx: Context) -> list[Screening]:
         """Screen output images (PIL) with the image concept classifier; one Screening per image."""
-        if self.loaded.policy.output.image_concepts is None:
-            return self._screen(images, ctx, "output", [])
-        return self._screen(images, ctx, "output", [self._image_classifier()])
+        return self.screen_image_sets([(images, ctx)])[0]
+
+    def screen_image_sets(self, sets: Sequence[tuple[Sequence[Any], Context]]) -> list[list[Screening]]:
+        """Screen the images of several jobs in one classifier batch; each set is decided in its own context."""
+        images = [image for batch, _ in sets for image in batch]
+        contexts = [ctx for batch, ctx in sets for _ in batch]
+        classifiers = [] if self.loaded.policy.output.image_concepts is None else [self._image_classifier()]
+        screenings = self._screen(images, contexts, "output", classifiers)
+        out, start = [], 0
+        for batch, _ in sets:
+            out.append(screenings[start:start + len(batch)])
+            start += len(batch)
+        return out
 
     def _image_classifier(self) -> Classifier:
         # Loaded on first use: the API process screens prompts only and never needs CLIP.
@@ -158,14 +165,14 @@ class PolicyRuntime:
                 self._image = self._classifier("image_concepts")
             return self._image
 
-    def _screen(self, inputs: Sequence[Any], ctx: Context, stage: Stage,
+    def _screen(self, inputs: Sequence[Any], contexts: Sequence[Context], stage: Stage,
                 classifiers: Sequence[Classifier]) -> list[Screening]:
-        with _RUN_LOCK:
-            per_classifier = [run_classifier(c, inputs) for c in classifiers]
+        # One screening per classifier set at a time; concurrent callers share one classifier batch.
+        per_classifier = run_batched(classifiers, inputs)
         screenings = []
         for i in range(len(inputs)):
             results = tuple(batch[i] for batch in per_classifier)
-            screenings.append(Screening(decide(self.loaded, results, ctx, stage), results))
+            screenings.append(Screening(decide(self.loaded, results, contexts[i], stage), results))
         return screenings
 
     def prompt_storage(self, ctx: Context) -> str:
