@@ -10,6 +10,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from generator.pipeline import PipelineContext, run_jobs
@@ -29,10 +30,16 @@ class Dispatcher(Protocol):
 
 
 class LocalWorker:
-    """Embedded mode: one background thread drains the queue, batching up to `batch_size` jobs per run."""
+    """Embedded mode: one background thread drains the queue, batching up to `batch_size` jobs per run.
 
-    def __init__(self, ctx: PipelineContext, *, batch_size: int, batch_wait_s: float) -> None:
+    The thread blocks on the queue (a submitted job wakes it at once) and then waits at most `batch_wait_s`
+    for companions; `on_finished` is called with each run's job ids (it wakes long-polling requests).
+    """
+
+    def __init__(self, ctx: PipelineContext, *, batch_size: int, batch_wait_s: float,
+                 on_finished: Callable[[Sequence[str]], None] | None = None) -> None:
         self._ctx = ctx
+        self._on_finished = on_finished
         self._batch_size = batch_size
         self._batch_wait_s = batch_wait_s
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -66,6 +73,14 @@ class LocalWorker:
         self._queue.put(None)
         self._thread.join(timeout=30)
 
+    def _finished(self, batch: Sequence[str]) -> None:
+        if self._on_finished is None:
+            return
+        try:
+            self._on_finished(batch)
+        except Exception:  # waiters re-read their jobs periodically anyway
+            log.exception("could not notify the requests waiting for jobs %s", list(batch))
+
     def _loop(self) -> None:
         while True:
             first = self._queue.get()
@@ -90,6 +105,7 @@ class LocalWorker:
             except Exception:  # a database fault here leaves the jobs queued; they are logged, not lost
                 log.exception("embedded worker could not run jobs %s", batch)
             finally:
+                self._finished(batch)
                 for _ in batch:
                     self._queue.task_done()
             if stop:

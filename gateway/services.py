@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import secrets
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+import anyio
 from PIL import Image
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -38,6 +40,7 @@ from gateway.errors import (
 from gateway.limits import Limits
 from gateway.schemas import GenerationCreate, ModerationCreate, PolicyPublic
 from gateway.settings import Settings
+from gateway.waiting import JobWaiters
 from generator.governance import PolicyNotFoundError, StoredPolicy
 from generator.pipeline import PipelineContext, strictest, transition
 from generator.registry import UnknownModelError
@@ -55,6 +58,7 @@ class GatewayState:
     ctx: PipelineContext
     dispatcher: Dispatcher
     limits: Limits
+    waiters: JobWaiters = field(default_factory=lambda: JobWaiters(recheck_s=0.5))
     checkpoints: Any = None
     sweeper: Any = None
 
@@ -226,6 +230,33 @@ def get_generation(*, session: Session, principal: Principal, job_id: str) -> Jo
     if job is None or not principal.can_see_team(job.team):
         raise NotFound(f"no generation {job_id}")
     return job
+
+
+PENDING = ("queued", "running")
+
+
+async def wait_for_generation(*, state: GatewayState, principal: Principal, job_id: str, wait_s: float) -> Job:
+    """The job as `get_generation` reads it, once it is no longer queued or running or `wait_s` has passed.
+
+    Long-polling: the request sleeps until the worker reports the job done (or `state.waiters.recheck_s`
+    passes), so a client that waits costs one read per change instead of one request per poll.
+    """
+    def read() -> Job:
+        with state.ctx.sessions() as session:
+            return get_generation(session=session, principal=principal, job_id=job_id)
+
+    deadline = time.monotonic() + wait_s
+    with state.waiters.watch(job_id) as changed:  # registered before the read: a finish cannot slip between
+        while True:
+            job = await anyio.to_thread.run_sync(read)
+            remaining = deadline - time.monotonic()
+            if job.status not in PENDING or remaining <= 0:
+                return job
+            try:
+                await asyncio.wait_for(changed.wait(), timeout=min(remaining, state.waiters.recheck_s))
+            except TimeoutError:
+                pass
+            changed.clear()
 
 
 def list_generations(*, session: Session, principal: Principal, status: str | None, limit: int,

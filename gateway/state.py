@@ -12,6 +12,7 @@ from gateway.dispatch import CeleryDispatcher, Dispatcher, LocalWorker
 from gateway.limits import Limits, MemoryCounter, RedisCounter
 from gateway.services import GatewayState, requeue_stale_jobs
 from gateway.settings import Settings
+from gateway.waiting import JobWaiters
 from generator.pipeline import build_context
 
 log = logging.getLogger(__name__)
@@ -24,17 +25,19 @@ def build_state(settings: Settings, *, dispatcher: Dispatcher | None = None) -> 
         upgrade_database(settings.database_url)  # embedded: the gateway owns its file; PostgreSQL uses `migrate`
     ctx = build_context(settings)
     ctx.policies.bootstrap(settings.policy_file)
+    # The in-process worker wakes long-polling requests; Celery workers cannot, so waiters re-read often.
+    waiters = JobWaiters(recheck_s=5.0 if settings.embedded and dispatcher is None else 0.5)
     if dispatcher is None:
         if settings.embedded:
             dispatcher = LocalWorker(ctx, batch_size=settings.worker_batch_size,
-                                     batch_wait_s=settings.worker_batch_wait_ms / 1000)
+                                     batch_wait_s=settings.worker_batch_wait_ms / 1000, on_finished=waiters.notify)
         else:
             assert settings.broker_url is not None
             dispatcher = CeleryDispatcher(settings.broker_url, settings.result_backend_url)
     counter = MemoryCounter() if settings.embedded else RedisCounter(settings.broker_url or "")
     limits = Limits(counter, per_key_per_minute=settings.rate_limit_per_minute,
                     team_images_per_day=settings.team_quota_per_day)
-    state = GatewayState(settings=settings, ctx=ctx, dispatcher=dispatcher, limits=limits)
+    state = GatewayState(settings=settings, ctx=ctx, dispatcher=dispatcher, limits=limits, waiters=waiters)
     assert settings.signing_key is not None and settings.signing_cert is not None
     state.checkpoints = CheckpointTimer(ctx.sessions, settings.signing_key.read_bytes(),
                                         settings.signing_cert.read_bytes(),

@@ -48,8 +48,13 @@ def list_generations(request: Request, session: SessionDep, caller: CallerDep,
 
 
 @router.get("/{job_id}", response_model=GenerationPublic, responses=ERRORS, summary="Status, decisions, images")
-def get_generation(job_id: str, request: Request, session: SessionDep, caller: CallerDep) -> GenerationPublic:
-    return to_public(services.get_generation(session=session, principal=caller, job_id=job_id), request)
+async def get_generation(
+    job_id: str, request: Request, state: StateDep, caller: CallerDep,
+    wait: Annotated[float, Query(ge=0, le=60, description="long-poll: answer when the job is no longer queued "
+                                 "or running, or after this many seconds (0: at once)", examples=[30])] = 0,
+) -> GenerationPublic:
+    job = await services.wait_for_generation(state=state, principal=caller, job_id=job_id, wait_s=wait)
+    return to_public(job, request)
 
 
 @router.get("/{job_id}/images/{index}", responses={200: {"content": {"image/png": {}}}, **ERRORS},
