@@ -170,35 +170,41 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
               decisions={"prompt": {"action": action, "screenings": screenings}}, images=[], error=None,
               timings={"prompt_screening_s": round(screening_s, 4)}, cost={}, review=None,
               request_id=request_id, attempts=0)
+    t_audit = time.perf_counter()
+
+    def record(session: Session) -> None:  # one unit of the process's shared audit transaction
+        stored_prompt = commit_prompt(session, text, runtime.prompt_storage(context))
+        job.prompt_commitment = stored_prompt.get("commitment")
+        _record_card(session, card)
+        job.decisions = {"prompt": {**job.decisions["prompt"], "storage": stored_prompt["storage"]}}
+        session.add(job)
+        session.flush()
+        events = [
+            NewEvent(action="generation.requested", key_id=principal.key_id, team=principal.team,
+                     job_id=job.id, payload={
+                         "request_id": request_id, "model": card.name, "model_version": card.version,
+                         "model_card_hash": card.content_hash, "checkpoints": card.checkpoint_digests(),
+                         "task": card.task, "prompt": stored_prompt, "class_id": request.class_id,
+                         "params": params, "seed": params["seed"], "policy_revision": revision}),
+            NewEvent(action="prompt.screened", key_id=principal.key_id, team=principal.team,
+                     job_id=job.id, payload={"policy_revision": revision, "action": action,
+                                             "screenings": screenings, "context": context.to_dict()}),
+        ]
+        if action == "block":
+            job.error = "the prompt was blocked by the content policy"
+            transition(session, job, "blocked", "prompt blocked by policy")
+        elif action == "review":
+            transition(session, job, "review", "prompt needs human review")
+        else:
+            transition(session, job, "queued", f"prompt {action}")
+        events.append(NewEvent(action=f"generation.{job.status}", key_id=principal.key_id,
+                               team=principal.team, job_id=job.id, payload={"stage": "prompt", "action": action}))
+        append_many(session, events)  # one INSERT for the request's three events
+        # The request's audit work (prompt commitment, card, job row, events), in the job's audit time.
+        job.timings = {**job.timings, "request_audit_s": round(time.perf_counter() - t_audit, 4)}
+
     try:
-        with state.ctx.sessions() as session, session.begin():
-            stored_prompt = commit_prompt(session, text, runtime.prompt_storage(context))
-            job.prompt_commitment = stored_prompt.get("commitment")
-            _record_card(session, card)
-            job.decisions = {"prompt": {**job.decisions["prompt"], "storage": stored_prompt["storage"]}}
-            session.add(job)
-            session.flush()
-            events = [
-                NewEvent(action="generation.requested", key_id=principal.key_id, team=principal.team,
-                         job_id=job.id, payload={
-                             "request_id": request_id, "model": card.name, "model_version": card.version,
-                             "model_card_hash": card.content_hash, "checkpoints": card.checkpoint_digests(),
-                             "task": card.task, "prompt": stored_prompt, "class_id": request.class_id,
-                             "params": params, "seed": params["seed"], "policy_revision": revision}),
-                NewEvent(action="prompt.screened", key_id=principal.key_id, team=principal.team,
-                         job_id=job.id, payload={"policy_revision": revision, "action": action,
-                                                 "screenings": screenings, "context": context.to_dict()}),
-            ]
-            if action == "block":
-                job.error = "the prompt was blocked by the content policy"
-                transition(session, job, "blocked", "prompt blocked by policy")
-            elif action == "review":
-                transition(session, job, "review", "prompt needs human review")
-            else:
-                transition(session, job, "queued", f"prompt {action}")
-            events.append(NewEvent(action=f"generation.{job.status}", key_id=principal.key_id,
-                                   team=principal.team, job_id=job.id, payload={"stage": "prompt", "action": action}))
-            append_many(session, events)  # one INSERT for the request's three events
+        state.ctx.commits.run(record)
     except Exception as exc:  # no audit record -> no generation
         raise ServiceUnavailable(f"the audit log is unavailable, nothing was generated: {exc}") from exc
     if job.status == "blocked":

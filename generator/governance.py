@@ -118,6 +118,11 @@ class PolicyStore:
 
     def runtime(self, revision: str | None = None) -> PolicyRuntime:
         """The loaded runtime of `revision` (default: the active one); classifiers load once per revision."""
+        if revision:
+            with self._lock:  # a revision is a content hash: its runtime never changes once loaded
+                cached = self._runtimes.get(revision)
+            if cached is not None:
+                return cached
         stored = self.get(revision) if revision else self.active_revision()
         with self._lock:
             runtime = self._runtimes.get(stored.revision)

@@ -11,8 +11,8 @@ import io
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from pathlib import Path
@@ -24,13 +24,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from audit.db import make_engine, make_session_factory
-from audit.log import NewEvent, append_event, append_many
+from audit.group_commit import GroupCommitter
+from audit.log import NewEvent, append_many
 from audit.models import AuditEvent, Job, JobTransition
 from audit.provenance import ProvenanceSigner, ensure_dev_ca, load_signer
 from generator.artifacts import ArtifactStore, open_store
 from generator.governance import PolicyStore
 from generator.registry import GenRequest, LoadedModel, Registry
-from policies.runtime import Context
+from policies.runtime import Context, Screening
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,12 @@ class PipelineContext:
     device: str
     batch_size: int = 8
     lease_s: float = 600.0  # a running job untouched this long is presumed abandoned by a dead worker
+    # Audited writes of this process (requests and the worker) share transactions: concurrent writers queue
+    # in the process instead of each taking the database write lock in turn.
+    commits: GroupCommitter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.commits = GroupCommitter(self.sessions)
 
 
 def _version() -> str:
@@ -193,15 +200,19 @@ def run_with_companions(ctx: PipelineContext, job_id: str, wait_s: float) -> lis
 
 
 def _fail(ctx: PipelineContext, job_ids: Sequence[str], message: str) -> None:
-    with ctx.sessions() as session, session.begin():
+    def work(session: Session) -> None:
+        events = []
         for job_id in job_ids:
             job = session.get(Job, job_id)
             if job is None or job.status in TERMINAL:
                 continue
             job.error = message
             transition(session, job, "failed", message)
-            append_event(session, action="generation.failed", key_id=job.key_id, team=job.team,
-                         job_id=job.id, payload={"error": message})
+            events.append(NewEvent(action="generation.failed", key_id=job.key_id, team=job.team, job_id=job.id,
+                                   payload={"error": message}))
+        append_many(session, events)
+
+    ctx.commits.run(work)
 
 
 def _run_group(ctx: PipelineContext, job_ids: Sequence[str]) -> None:
@@ -227,35 +238,93 @@ def _run_group(ctx: PipelineContext, job_ids: Sequence[str]) -> None:
         log.exception("generation failed for jobs %s", list(job_ids))
         _fail(ctx, job_ids, f"generation failed: {exc}")
         return
-    for job, output in zip(jobs, outputs, strict=True):
+    _release(ctx, [_Release(job, output) for job, output in zip(jobs, outputs, strict=True)], model,
+             sampling_s, started)
+
+
+@dataclass
+class _Release:
+    """One job of a sampling run on its way out: its screenings, signed images, and the first fault if any."""
+
+    job: Job
+    output: Any
+    context: Context | None = None
+    screenings: list[Screening] = field(default_factory=list)
+    released: list[dict[str, Any]] = field(default_factory=list)
+    stored: list[tuple[str, bytes]] = field(default_factory=list)
+    error: str | None = None
+
+
+def _each(releases: Sequence[_Release], stage: str, fn: Callable[[_Release], None]) -> None:
+    """Run one stage for each job still going; a fault stops only that job (it fails, with its reason)."""
+    for release in releases:
+        if release.error is not None:
+            continue
         try:
-            _release(ctx, job, model, output, sampling_s, started)
+            fn(release)
         except Exception as exc:
-            log.exception("release failed for job %s", job.id)
-            _fail(ctx, [job.id], f"release failed: {exc}")
+            log.exception("%s failed for job %s", stage, release.job.id)
+            release.error = f"release failed: {exc}"
 
 
-def _release(ctx: PipelineContext, job: Job, model: LoadedModel, output: Any, sampling_s: float,
+def _release(ctx: PipelineContext, releases: list[_Release], model: LoadedModel, sampling_s: float,
              started: datetime) -> None:
-    """Screen, sign, store and audit one job's images in one transaction; nothing leaves unsigned or unaudited."""
-    queued_s = (started - job.created_at).total_seconds()
-    runtime = ctx.policies.runtime(job.policy_revision)
+    """Screen, sign, store and audit the images of one sampling run; nothing leaves unsigned or unaudited.
+
+    Each stage runs once for the whole run (one classifier batch for every image, one audit transaction for
+    every job), and every job records the stage's full time: it waited for all of it before it was done.
+    """
     card = model.card
-    context = Context(team=job.team, model=job.model, lineage=card.lineage_dicts(), use=None)
     t0 = time.perf_counter()
-    screenings = runtime.screen_images(output.images, context)
+    by_revision: dict[str, list[_Release]] = {}
+    for release in releases:
+        release.context = Context(team=release.job.team, model=release.job.model, lineage=card.lineage_dicts(),
+                                  use=None)
+        by_revision.setdefault(release.job.policy_revision, []).append(release)
+    for revision, group in by_revision.items():
+        try:
+            _screen_outputs(ctx, revision, group)
+        except Exception as exc:  # e.g. the revision's runtime cannot be built: its jobs fail, with the reason
+            log.exception("output screening failed for jobs %s", [r.job.id for r in group])
+            for release in group:
+                release.error = f"release failed: {exc}"
     screen_s = time.perf_counter() - t0
+    _each(releases, "signing", lambda release: _sign(ctx, release, card))
+    sign_s = time.perf_counter() - t0 - screen_s
+    _each(releases, "storing", lambda release: _store(ctx, release))
+    store_s = time.perf_counter() - t0 - screen_s - sign_s
+    stages = {"sampling_s": round(sampling_s, 4), "output_screening_s": round(screen_s, 4),
+              "signing_s": round(sign_s, 4), "store_s": round(store_s, 4)}
+    ready = [release for release in releases if release.error is None]
+    try:
+        _record(ctx, ready, card, stages, started)
+    except Exception:  # one job's record may be at fault: record each alone, so that only it fails
+        log.exception("recording jobs %s together failed; recording each alone", [r.job.id for r in ready])
+        for release in ready:
+            _each([release], "audit", lambda one: _record(ctx, [one], card, stages, started))
+    for release in releases:
+        if release.error is not None:
+            _fail(ctx, [release.job.id], release.error)
+
+
+def _screen_outputs(ctx: PipelineContext, revision: str, group: list[_Release]) -> None:
+    """Every image of the jobs screened under one policy revision, in one classifier batch."""
+    runtime = ctx.policies.runtime(revision)
+    sets = runtime.screen_image_sets([(r.output.images, r.context or Context()) for r in group])
+    for release, screenings in zip(group, sets, strict=True):
+        release.screenings = screenings
+
+
+def _sign(ctx: PipelineContext, release: _Release, card: Any) -> None:
+    """Sign every image the output policy lets out (C2PA manifest with lineage, decisions and audit ids)."""
+    job = release.job
     # A reviewer who approved this job after output screening releases what screening sent to review.
     approved = bool(job.review and job.review.get("decision") == "approve" and job.review.get("stage") == "output")
-    released: list[dict[str, Any]] = []
-    stored: list[tuple[str, bytes]] = []
-    sign_s = 0.0
-    for index, (image, screening) in enumerate(zip(output.images, screenings, strict=True)):
+    for index, (image, screening) in enumerate(zip(release.output.images, release.screenings, strict=True)):
         decision = screening.decision.to_dict()
         if decision["action"] == "block" or (decision["action"] == "review" and not approved):
             continue
         event_id = str(uuid.uuid4())
-        t1 = time.perf_counter()
         signed = ctx.signer.sign_png(
             encode_png(image),
             title=f"{job.id}-{index}.png",
@@ -271,57 +340,85 @@ def _release(ctx: PipelineContext, job: Job, model: LoadedModel, output: Any, sa
                 "com.llamagen-gateway.audit": {"event_id": event_id, "job_id": job.id},
             },
         )
-        sign_s += time.perf_counter() - t1
         key = f"{job.id}/{index}.png"
-        stored.append((key, signed.data))
-        released.append({"index": index, "sha256": hashlib.sha256(signed.data).hexdigest(),
-                         "pixel_sha256": pixel_sha256(image), "uri": key, "manifest_id": signed.manifest_id,
-                         "event_id": event_id, "width": image.width, "height": image.height,
-                         "output_decision": decision})
-    for key, data in stored:  # written before the commit; keys are deterministic, so a retry overwrites
+        release.stored.append((key, signed.data))
+        release.released.append({"index": index, "sha256": hashlib.sha256(signed.data).hexdigest(),
+                                 "pixel_sha256": pixel_sha256(image), "uri": key,
+                                 "manifest_id": signed.manifest_id, "event_id": event_id, "width": image.width,
+                                 "height": image.height, "output_decision": decision})
+
+
+def _store(ctx: PipelineContext, release: _Release) -> None:
+    for key, data in release.stored:  # written before the commit; keys are deterministic, so a retry overwrites
         ctx.artifacts.put(key, data)
-    output_decisions = [s.to_dict() for s in screenings]
-    worst = strictest(s["decision"] for s in output_decisions) if output_decisions else "allow"
-    OUTPUT_DECISIONS.labels(worst, job.model).inc()
+
+
+def _record(ctx: PipelineContext, releases: Sequence[_Release], card: Any, stages: dict[str, float],
+            started: datetime) -> None:
+    """Audit the jobs' outcomes and update their rows in one transaction (one chain head lock, one commit)."""
+    if not releases:
+        return
     t_audit = time.perf_counter()
-    with ctx.sessions() as session, session.begin():
-        row = session.get(Job, job.id, with_for_update=True)
-        if row is None or row.status != "running":
-            return  # another delivery finished it first: idempotent
-        events = [NewEvent(action="output.screened", key_id=row.key_id, team=row.team, job_id=row.id,
+
+    def work(session: Session) -> None:  # runs with the chain head locked: the job rows cannot change under us
+        events: list[NewEvent] = []
+        rows = [row for row in (_record_one(session, release, card, stages, started, ctx.device, events)
+                                for release in releases) if row is not None]
+        append_many(session, events)  # one INSERT: every job's screening, released images and outcome
+        # The audit stage's time (queueing for the audit log, events, job rows), recorded on the jobs after
+        # their chain entries; a job's audit time adds what its request's audit transaction took.
+        release_audit_s = round(time.perf_counter() - t_audit, 4)
+        for row in rows:
+            request_audit_s = float(row.timings.get("request_audit_s", 0.0))
+            row.timings = {**row.timings, "release_audit_s": release_audit_s,
+                           "audit_s": round(request_audit_s + release_audit_s, 4)}
+
+    ctx.commits.run(work)
+
+
+def _record_one(session: Session, release: _Release, card: Any, stages: dict[str, float], started: datetime,
+                device: str, events: list[NewEvent]) -> Job | None:
+    """Update one job's row and add its audit events to `events`; None if another delivery finished it."""
+    job, output, context = release.job, release.output, release.context or Context()
+    output_decisions = [s.to_dict() for s in release.screenings]
+    worst = strictest(s["decision"] for s in output_decisions) if output_decisions else "allow"
+    row = session.get(Job, job.id, with_for_update=True)
+    if row is None or row.status != "running":
+        return None  # another delivery finished it first: idempotent
+    OUTPUT_DECISIONS.labels(worst, job.model).inc()
+    released = release.released
+    events.append(NewEvent(action="output.screened", key_id=row.key_id, team=row.team, job_id=row.id,
                            payload={"policy_revision": row.policy_revision, "screenings": output_decisions,
-                                    "action": worst, "context": context.to_dict()})]
-        events += [NewEvent(event_id=item["event_id"], action="image.released", key_id=row.key_id,
-                            team=row.team, job_id=row.id,
-                            payload={"index": item["index"], "sha256": item["sha256"],
-                                     "pixel_sha256": item["pixel_sha256"], "manifest_id": item["manifest_id"],
-                                     "model": card.name, "model_card_hash": card.content_hash,
-                                     "checkpoints": card.checkpoint_digests(), "seed": row.params["seed"],
-                                     "params": row.params, "policy_revision": row.policy_revision})
-                   for item in released]
-        decisions = dict(row.decisions)
-        decisions["output"] = {"action": worst, "images": output_decisions}
-        row.decisions = decisions
-        row.images = [{k: v for k, v in item.items() if k != "output_decision"} for item in released]
-        row.timings = {**(row.timings or {}), "queue_s": round(queued_s, 4), "sampling_s": round(sampling_s, 4),
-                       "output_screening_s": round(screen_s, 4), "signing_s": round(sign_s, 4)}
-        row.cost = {"tokens": output.tokens, "device_seconds": round(output.device_seconds, 4),
-                    "device": ctx.device}
-        if worst == "review" and not released:
-            transition(session, row, "review", "output screening asks for human review")
-        elif not released:
-            row.error = "every image was withheld by the output policy"
-            transition(session, row, "blocked", row.error)
-        else:
-            transition(session, row, "completed", f"{len(released)} image(s) released")
-        if row.status in TERMINAL and decisions.get("prompt", {}).get("storage", "full") != "full":
-            row.prompt = None  # the policy keeps no prompt text beyond what the job needed
-        events.append(NewEvent(action=f"generation.{row.status}", key_id=row.key_id, team=row.team,
-                               job_id=row.id, payload={"images": len(released), "timings": row.timings,
-                                                       "cost": row.cost}))
-        append_many(session, events)  # one INSERT: screening, each released image, the outcome
-        # The audit stage's own time (events + job row), recorded on the job after the chain entry.
-        row.timings = {**row.timings, "audit_s": round(time.perf_counter() - t_audit, 4)}
+                                    "action": worst, "context": context.to_dict()}))
+    events += [NewEvent(event_id=item["event_id"], action="image.released", key_id=row.key_id,
+                        team=row.team, job_id=row.id,
+                        payload={"index": item["index"], "sha256": item["sha256"],
+                                 "pixel_sha256": item["pixel_sha256"], "manifest_id": item["manifest_id"],
+                                 "model": card.name, "model_card_hash": card.content_hash,
+                                 "checkpoints": card.checkpoint_digests(), "seed": row.params["seed"],
+                                 "params": row.params, "policy_revision": row.policy_revision})
+               for item in released]
+    decisions = dict(row.decisions)
+    decisions["output"] = {"action": worst, "images": output_decisions}
+    row.decisions = decisions
+    row.images = [{k: v for k, v in item.items() if k != "output_decision"} for item in released]
+    timings = dict(row.timings or {})
+    # Queued from the end of the request's audit transaction until its sampling run started.
+    queued_s = (started - job.created_at).total_seconds() - float(timings.get("request_audit_s", 0.0))
+    row.timings = {**timings, "queue_s": round(max(queued_s, 0.0), 4), **stages}
+    row.cost = {"tokens": output.tokens, "device_seconds": round(output.device_seconds, 4), "device": device}
+    if worst == "review" and not released:
+        transition(session, row, "review", "output screening asks for human review")
+    elif not released:
+        row.error = "every image was withheld by the output policy"
+        transition(session, row, "blocked", row.error)
+    else:
+        transition(session, row, "completed", f"{len(released)} image(s) released")
+    if row.status in TERMINAL and decisions.get("prompt", {}).get("storage", "full") != "full":
+        row.prompt = None  # the policy keeps no prompt text beyond what the job needed
+    events.append(NewEvent(action=f"generation.{row.status}", key_id=row.key_id, team=row.team, job_id=row.id,
+                           payload={"images": len(released), "timings": row.timings, "cost": row.cost}))
+    return row
 
 
 def reproduce_event(session: Session, event_id: str, settings: Any) -> dict[str, Any]:

@@ -130,3 +130,46 @@ def test_a_model_fault_fails_the_job_with_its_reason_and_audits_it(state, monkey
         job = session.get(Job, job_id)
     assert job.status == "failed" and "out of memory" in job.error
     assert any(e.job_id == job_id for e in events(state, "generation.failed"))
+
+
+def test_a_sampling_run_screens_its_images_in_one_batch_and_audits_its_jobs_in_one_commit(state, monkeypatch) -> None:
+    runtime = state.ctx.policies.runtime()
+    batches: list[int] = []
+    original = runtime.screen_image_sets
+
+    def spy(sets):
+        batches.append(sum(len(images) for images, _ in sets))
+        return original(sets)
+
+    monkeypatch.setattr(runtime, "screen_image_sets", spy)
+    ids = [submit(state, class_id=i, seed=i, num_images=2) for i in range(3)]
+    commits = state.ctx.commits.commits
+    assert sorted(run_jobs(state.ctx, ids)) == sorted(ids)
+    assert batches == [6] and state.ctx.commits.commits == commits + 1
+    with state.ctx.sessions() as session:
+        jobs = [session.get(Job, job_id) for job_id in ids]
+    assert all(job.status == "completed" and len(job.images) == 2 for job in jobs)
+    for job in jobs:  # every job records the whole run's stage times, its request's audit time included
+        t = job.timings
+        assert t["audit_s"] == pytest.approx(t["request_audit_s"] + t["release_audit_s"], abs=2e-4)
+        assert {"prompt_screening_s", "queue_s", "sampling_s", "output_screening_s", "signing_s"} <= set(t)
+    assert len({job.timings["signing_s"] for job in jobs}) == 1
+
+
+def test_a_job_whose_signing_fails_fails_alone_and_its_companions_are_released(state, monkeypatch) -> None:
+    ids = [submit(state, class_id=i, seed=i) for i in range(3)]
+    original = state.ctx.signer.sign_png
+
+    def sign(data, *, title, **kwargs):
+        if title.startswith(ids[1]):
+            raise RuntimeError("HSM unreachable")
+        return original(data, title=title, **kwargs)
+
+    monkeypatch.setattr(state.ctx.signer, "sign_png", sign)
+    run_jobs(state.ctx, ids)
+    with state.ctx.sessions() as session:
+        statuses = [session.get(Job, job_id).status for job_id in ids]
+        error = session.get(Job, ids[1]).error
+    assert statuses == ["completed", "failed", "completed"] and "HSM unreachable" in error
+    assert [e.job_id for e in events(state, "generation.failed")] == [ids[1]]
+    assert ids[1] not in {e.job_id for e in events(state, "image.released")}
