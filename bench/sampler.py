@@ -57,6 +57,7 @@ def random_gpt(device: torch.device, dtype: torch.dtype, streaming: bool = True)
     model = model.to(dtype).eval()
     if streaming:
         model.use_streaming_layout()  # what load_gpt does
+        model.fuse_gate_up()
     return model
 
 

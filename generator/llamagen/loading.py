@@ -192,6 +192,7 @@ def load_gpt(
     check_state_dict(gpt, state, source)
     _materialise(gpt, state, dev, dtype or default_dtype(dev))
     gpt.use_streaming_layout()
+    gpt.fuse_gate_up()
     return gpt.eval()
 
 

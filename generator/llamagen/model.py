@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from generator.llamagen.conditioning import CaptionEmbedder, LabelEmbedder, build_prefix_mask
-from generator.llamagen.rope import apply_rotary_emb, precompute_freqs_cis_2d
+from generator.llamagen.rope import precompute_freqs_cis_2d, rotary_tables, rotate
+
+Rope = tuple[Tensor, Tensor]  # (cos, sin) rotary tables [L, head_dim] for the positions being run
 
 Task = Literal["c2i", "t2i"]
 
@@ -119,6 +121,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one kernel, the same float32 math
         # Normalise in float32, cast back, then apply the gain in the input dtype (order matters in bf16).
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -132,9 +136,42 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(args.dim, args.ffn_hidden_dim, bias=False)
         self.w2 = nn.Linear(args.ffn_hidden_dim, args.dim, bias=False)
         self.dropout_p = args.ffn_dropout_p
+        # [2 * hidden, dim] with w1.weight and w3.weight as its two halves (views), set by fuse_gate_up().
+        self.w13: Tensor | None = None
+
+    def fuse_gate_up(self) -> None:
+        """Store w1 and w3 as the halves of one matrix, so inference runs one matmul for both.
+
+        w1.weight and w3.weight become views of it: the state_dict keys, shapes and values are unchanged,
+        and in-place updates (load_state_dict, optimiser steps) reach the fused matrix. The memory layout
+        (default or streaming) of w1 is kept.
+        """
+        w1, w3 = self.w1.weight.data, self.w3.weight.data
+        fused = torch.cat([w1, w3])  # (2 * hidden, dim)
+        if not w1.is_contiguous() and w1.t().is_contiguous():
+            fused = fused.t().contiguous().t()  # keep the streaming layout (see use_streaming_layout)
+        hidden = w1.shape[0]
+        self.w1.weight.data, self.w3.weight.data = fused[:hidden], fused[hidden:]
+        self.w13 = fused
+
+    def _fused(self) -> Tensor | None:
+        """The fused matrix while w1/w3 still live in it (a .to() or assign-load replaces them) and no
+        gradient is needed (the fused tensor is not a parameter)."""
+        w13 = self.w13
+        if w13 is None or torch.is_grad_enabled():
+            return None
+        hidden = self.w1.weight.shape[0]
+        if self.w1.weight.data_ptr() != w13.data_ptr() or self.w3.weight.data_ptr() != w13[hidden:].data_ptr():
+            return None
+        return w13
 
     def forward(self, x: Tensor, train: bool = False) -> Tensor:
-        h = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        w13 = None if train else self._fused()
+        if w13 is None:
+            h = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        else:
+            gate, up = F.linear(x, w13).chunk(2, dim=-1)  # (B, L, hidden) each
+            h = self.w2(F.silu(gate) * up)
         return F.dropout(h, self.dropout_p, training=True) if train and self.dropout_p > 0 else h
 
 
@@ -179,15 +216,12 @@ class Attention(nn.Module):
         self.resid_dropout_p = args.resid_dropout_p
         self.kv_cache: KVCache | None = None
 
-    def _qkv(self, x: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        B, L, _ = x.shape
-        kv_size = self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([self.dim, kv_size, kv_size], dim=-1)
-        q = q.view(B, L, self.n_head, self.head_dim)  # (B, L, H, d)
-        k = k.view(B, L, self.n_kv_head, self.head_dim)  # (B, L, Hkv, d)
-        v = v.view(B, L, self.n_kv_head, self.head_dim)
-        q = apply_rotary_emb(q, freqs_cis)
-        k = apply_rotary_emb(k, freqs_cis)
+    def _qkv(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
+        H, Hkv, d = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.wqkv(x)  # (B, L, (H + 2 Hkv) d)
+        qk = rotate(qkv[..., : (H + Hkv) * d].unflatten(-1, (H + Hkv, d)), *rope)  # (B, L, H + Hkv, d)
+        q, k = qk.split([H, Hkv], dim=2)  # (B, L, H, d), (B, L, Hkv, d)
+        v = qkv[..., (H + Hkv) * d :].unflatten(-1, (Hkv, d))  # (B, L, Hkv, d)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, d)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, train: bool) -> Tensor:
@@ -204,13 +238,13 @@ class Attention(nn.Module):
         y = self.wo(y.transpose(1, 2).reshape(B, L, self.dim))  # (B, L, D)
         return F.dropout(y, self.resid_dropout_p, training=True) if train and self.resid_dropout_p > 0 else y
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor | None = None, train: bool = False) -> Tensor:
+    def forward(self, x: Tensor, rope: Rope, mask: Tensor | None = None, train: bool = False) -> Tensor:
         """Full-sequence causal attention (training and teacher forcing); `mask` overrides causality."""
-        q, k, v = self._qkv(x, freqs_cis)
+        q, k, v = self._qkv(x, rope)
         return self._attend(q, k, v, mask, causal=True, train=train)
 
     def forward_cached(
-        self, x: Tensor, freqs_cis: Tensor, input_pos: Tensor, kv_len: int | None, mask: Tensor | None
+        self, x: Tensor, rope: Rope, input_pos: Tensor, kv_len: int | None, mask: Tensor | None
     ) -> Tensor:
         """Attention for new positions `input_pos` against the cache.
 
@@ -218,7 +252,7 @@ class Attention(nn.Module):
         whole cache and relies on `mask` [B, 1, L, max_seq] to hide unwritten slots (static shapes).
         """
         assert self.kv_cache is not None, "setup_caches() must be called before cached attention"
-        q, k, v = self._qkv(x, freqs_cis)
+        q, k, v = self._qkv(x, rope)
         k_all, v_all = self.kv_cache.update(input_pos, k, v)
         if kv_len is not None:
             k_all, v_all = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
@@ -242,14 +276,14 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.drop_path = drop_path
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor | None = None, train: bool = False) -> Tensor:
-        h = x + _drop_path(self.attention(self.attention_norm(x), freqs_cis, mask, train), self.drop_path, train)
+    def forward(self, x: Tensor, rope: Rope, mask: Tensor | None = None, train: bool = False) -> Tensor:
+        h = x + _drop_path(self.attention(self.attention_norm(x), rope, mask, train), self.drop_path, train)
         return h + _drop_path(self.feed_forward(self.ffn_norm(h), train), self.drop_path, train)
 
     def forward_cached(
-        self, x: Tensor, freqs_cis: Tensor, input_pos: Tensor, kv_len: int | None, mask: Tensor | None
+        self, x: Tensor, rope: Rope, input_pos: Tensor, kv_len: int | None, mask: Tensor | None
     ) -> Tensor:
-        h = x + self.attention.forward_cached(self.attention_norm(x), freqs_cis, input_pos, kv_len, mask)
+        h = x + self.attention.forward_cached(self.attention_norm(x), rope, input_pos, kv_len, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -271,6 +305,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # Plain attribute, not a buffer: absent from state_dict and kept in float32 under .to(bf16).
         self.freqs_cis = precompute_freqs_cis_2d(args.grid_size, args.head_dim, args.rope_base, args.cls_token_num)
+        self.rope_tables: Rope = rotary_tables(self.freqs_cis)  # (cos, sin) [P + grid**2, head_dim]
         self.max_batch_size = 0
         self.max_seq_length = 0
 
@@ -302,14 +337,20 @@ class Transformer(nn.Module):
                 if w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous():
                     module.weight.data = w.data.t().contiguous().t()
 
+    def fuse_gate_up(self) -> None:
+        """Run each feed-forward's w1 and w3 as one matmul at inference; state_dict is unchanged."""
+        for layer in self.layers:
+            layer.feed_forward.fuse_gate_up()
+
     @property
     def prefix_len(self) -> int:
         return self.args.cls_token_num
 
-    def _rope(self, device: torch.device) -> Tensor:
+    def _rope(self, device: torch.device) -> Rope:
         if self.freqs_cis.device != device:
             self.freqs_cis = self.freqs_cis.to(device)
-        return self.freqs_cis
+            self.rope_tables = rotary_tables(self.freqs_cis)
+        return self.rope_tables
 
     def embed_condition(self, cond: Tensor, train: bool = False) -> Tensor:
         """Class ids [B] or caption features [B, caption_len, caption_dim] -> prefix [B, P, D]."""
@@ -339,14 +380,14 @@ class Transformer(nn.Module):
         if train and self.args.token_dropout_p > 0:
             x = F.dropout(x, self.args.token_dropout_p, training=True)
         L = P + T
-        freqs_cis = self._rope(x.device)[:L]
+        cos, sin = self._rope(x.device)
         mask = None
         if emb_mask is not None:
             if emb_mask.shape != (B, P):
                 raise ValueError(f"emb_mask must be [{B}, {P}], got {tuple(emb_mask.shape)}")
             mask = build_prefix_mask(emb_mask, L, L)
         for layer in self.layers:
-            x = layer(x, freqs_cis, mask, train)
+            x = layer(x, (cos[:L], sin[:L]), mask, train)
         logits = self.output(self.norm(x)).float()  # (B, L, V)
         return logits[:, P - 1 :]  # row i predicts image token i
 
@@ -401,9 +442,10 @@ class Transformer(nn.Module):
         self.max_seq_length = 0
 
     def _run_cached(self, x: Tensor, input_pos: Tensor, kv_len: int | None, mask: Tensor | None) -> Tensor:
-        freqs_cis = self._rope(x.device)[input_pos]
+        cos, sin = self._rope(x.device)
+        rope = (cos[input_pos], sin[input_pos])  # (L, head_dim) each
         for layer in self.layers:
-            x = layer.forward_cached(x, freqs_cis, input_pos, kv_len, mask)
+            x = layer.forward_cached(x, rope, input_pos, kv_len, mask)
         return self.output(self.norm(x[:, -1])).float()  # (B, V): only the last position is sampled
 
     def prefill(self, cond: Tensor, input_pos: Tensor, mask: Tensor | None = None) -> Tensor:

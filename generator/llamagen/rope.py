@@ -26,12 +26,27 @@ def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float, cls_toke
     return torch.cat([prefix, table], dim=0)
 
 
+def rotary_tables(freqs_cis: Tensor) -> tuple[Tensor, Tensor]:
+    """(cos, sin) tables [L, d] for `rotate`: cos repeated per pair, sin as (-sin, +sin) per pair."""
+    cos, sin = freqs_cis[..., 0], freqs_cis[..., 1]  # (L, d/2)
+    return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs of x [B, L, H, d] by tables [L, d] from `rotary_tables`; float32 math.
+
+    Per pair (x0, x1): (x0 cos - x1 sin, x1 cos + x0 sin), the same products and sums as the official
+    code, so float32 results are bit-identical; written as x * cos + swap_pairs(x) * sin (3 kernels).
+    """
+    B, L, H, d = x.shape
+    xf = x.float()
+    swapped = xf.unflatten(-1, (d // 2, 2)).flip(-1).flatten(-2)  # (B, L, H, d): (x1, x0) per pair
+    out = xf * cos.view(1, L, 1, d)
+    out += swapped * sin.view(1, L, 1, d)
+    return out.type_as(x)
+
+
 def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
     """Rotate interleaved pairs of x [B, L, H, d] by freqs_cis [L, d/2, 2]; computed in float32."""
-    B, L, H, d = x.shape
-    xs = x.float().reshape(B, L, H, d // 2, 2)
-    fc = freqs_cis.view(1, L, 1, d // 2, 2)
-    x0, x1 = xs[..., 0], xs[..., 1]
-    cos, sin = fc[..., 0], fc[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)  # (B, L, H, d/2, 2)
-    return out.flatten(3).type_as(x)
+    cos, sin = rotary_tables(freqs_cis)
+    return rotate(x, cos, sin)

@@ -69,6 +69,37 @@ def test_streaming_weight_layout_keeps_state_dict_and_logits(c2i_model: Transfor
     assert torch.allclose(c2i_model.forward_logits(cond, tokens), before, atol=1e-5)
 
 
+def test_fused_gate_up_keeps_state_dict_logits_and_greedy_tokens(c2i_model: Transformer) -> None:
+    cond, tokens = torch.tensor([1]), torch.randint(0, 64, (1, 5))
+    before = c2i_model.forward_logits(cond, tokens)
+    greedy = c2i_model.generate(torch.tensor([3]), 16, cfg_scale=2.0, top_k=1, seed=0)
+    state = official_state(c2i_model)
+    c2i_model.use_streaming_layout()
+    c2i_model.fuse_gate_up()
+    ff = c2i_model.layers[0].feed_forward
+    with torch.inference_mode():
+        assert ff._fused() is not None
+    shapes = {k: tuple(v.shape) for k, v in c2i_model.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in state.items()}
+    assert all(torch.equal(v, state[k]) for k, v in c2i_model.state_dict().items())
+    assert torch.allclose(c2i_model.forward_logits(cond, tokens), before, atol=1e-5)
+    assert torch.equal(c2i_model.generate(torch.tensor([3]), 16, cfg_scale=2.0, top_k=1, seed=0), greedy)
+
+
+def test_fused_gate_up_sees_in_place_loads_and_is_dropped_when_weights_are_replaced(c2i_model: Transformer) -> None:
+    c2i_model.fuse_gate_up()
+    ff = c2i_model.layers[0].feed_forward
+    x = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        ff.w3.weight.mul_(2.0)  # an in-place update, as load_state_dict does
+        reference = ff.w2(torch.nn.functional.silu(ff.w1(x)) * ff.w3(x))
+        assert ff._fused() is not None and torch.allclose(ff(x), reference, atol=1e-6)
+        ff.w1.weight = torch.nn.Parameter(ff.w1.weight.detach().clone() + 1.0)  # no longer a view
+        assert ff._fused() is None
+        reference = ff.w2(torch.nn.functional.silu(ff.w1(x)) * ff.w3(x))
+        assert torch.equal(ff(x), reference)
+
+
 def test_loaded_model_is_in_eval_mode_with_exactly_the_official_keys(tmp_path: Path, c2i_model: Transformer) -> None:
     save_checkpoint(c2i_model, tmp_path / "ckpt.pt")
     loaded = load_gpt(tmp_path / "ckpt.pt", model=tiny_args(), device="cpu")
