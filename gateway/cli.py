@@ -43,10 +43,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     configure_logging(settings.log_json)
+    if settings.embedded:
+        _configure_embedded_runtime(settings.torch_threads)
     mode = "embedded (in-process worker)" if settings.embedded else f"distributed (broker {settings.broker_url})"
     logging.getLogger("gateway").info("starting gateway on %s:%s, %s", args.host, args.port, mode)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None, access_log=False)
     return 0
+
+
+def _configure_embedded_runtime(torch_threads: int) -> None:
+    """The served embedded gateway is also the worker: size torch's CPU threads for sharing the cores.
+
+    The sampler (worker thread) and the screening classifiers (request threads) run torch at the same
+    time, and each calling thread gets a team of `torch.get_num_threads()` threads: at the default (one per
+    core) two concurrent calls oversubscribe the cores and spin-waiting teams slow both several times over.
+    """
+    import os
+
+    from generator.llamagen import configure_runtime
+
+    configure_runtime(num_threads=torch_threads or max(1, (os.cpu_count() or 2) // 2))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     signing_alg: Literal["ES256", "PS256", "Ed25519"] = "ES256"
     trust_anchors: Path | None = Field(None, description="PEM bundle of trusted C2PA roots")
     device: str = Field("auto", description="auto picks CUDA when present")
+    torch_threads: int = Field(0, ge=0, le=256, description="CPU threads per torch call in a served embedded "
+                               "gateway; 0: half the cores (the sampler and the screening classifiers "
+                               "run side by side)")
     worker_batch_size: int = Field(8, ge=1, le=64, description="dynamic batching: jobs per sampling run")
     worker_batch_wait_ms: int = Field(20, ge=0, le=5000, description="how long a worker waits to fill a batch")
     worker_concurrency: int = Field(1, ge=1, le=64)
