@@ -1,7 +1,8 @@
 """Policy test cases (like OPA's tests): a `*.cases.yaml` beside each policy, inputs or scores -> expectations.
 
 A case either gives a `prompt` (the real classifiers run, so the models must be present) or scripted
-`scores` per classifier (labels not given score 0.0), optionally with classifier `errors`. The expected
+`scores` per classifier (labels not given score 0.0, contrast labels such as `<category>.contrast` too),
+optionally with classifier `errors`. The expected
 `reasons` are the exact set of enforced rule ids; `shadow` likewise for shadow rules.
 """
 
@@ -129,6 +130,8 @@ def scripted_results(loaded: LoadedPolicy, case: Case, ctx: Context) -> list[Cla
     labels: dict[str, dict[str, float]] = {name: {} for name in names}
     for rule in effective_rules(loaded.policy, ctx.team, case.stage):
         labels[rule.classifier][rule.label] = 0.0
+        if rule.contrast_label is not None:
+            labels[rule.classifier][rule.contrast_label] = 0.0
     results = []
     for name in names:
         error = case.errors.get(name)

@@ -16,6 +16,7 @@ from policies.classifiers.base import ClassifierResult
 from policies.loader import LoadedPolicy
 from policies.schema import (
     ACTION_ORDER,
+    CONTRAST_SUFFIX,
     LexicalRule,
     LineageCondition,
     LineageRule,
@@ -54,7 +55,11 @@ class Context:
 
 @dataclass(frozen=True)
 class Reason:
-    """Why a rule fired: which rule, which classifier and label, which score against which threshold."""
+    """Why a rule fired: which rule, which classifier and label, which score against which threshold.
+
+    `contrast` (semantic categories) is the cosine subtracted from the category's similarity: the best
+    cosine to its contrast set, so similarity = score + contrast.
+    """
 
     rule_id: str
     classifier: str
@@ -63,17 +68,22 @@ class Reason:
     threshold: float | None
     action: str
     message: str
+    contrast: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rule_id": self.rule_id, "classifier": self.classifier, "label": self.label,
-                "score": self.score, "threshold": self.threshold, "action": self.action,
-                "message": self.message}
+        out = {"rule_id": self.rule_id, "classifier": self.classifier, "label": self.label,
+               "score": self.score, "threshold": self.threshold, "action": self.action,
+               "message": self.message}
+        if self.contrast is not None:
+            out["contrast"] = self.contrast
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Reason:
         return cls(rule_id=str(data["rule_id"]), classifier=str(data.get("classifier", "")),
                    label=str(data.get("label", "")), score=data.get("score"), threshold=data.get("threshold"),
-                   action=str(data["action"]), message=str(data.get("message", "")))
+                   action=str(data["action"]), message=str(data.get("message", "")),
+                   contrast=data.get("contrast"))
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,9 @@ class EffectiveRule:
     on_error: str
     message: str
     rule: Rule
+    # Semantic categories with a contrast set: the label of the cosine subtracted from the similarity. Their
+    # score means nothing without it (e.g. history scored before the category had a contrast set).
+    contrast_label: str | None = None
 
 
 def strictest(actions: Iterable[str]) -> str:
@@ -158,7 +171,8 @@ def _flatten(policy: Policy, overlay: TeamOverlay | None) -> list[EffectiveRule]
     if prompt.semantic is not None:
         semantic: list[SemanticCategory] = list(prompt.semantic.categories)
         semantic += list(overlay.semantic) if overlay else []
-        rules += [make(c, "prompt", "semantic", c.id, c.threshold) for c in semantic]
+        rules += [replace(make(c, "prompt", "semantic", c.id, c.threshold),
+                          contrast_label=c.contrast_label if c.has_contrast else None) for c in semantic]
     if prompt.toxicity is not None:
         rules += [make(t, "prompt", "toxicity", t.label, t.threshold) for t in prompt.toxicity.rules]
     if policy.output.image_concepts is not None:
@@ -287,6 +301,17 @@ def _fires(rule: EffectiveRule, score: float) -> bool:
     return score > rule.threshold if rule.classifier == "length" else score >= rule.threshold
 
 
+def _contrast_mismatch(rule: EffectiveRule, scores: Mapping[str, float]) -> str | None:
+    """Why a semantic score cannot be this category's margin (e.g. history scored under another contrast set)."""
+    if rule.classifier != "semantic":
+        return None
+    if rule.contrast_label is not None and rule.contrast_label not in scores:
+        return f"classifier {rule.classifier!r} returned no contrast score {rule.contrast_label!r}"
+    if rule.contrast_label is None and rule.label + CONTRAST_SUFFIX in scores:
+        return f"classifier {rule.classifier!r} scored {rule.label!r} with a contrast set the category does not have"
+    return None
+
+
 def decide(policy: LoadedPolicy, results: Sequence[ClassifierResult], context: Context, stage: Stage,
            *, missing: MissingScores = "fail_closed") -> Decision:
     """Apply the policy to classifier results for one input at one stage.
@@ -312,6 +337,8 @@ def decide(policy: LoadedPolicy, results: Sequence[ClassifierResult], context: C
             error = found.error
         elif rule.label not in found.scores:
             error = f"classifier {rule.classifier!r} returned no score for {rule.label!r}"
+        else:
+            error = _contrast_mismatch(rule, found.scores)
         if error is not None:
             if missing == "skip" and (found is None or found.error is None):
                 skipped.append(rule.id)
@@ -323,8 +350,9 @@ def decide(policy: LoadedPolicy, results: Sequence[ClassifierResult], context: C
         assert found is not None
         score = found.scores[rule.label]
         if _fires(rule, score):
+            contrast = found.scores[rule.contrast_label] if rule.contrast_label is not None else None
             fired.append((rule, Reason(rule.id, rule.classifier, rule.label, score, rule.threshold,
-                                       rule.action, rule.message)))
+                                       rule.action, rule.message, contrast)))
 
     enforced = tuple(reason for rule, reason in fired if rule is None or rule.mode == "enforce")
     shadow = tuple(reason for rule, reason in fired if rule is not None and rule.mode == "shadow")

@@ -1,19 +1,20 @@
 """Dry-run replay: what a candidate policy would have decided on stored history. Pure: no database, no models.
 
 Replay re-applies `decide()` to the classifier results stored with each past decision. Rules whose scores
-were never stored (a new semantic category, a lexical rule added since) cannot be replayed from scores;
-they are reported as skipped rather than guessed.
+were never stored (a new semantic category, a lexical rule added since, a category that gained a contrast
+set and so a different score) cannot be replayed from scores; they are reported as skipped rather than
+guessed, and keep the outcome they had (a skipped rule that fired still counts as fired).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from policies.classifiers.base import ClassifierResult
-from policies.decisions import Context, Decision, Stage, decide
+from policies.decisions import Context, Decision, Stage, decide, strictest
 from policies.loader import LoadedPolicy
 
 MAX_EXAMPLES_PER_RULE = 5
@@ -94,7 +95,7 @@ class ReplayReport:
         lines += [f"  {transition}: {count}" for transition, count in sorted(self.transitions.items())]
         lines += [f"  rule {rule}: {count} decision(s)" for rule, count in self.by_rule.most_common()]
         if self.skipped_rules:
-            lines.append("  not replayable from stored scores (no stored score): "
+            lines.append("  not replayable from stored scores (none stored, or computed with another contrast set): "
                          + ", ".join(f"{r} ({n})" for r, n in self.skipped_rules.most_common()))
         return "\n".join(lines)
 
@@ -107,6 +108,10 @@ def replay(candidate: LoadedPolicy, history: Iterable[HistoryItem],
         report.total += 1
         new = decide(candidate, item.results, item.context, item.stage, missing="skip")
         report.skipped_rules.update(new.skipped_rules)
+        kept = tuple(r for r in item.decision.reasons if r.rule_id in new.skipped_rules)
+        if kept:
+            reasons = new.reasons + kept
+            new = replace(new, reasons=reasons, action=strictest(r.action for r in reasons))
         before = {r.rule_id: r.action for r in item.decision.reasons}
         after = {r.rule_id: r.action for r in new.reasons}
         if new.action == item.decision.action and before == after:

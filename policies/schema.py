@@ -107,12 +107,40 @@ class LexicalRule(Rule):
     )
 
 
+CONTRAST_SUFFIX = ".contrast"  # rule ids have no '.', so a contrast score label never collides with a category
+
+
 class SemanticCategory(Rule):
     exemplars: list[Phrase] = Field(
-        min_length=1, description="Example prompts of the category; the score is the best cosine to any "
-        "(minus the best cosine to a neutral exemplar, when the section has neutral exemplars)."
+        min_length=1, description="Example prompts of the category. The score is the best cosine to any of "
+        "them minus the best cosine to the category's contrast set (when it has one: the section's neutral "
+        "exemplars, `contrast` and the exemplars of `contrast_categories`)."
     )
-    threshold: float = Field(ge=-2.0, le=2.0, description="Fires when the score is >= this.")
+    contrast: list[Phrase] = Field(
+        default_factory=list,
+        description="Prompts near this category that belong elsewhere (e.g. adult sexual content for a "
+        "minors category). They join the contrast set: a prompt must be closer to the exemplars than to "
+        "any of these to score > 0.",
+    )
+    contrast_categories: list[RuleId] = Field(
+        default_factory=list,
+        description="Other semantic categories whose exemplars join this category's contrast set (an "
+        "organisation category may name organisation categories; a team category those or its team's).",
+    )
+    threshold: float = Field(
+        ge=-2.0, le=2.0, description="Fires when the score (similarity minus contrast) is >= this."
+    )
+
+    @property
+    def has_contrast(self) -> bool:
+        """Whether the category declares its own contrast set (beyond the section's neutral exemplars)."""
+        return bool(self.contrast or self.contrast_categories)
+
+    @property
+    def contrast_label(self) -> str:
+        """The semantic classifier's label for the cosine subtracted from this category's similarity (reported
+        for categories with `has_contrast`)."""
+        return self.id + CONTRAST_SUFFIX
 
 
 class SemanticSection(StrictModel):
@@ -121,8 +149,9 @@ class SemanticSection(StrictModel):
     )
     neutral_exemplars: list[Phrase] = Field(
         default_factory=list,
-        description="Ordinary prompts. When given, a category's score is its best cosine minus the best "
-        "cosine to these, so a prompt must be closer to the harm than to everyday scenes to score > 0.",
+        description="Ordinary prompts, in every category's contrast set: a category's score is its best "
+        "cosine minus the best cosine to these (and to its own contrast), so a prompt must be closer to the "
+        "harm than to everyday scenes to score > 0.",
     )
     categories: list[SemanticCategory] = Field(description="Harm categories with exemplar phrases.")
 
@@ -335,6 +364,27 @@ def _override_issues(path: FieldPath, rule: Rule, override: RuleOverride) -> lis
     return issues
 
 
+def _contrast_issues(path: FieldPath, categories: list[SemanticCategory], known: set[str],
+                     whose: str) -> list[Issue]:
+    """Contrast categories must exist and be other categories; a contrast phrase must not be an exemplar."""
+    issues: list[Issue] = []
+    for i, category in enumerate(categories):
+        for j, name in enumerate(category.contrast_categories):
+            if name == category.id:
+                issues.append(Issue(path + (i, "contrast_categories", j),
+                                    f"category {name!r} cannot be its own contrast (its score would never be > 0)"))
+            elif name not in known:
+                issues.append(Issue(path + (i, "contrast_categories", j),
+                                    f"unknown semantic category {name!r}; known {whose} categories: "
+                                    f"{', '.join(sorted(known)) or 'none'}"))
+        exemplars = {e.lower() for e in category.exemplars}
+        for j, phrase in enumerate(category.contrast):
+            if phrase.lower() in exemplars:
+                issues.append(Issue(path + (i, "contrast", j),
+                                    f"{phrase!r} is both an exemplar and a contrast exemplar of {category.id!r}"))
+    return issues
+
+
 def check_policy(policy: Policy) -> list[Issue]:
     """Cross-field problems that pydantic cannot see; an empty list means the policy is consistent."""
     issues: list[Issue] = []
@@ -344,6 +394,12 @@ def check_policy(policy: Policy) -> list[Issue]:
             issues.append(Issue(path, f"duplicate rule id {rule_id!r} (first used at {_dotted(seen[rule_id])})"))
         else:
             seen[rule_id] = path
+
+    org_categories: set[str] = set()
+    if policy.prompt.semantic is not None:
+        org_categories = {c.id for c in policy.prompt.semantic.categories}
+        issues += _contrast_issues(("prompt", "semantic", "categories"), policy.prompt.semantic.categories,
+                                   org_categories, "organisation")
 
     if policy.prompt.toxicity is not None:
         labels = DETOXIFY_LABELS[policy.prompt.toxicity.model.variant]
@@ -380,6 +436,8 @@ def check_policy(policy: Policy) -> list[Issue]:
                                         f"duplicate rule id {rule.id!r} (first used at {_dotted(seen[rule.id])})"))
                 else:
                     seen[rule.id] = team_path + (kind, i, "id")
+        issues += _contrast_issues(team_path + ("semantic",), overlay.semantic,
+                                   org_categories | {c.id for c in overlay.semantic}, f"organisation or team {team!r}")
         if overlay.semantic and policy.prompt.semantic is None:
             issues.append(Issue(team_path + ("semantic",), "team semantic categories need prompt.semantic"))
         if overlay.allowed_models is not None and policy.models.allowed is not None:

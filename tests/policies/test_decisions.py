@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from policies.decisions import Context, Decision, decide, effective_rules
+from policies.decisions import Context, Decision, Reason, decide, effective_rules
 from policies.schema import Policy
 
 from .conftest import BASE_POLICY, policy, prompt_results, result
@@ -174,3 +174,36 @@ def test_skip_mode_skips_rules_without_stored_scores_instead_of_blocking() -> No
     decision = decide(policy(), results, CTX, "prompt", missing="skip")
     assert decision.action == "allow"
     assert set(decision.skipped_rules) == {"violence", "lenient"}
+
+
+CONTRAST = BASE_POLICY.replace("exemplars: [a person being stabbed]",
+                               "exemplars: [a person being stabbed]\n        contrast: [a person chopping wood]")
+
+
+def test_contrast_category_reason_reports_score_threshold_and_contrast() -> None:
+    results = prompt_results(semantic={"violence": 0.61, "violence.contrast": 0.3})
+    (reason,) = decide(policy(CONTRAST), results, CTX, "prompt").reasons
+    assert (reason.rule_id, reason.score, reason.threshold, reason.contrast) == ("violence", 0.61, 0.5, 0.3)
+    assert reason.to_dict()["contrast"] == 0.3
+    assert Reason.from_dict(json.loads(json.dumps(reason.to_dict()))) == reason
+
+
+def test_reason_without_contrast_keeps_its_stored_shape() -> None:
+    (reason,) = decide(policy(), prompt_results(semantic={"violence": 0.61}), CTX, "prompt").reasons
+    assert reason.contrast is None and "contrast" not in reason.to_dict()
+    stored = {"rule_id": "violence", "classifier": "semantic", "label": "violence", "score": 0.61,
+              "threshold": 0.5, "action": "review", "message": "m"}
+    assert Reason.from_dict(stored).contrast is None
+
+
+def test_contrast_category_without_a_contrast_score_fails_closed() -> None:
+    decision = decide(policy(CONTRAST), prompt_results(semantic={"violence": 0.1}), CTX, "prompt")
+    (reason,) = decision.reasons
+    assert decision.action == "block" and reason.rule_id == "violence"
+    assert "returned no contrast score 'violence.contrast'" in reason.message
+
+
+def test_score_computed_with_a_contrast_set_the_category_lacks_fails_closed() -> None:
+    results = prompt_results(semantic={"violence": 0.1, "violence.contrast": 0.4})
+    (reason,) = decide(policy(), results, CTX, "prompt").reasons
+    assert reason.action == "block" and "with a contrast set the category does not have" in reason.message

@@ -149,3 +149,91 @@ def test_revision_changes_with_content() -> None:
 def test_unreadable_file_is_a_policy_error_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match=r"missing\.yaml: <document>: cannot read policy file"):
         load_policy_file(tmp_path / "missing.yaml")
+
+
+CONTRAST_POLICY = """\
+id: p
+version: "1"
+prompt:
+  semantic:
+    categories:
+      - id: minors
+        action: block
+        threshold: 0.1
+        exemplars: [a child posing seductively]
+        contrast: [a woman posing seductively]
+        contrast_categories: [adult]
+      - id: adult
+        action: review
+        threshold: 0.1
+        exemplars: [a nude woman]
+"""
+
+
+def test_semantic_category_accepts_contrast_exemplars_and_categories() -> None:
+    (minors, adult) = load_policy_text(CONTRAST_POLICY).policy.prompt.semantic.categories  # type: ignore[union-attr]
+    assert minors.contrast == ["a woman posing seductively"] and minors.contrast_categories == ["adult"]
+    assert minors.has_contrast and not adult.has_contrast
+    assert minors.contrast_label == "minors.contrast"
+
+
+def test_misspelt_contrast_key_names_file_field_and_line() -> None:
+    text = CONTRAST_POLICY.replace("        contrast: [", "        contrasts: [")
+    with pytest.raises(PolicyError, match=r"^p\.yaml:10: prompt\.semantic\.categories\.0\.contrasts: unknown field"):
+        load_policy_text(text, name="p.yaml")
+
+
+def test_contrast_given_as_a_string_instead_of_a_list_is_rejected() -> None:
+    text = CONTRAST_POLICY.replace("contrast: [a woman posing seductively]", "contrast: a woman posing seductively")
+    with pytest.raises(PolicyError, match=r"p\.yaml:10: prompt\.semantic\.categories\.0\.contrast: Input should be "
+                                          r"a valid list"):
+        load_policy_text(text, name="p.yaml")
+
+
+def test_contrast_category_that_is_not_a_rule_id_is_rejected() -> None:
+    text = CONTRAST_POLICY.replace("contrast_categories: [adult]", "contrast_categories: [Adult Content]")
+    with pytest.raises(PolicyError, match=r"p\.yaml:11: prompt\.semantic\.categories\.0\.contrast_categories\.0: "
+                                          r"String should match pattern"):
+        load_policy_text(text, name="p.yaml")
+
+
+def test_unknown_contrast_category_names_its_line_and_the_known_ones() -> None:
+    text = CONTRAST_POLICY.replace("contrast_categories: [adult]", "contrast_categories: [adults]")
+    with pytest.raises(PolicyError, match=r"p\.yaml:11: prompt\.semantic\.categories\.0\.contrast_categories\.0: "
+                                          r"unknown semantic category 'adults'; known organisation categories: "
+                                          r"adult, minors"):
+        load_policy_text(text, name="p.yaml")
+
+
+def test_category_cannot_be_its_own_contrast() -> None:
+    text = CONTRAST_POLICY.replace("contrast_categories: [adult]", "contrast_categories: [minors]")
+    with pytest.raises(PolicyError, match=r"categories\.0\.contrast_categories\.0: category 'minors' cannot be its "
+                                          r"own contrast"):
+        load_policy_text(text, name="p.yaml")
+
+
+def test_contrast_phrase_that_is_also_an_exemplar_is_rejected() -> None:
+    text = CONTRAST_POLICY.replace("contrast: [a woman posing seductively]", "contrast: [A child posing seductively]")
+    with pytest.raises(PolicyError, match=r"p\.yaml:10: prompt\.semantic\.categories\.0\.contrast\.0: 'A child posing "
+                                          r"seductively' is both an exemplar and a contrast exemplar of 'minors'"):
+        load_policy_text(text, name="p.yaml")
+
+
+def test_team_category_may_contrast_with_organisation_and_own_categories_only() -> None:
+    team = ("teams:\n  art:\n    semantic:\n"
+            "      - {id: art_nude, action: flag, threshold: 0.1, exemplars: [x], contrast_categories: [adult]}\n"
+            "      - {id: art_gore, action: flag, threshold: 0.1, exemplars: [y], contrast_categories: [art_nude]}\n")
+    assert len(load_policy_text(CONTRAST_POLICY + team).policy.teams["art"].semantic) == 2
+    other = team + "  ads:\n    semantic:\n      - {id: ad, action: flag, threshold: 0.1, exemplars: [z], " \
+                   "contrast_categories: [art_nude]}\n"
+    with pytest.raises(PolicyError, match=r"teams\.ads\.semantic\.0\.contrast_categories\.0: unknown semantic "
+                                          r"category 'art_nude'"):
+        load_policy_text(CONTRAST_POLICY + other, name="p.yaml")
+
+
+def test_organisation_category_may_not_contrast_with_a_team_category() -> None:
+    text = CONTRAST_POLICY.replace("contrast_categories: [adult]", "contrast_categories: [art_nude]") + (
+        "teams:\n  art:\n    semantic:\n      - {id: art_nude, action: flag, threshold: 0.1, exemplars: [x]}\n")
+    with pytest.raises(PolicyError, match=r"prompt\.semantic\.categories\.0\.contrast_categories\.0: unknown "
+                                          r"semantic category 'art_nude'"):
+        load_policy_text(text, name="p.yaml")

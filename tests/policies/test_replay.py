@@ -65,3 +65,37 @@ def test_report_summary_counts_changes() -> None:
     report = replay(candidate, [history_item("1", lexical={"horror": 1.0})])
     assert report.summary().startswith("0 of 1 past decisions would change")
     assert json.loads(json.dumps(report.to_dict()))["unchanged"] == 1
+
+
+def test_history_scored_before_a_category_had_contrast_is_skipped_not_replayed_on_stale_margins() -> None:
+    candidate = policy(BASE_POLICY.replace("threshold: 0.5\n        exemplars: [a person being stabbed]",
+                                           "threshold: 0.3\n        exemplars: [a person being stabbed]\n"
+                                           "        contrast: [chopping wood]"))
+    # 0.4 was a score without contrast; read as the candidate's margin it would wrongly fire at 0.3.
+    report = replay(candidate, [history_item("old", semantic={"violence": 0.4})])
+    assert (report.changed, report.skipped_rules) == (0, {"violence": 1})
+
+
+def test_skipped_rule_keeps_the_outcome_it_had_instead_of_counting_as_no_longer_firing() -> None:
+    candidate = policy(BASE_POLICY.replace("exemplars: [a person being stabbed]",
+                                           "exemplars: [a person being stabbed]\n        contrast: [chopping wood]"))
+    report = replay(candidate, [history_item("fired", semantic={"violence": 0.7})])
+    assert (report.changed, report.skipped_rules) == (0, {"violence": 1})
+
+
+def test_history_with_contrast_scores_replays_contrast_categories() -> None:
+    base = BASE_POLICY.replace("exemplars: [a person being stabbed]",
+                               "exemplars: [a person being stabbed]\n        contrast: [chopping wood]")
+    ctx = Context(model="demo")
+    results = tuple(prompt_results(semantic={"violence": 0.4, "violence.contrast": 0.35}))
+    record = {**Screening(decide(policy(base), results, ctx, "prompt"), results).to_dict(), "id": "new",
+              "context": ctx.to_dict()}
+    candidate = policy(base.replace("threshold: 0.5\n        exemplars: [a person being stabbed]",
+                                    "threshold: 0.3\n        exemplars: [a person being stabbed]"))
+    report = replay(candidate, [HistoryItem.from_dict(json.loads(json.dumps(record)))])
+    assert report.transitions == {"allow -> review": 1} and not report.skipped_rules
+
+
+def test_history_scored_with_contrast_is_skipped_under_a_candidate_without_it() -> None:
+    report = replay(policy(), [history_item("new", semantic={"violence": 0.2, "violence.contrast": 0.5})])
+    assert (report.changed, report.skipped_rules) == (0, {"violence": 1})
