@@ -5,7 +5,8 @@ separately: no Detoxify weights ship, so a randomly initialised checkpoint of th
 Detoxify "original" format) is built in a temporary directory; its cost does not depend on the weights.
 Optionally (--prompt-sets) the flagged rates on the evaluation prompt sets are printed too.
 
-    .venv/bin/python -m bench.screening [--runs 200] [--threads N] [--detoxify base|tiny|none] [--prompt-sets]
+    .venv/bin/python -m bench.screening [--runs 200] [--threads N] [--detoxify base|tiny|none] [--prompt-sets
+        [--attribution]]
 
 Reference: the issue's target is p50 <= 15 ms per prompt without Detoxify on 2 CPU cores.
 """
@@ -18,8 +19,13 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from policies.runtime import Screening
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -134,7 +140,18 @@ def bench_detoxify(runs: int, size: str) -> None:
                time_calls(lambda i: detox.score(batch), max(runs // 20, 3), warmup=1), per_item=32)
 
 
-def bench_prompt_sets() -> None:
+def print_attribution(screenings: Sequence[Screening], labels: Sequence[str]) -> None:
+    """Which semantic rules fire on the prompts of each category (the rule a decision names matters too)."""
+    fired: dict[str, Counter[str]] = {}
+    for screening, label in zip(screenings, labels, strict=True):
+        for reason in screening.decision.reasons:
+            if reason.classifier == "semantic":
+                fired.setdefault(reason.rule_id, Counter())[label] += 1
+    for rule_id, counts in sorted(fired.items()):
+        print(f"    {rule_id:24s} fires on " + ", ".join(f"{c} {n}" for c, n in sorted(counts.items())))
+
+
+def bench_prompt_sets(attribution: bool = False) -> None:
     from policies.decisions import Context
     from policies.loader import load_policy_file
     from policies.runtime import PolicyRuntime
@@ -148,12 +165,15 @@ def bench_prompt_sets() -> None:
         rows = [x.split("\t", 1) for x in lines(DATA / f"{prefix}harmful_prompts.tsv")]
         for kind, labels, prompts in (("harmful", [r[0] for r in rows], [r[1] for r in rows]),
                                       ("benign", None, lines(DATA / f"{prefix}benign_prompts.txt"))):
-            hits = [s.decision.action != "allow" for s in runtime.screen_prompts(prompts, Context(model="demo"))]
+            screenings = runtime.screen_prompts(prompts, Context(model="demo"))
+            hits = [s.decision.action != "allow" for s in screenings]
             line = f"{name:8s} {kind:7s}: {sum(hits):3d}/{len(prompts):3d} flagged = {sum(hits) / len(prompts):6.1%}"
             if labels is not None:
                 per = {c: [h for h, lab in zip(hits, labels, strict=True) if lab == c] for c in sorted(set(labels))}
                 line += "  (" + ", ".join(f"{c} {sum(h)}/{len(h)}" for c, h in per.items()) + ")"
             print(line)
+            if attribution:
+                print_attribution(screenings, labels or [kind] * len(prompts))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=200, help="timed calls per figure")
     parser.add_argument("--detoxify", choices=["base", "tiny", "none"], default="base")
     parser.add_argument("--prompt-sets", action="store_true", help="also print flagged rates")
+    parser.add_argument("--attribution", action="store_true",
+                        help="with --prompt-sets: which semantic rules fire on each prompt category")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
 
@@ -175,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.detoxify != "none":
         bench_detoxify(args.runs, args.detoxify)
     if args.prompt_sets:
-        bench_prompt_sets()
+        bench_prompt_sets(args.attribution)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def test_sets_are_large_enough() -> None:
 def test_policy_exemplars_do_not_contain_evaluation_prompts() -> None:
     semantic = load_policy_file(RULES / "default.yaml").policy.prompt.semantic
     assert semantic is not None
-    exemplars = {e.lower() for c in semantic.categories for e in c.exemplars} | {
+    exemplars = {e.lower() for c in semantic.categories for e in [*c.exemplars, *c.contrast]} | {
         e.lower() for e in semantic.neutral_exemplars}
     evaluation = {p.lower() for prefix in ("", "heldout_") for p in harmful(prefix) + benign(prefix)}
     assert exemplars.isdisjoint(evaluation)
