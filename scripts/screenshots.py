@@ -122,7 +122,7 @@ def take(live: Any, out: Path) -> None:
         admin.get_by_role("button", name="Validate").click()
         admin.get_by_role("alert").wait_for()
         shoot(admin, out, "policy-editor-error")
-        admin.get_by_label("Policy YAML").fill(source.replace('version: "1.2.0"', 'version: "1.2.1"')
+        admin.get_by_label("Policy YAML").fill(source.replace('version: "1.2.1"', 'version: "1.2.2"')
                                                .replace("limit: 2000", "limit: 1500"))
         admin.get_by_label("Reason for this revision").fill("shorter prompts for the ads team")
         admin.get_by_role("button", name="Save revision").click()

@@ -104,7 +104,7 @@ def test_policy_admin_sees_the_field_path_and_line_of_an_error(page_for: Any, li
 def test_activated_policy_revision_is_carried_by_new_decisions(page_for: Any, live: LiveGateway) -> None:
     page = page_for("policy_admin")
     page.goto(f"{live.url}/dashboard/policies/edit")
-    page.get_by_label("Policy YAML").fill(_active_source(live).replace('version: "1.2.0"', 'version: "1.2.1"'))
+    page.get_by_label("Policy YAML").fill(_active_source(live).replace('version: "1.2.1"', 'version: "1.2.2"'))
     page.get_by_label("Reason for this revision").fill("tighten review of trademarks")
     page.get_by_label("Activate when saved").check()
     page.get_by_role("button", name="Save revision").click()

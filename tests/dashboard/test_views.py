@@ -11,7 +11,7 @@ from gateway.auth import revoke_key
 from tests.dashboard import factories
 from tests.dashboard.conftest import Dashboard
 
-DEFAULT_VERSION = 'version: "1.2.0"'
+DEFAULT_VERSION = 'version: "1.2.1"'
 
 
 def _key_id(key: str) -> str:
@@ -183,12 +183,12 @@ def test_policy_with_a_misspelt_field_is_shown_with_its_path_and_line(dash: Dash
 
 def test_saving_and_activating_a_policy_records_the_reason(dash: Dashboard) -> None:
     dash.sign_in("policy_admin")
-    source = _active_source(dash).replace(DEFAULT_VERSION, 'version: "1.2.1"')
+    source = _active_source(dash).replace(DEFAULT_VERSION, 'version: "1.2.2"')
     response = dash.post("/dashboard/policies",
                          {"source": source, "reason": "new version", "activate": "true"})
     assert response.status_code == 303
     active = dash.state.ctx.policies.active_revision()
-    assert active.version == "1.2.1"
+    assert active.version == "1.2.2"
     assert response.headers["location"] == f"/dashboard/policies/{active.revision}"
     assert _events(dash, "policy.activated")[-1].payload["reason"] == "new version"
 
@@ -196,7 +196,7 @@ def test_saving_and_activating_a_policy_records_the_reason(dash: Dashboard) -> N
 def test_activating_an_older_revision_needs_a_reason(dash: Dashboard) -> None:
     dash.sign_in("policy_admin")
     original = dash.state.ctx.policies.active_revision().revision
-    source = _active_source(dash).replace(DEFAULT_VERSION, 'version: "1.2.1"')
+    source = _active_source(dash).replace(DEFAULT_VERSION, 'version: "1.2.2"')
     dash.post("/dashboard/policies", {"source": source, "reason": "new version", "activate": "true"})
     refused = dash.post(f"/dashboard/policies/{original}/activate", {"reason": ""})
     assert refused.status_code == 422 and 'id="activate-error"' in refused.text
@@ -208,12 +208,12 @@ def test_activating_an_older_revision_needs_a_reason(dash: Dashboard) -> None:
 def test_policy_diff_pairs_the_changed_line(dash: Dashboard) -> None:
     dash.sign_in("policy_admin")
     old = dash.state.ctx.policies.active_revision().revision
-    source = _active_source(dash).replace(DEFAULT_VERSION, 'version: "1.2.1"')
+    source = _active_source(dash).replace(DEFAULT_VERSION, 'version: "1.2.2"')
     saved = dash.post("/dashboard/policies", {"source": source, "reason": "bump"})
     new = saved.headers["location"].rsplit("/", 1)[1]
     page = dash.client.get("/dashboard/policies/diff", params={"a": old, "b": new}).text
     assert "1 changed line(s)" in page
-    changed = r'<tr class="changed">.*?version: &#34;1.2.0&#34;.*?version: &#34;1.2.1&#34;'
+    changed = r'<tr class="changed">.*?version: &#34;1.2.1&#34;.*?version: &#34;1.2.2&#34;'
     assert re.search(changed, page, re.S)
 
 
@@ -229,11 +229,11 @@ def test_dry_run_reports_how_many_stored_decisions_would_change(dash: Dashboard)
     factories.park_for_review(dash.state)
     factories.blocked_prompt(dash.state)
     dash.sign_in("policy_admin")
-    source = _active_source(dash).replace(DEFAULT_VERSION, 'version: "1.2.1"')
+    source = _active_source(dash).replace(DEFAULT_VERSION, 'version: "1.2.2"')
     response = dash.post("/dashboard/policies/dry-run", {"source": source, "reason": ""})
     assert response.status_code == 200
     assert re.search(r"<strong>\d+ of 2</strong> recent stored decisions would change", response.text)
-    assert dash.state.ctx.policies.active_revision().version == "1.2.0"  # nothing stored or activated
+    assert dash.state.ctx.policies.active_revision().version == "1.2.1"  # nothing stored or activated
 
 
 def test_dry_run_of_an_invalid_policy_shows_its_problems(dash: Dashboard) -> None:
