@@ -26,7 +26,13 @@ from audit.chain import (
 from audit.checkpoints import CheckedCheckpoints, check_checkpoints, load_trust_anchors
 from audit.export import EXPORT_FORMAT, iter_checkpoint_records, iter_event_links
 from audit.line_scan import (
+    HASH_KEY,
+    HEAD,
     PARALLEL_MIN_BYTES,
+    PREV_KEY,
+    SEQ_KEY,
+    TAIL,
+    TAIL_LEN,
     Scan,
     default_workers,
     scan,
@@ -89,12 +95,7 @@ def _record(line: bytes | str, source: str, number: int) -> dict[str, Any]:
 
 
 # An event line as `event_line` writes it: {"body":<canonical body>,"hash":"<64>","prev_hash":"<64>","type":"event"}
-_EVENT_HEAD = b'{"body":'
-_HASH_KEY = b',"hash":"'
-_PREV_KEY = b'","prev_hash":"'
-_EVENT_TAIL = b'","type":"event"}'
-_TAIL_LEN = len(_HASH_KEY) + 64 + len(_PREV_KEY) + 64 + len(_EVENT_TAIL)
-_SEQ_KEY = b',"seq":'
+# (the layout constants live in audit.line_scan, the fast path over the same bytes)
 _CHUNK = 1 << 22
 
 
@@ -104,18 +105,18 @@ def _fast_link(line: bytes) -> Link | None:
     Slices are taken as offsets into the line (no copies): this runs once per event of a large export.
     """
     n = len(line)
-    body_end = n - _TAIL_LEN
+    body_end = n - TAIL_LEN
     if not (
-        body_end > len(_EVENT_HEAD)
-        and line.startswith(_EVENT_HEAD)
-        and line.endswith(_EVENT_TAIL)
-        and line.startswith(_HASH_KEY, body_end)
-        and line.startswith(_PREV_KEY, body_end + 73)
+        body_end > len(HEAD)
+        and line.startswith(HEAD)
+        and line.endswith(TAIL)
+        and line.startswith(HASH_KEY, body_end)
+        and line.startswith(PREV_KEY, body_end + 73)
     ):
         return None
     # The top-level seq is the last `,"seq":` in a canonical body: only team and ts (strings, where a quote
     # is always escaped) follow it.
-    at = line.rfind(_SEQ_KEY, len(_EVENT_HEAD), body_end)
+    at = line.rfind(SEQ_KEY, len(HEAD), body_end)
     end = line.find(b",", at + 7, body_end)
     try:
         seq = int(line[at + 7 : end])
@@ -123,7 +124,7 @@ def _fast_link(line: bytes) -> Link | None:
         prev_hash = line[body_end + 88 : body_end + 152].decode("ascii")
     except (ValueError, UnicodeDecodeError):
         return None
-    return Link(seq, prev_hash, this_hash, memoryview(line)[len(_EVENT_HEAD) : body_end], None)
+    return Link(seq, prev_hash, this_hash, memoryview(line)[len(HEAD) : body_end], None)
 
 
 def _slow_link(record: Mapping[str, Any]) -> Link:
@@ -186,7 +187,7 @@ def _read_prefix(stream: IO[bytes], source: str) -> _Prefix:
                 header = _record(line, source, number + 1)
                 if header.get("type") != "header" or header.get("format") != EXPORT_FORMAT:
                     break
-            elif line.startswith(_EVENT_HEAD):
+            elif line.startswith(HEAD):
                 break  # the events begin here
             else:
                 record = _record(line, source, number + 1)
