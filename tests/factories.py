@@ -50,3 +50,22 @@ def write_tiny_model(models_dir: Path, name: str, task: str, seed: int = 0) -> P
     path = models_dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(card, sort_keys=False))
     return path
+
+
+class RecordingDispatcher:
+    """A dispatcher that only records what it was sent: jobs stay queued until a test runs them."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def submit(self, job_id: str) -> None:
+        self.sent.append(job_id)
+
+    def ping(self) -> None:
+        return None
+
+    def workers(self) -> list[dict[str, Any]]:
+        return []
+
+    def close(self) -> None:
+        return None

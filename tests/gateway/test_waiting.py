@@ -14,24 +14,9 @@ from gateway.main import create_app
 from gateway.state import build_state, close_state
 from gateway.waiting import JobWaiters
 from tests.conftest import LEXICAL_POLICY, make_settings
+from tests.factories import RecordingDispatcher
 
 TINY = {"default_model": "tiny-c2i", "policy_file": LEXICAL_POLICY, "rate_limit_per_minute": 0}
-
-
-class Recorder:
-    """A dispatcher that never runs anything: jobs stay queued."""
-
-    def submit(self, job_id: str) -> None:
-        return None
-
-    def ping(self) -> None:
-        return None
-
-    def workers(self) -> list[dict]:
-        return []
-
-    def close(self) -> None:
-        return None
 
 
 def test_a_long_poll_answers_once_the_in_process_worker_finishes_the_job(gateway_factory, tiny_models) -> None:
@@ -48,7 +33,7 @@ def test_a_long_poll_answers_once_the_in_process_worker_finishes_the_job(gateway
 
 def test_a_long_poll_answers_with_the_job_still_queued_when_the_wait_ends(tmp_path, tiny_models) -> None:
     settings = make_settings(tmp_path / "var", models_dir=tiny_models, **TINY)
-    state = build_state(settings, dispatcher=Recorder())
+    state = build_state(settings, dispatcher=RecordingDispatcher())
     try:
         with TestClient(create_app(settings, state=state)) as client:
             from gateway.auth import create_key

@@ -15,34 +15,16 @@ from gateway.services import submit_generation
 from gateway.state import build_state, close_state
 from generator.pipeline import reproduce_event, run_jobs, run_with_companions
 from tests.conftest import LEXICAL_POLICY, make_settings
+from tests.factories import RecordingDispatcher
 
 CREATOR = Principal(key_id="k-test", role="creator", team="design")
-
-
-class Recorder:
-    """A dispatcher that only records, so each test decides when jobs run."""
-
-    def __init__(self) -> None:
-        self.sent: list[str] = []
-
-    def submit(self, job_id: str) -> None:
-        self.sent.append(job_id)
-
-    def ping(self) -> None:
-        return None
-
-    def workers(self) -> list[dict]:
-        return []
-
-    def close(self) -> None:
-        return None
 
 
 @pytest.fixture
 def state(tmp_path, tiny_models):
     settings = make_settings(tmp_path / "var", models_dir=tiny_models, default_model="tiny-c2i",
                              policy_file=LEXICAL_POLICY, rate_limit_per_minute=0)
-    state = build_state(settings, dispatcher=Recorder())
+    state = build_state(settings, dispatcher=RecordingDispatcher())
     yield state
     close_state(state)
 
