@@ -3,9 +3,9 @@
 Every append holds the chain head lock until its commit is durable, so one writer at a time pays a full
 WAL flush: appends per second can never beat commits per second. A `GroupCommitter` lets the threads of a
 process queue their events; whichever caller finds no commit in progress becomes the leader, takes every
-queued request, appends them all under one head lock, commits once, and hands each caller its events (or
-the error). Callers block until the commit that holds their events is durable, so nothing is
-acknowledged early: the guarantees are those of `append_many` in the caller's own transaction.
+queued request, appends all their events with one statement under one head lock, commits once, and hands
+each caller its events (or the error). Callers block until the commit that holds their events is durable,
+so nothing is acknowledged early: the guarantees are those of `append_many` in the caller's own transaction.
 No thread is started and no timer delays a commit: a batch is whatever queued while the previous one was
 committing. A waiting caller is woken once: when its commit is done, or to lead the next batch (a leader
 hands over to the oldest waiter once its own events are committed). Processes still serialise on the head
@@ -13,6 +13,8 @@ row, a batch at a time.
 
 Units of work (`run`) carry their own row changes with their events (a job row and its audit events):
 each runs in a savepoint of the shared transaction, so one unit's failure rolls back only that unit.
+In the chain, a batch's plain appends come first (in queue order), then its units of work (in queue order):
+the callers of one batch were concurrent, so no order between them was promised.
 """
 
 from __future__ import annotations
@@ -131,11 +133,18 @@ class GroupCommitter:
         events = 0
         try:
             with self._sessions() as session, session.begin():
-                lock_chain_head(session)  # once, in the root transaction: every unit below reuses it
+                appends = [request for request in batch if request.work is None]
+                if appends:  # every caller's events with one statement; it leaves the head locked
+                    chained = append_prepared(session, [item for request in appends for item in request.prepared])
+                    start = 0
+                    for request in appends:
+                        results.append((request, chained[start:start + request.size]))
+                        start += request.size
+                    events = len(chained)
+                else:
+                    lock_chain_head(session)  # once, in the root transaction: every unit below reuses it
                 for request in batch:
                     if request.work is None:
-                        results.append((request, append_prepared(session, request.prepared)))
-                        events += request.size
                         continue
                     try:
                         with session.begin_nested():

@@ -6,13 +6,13 @@ import hashlib
 import json
 import uuid
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, insert, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine, Table, insert, select, update
+from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
 from audit.chain import CanonicalText, body_bytes, canonical_json, format_ts
@@ -21,6 +21,11 @@ from audit.models import AuditEvent, ChainHead
 HEAD_ROW_ID = 1
 _HEAD_KEY = "audit.locked_chain_head"
 _EVENTS = cast(Table, AuditEvent.__table__)
+# The string encoder json.dumps uses with ensure_ascii=False (the C one when available).
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring
+
+
+_NO_HEAD = "the chain_head row is missing: run `llamagen-gateway migrate` on this database"
 
 
 class AuditLogError(Exception):
@@ -84,6 +89,28 @@ def prepare(event: NewEvent) -> PreparedEvent:
     return PreparedEvent(event, canonical_json(dict(event.payload)))
 
 
+def _held_head(session: Session) -> ChainHead | None:
+    """The head this session's root transaction has locked already, or None."""
+    held = session.info.get(_HEAD_KEY)
+    if held is None:
+        return None
+    transaction_ref, locked = held
+    root = session.get_transaction()
+    if root is not None and transaction_ref() is root and root.is_active and locked in session:
+        return cast(ChainHead, locked)
+    return None
+
+
+def _remember_lock(session: Session, head: ChainHead) -> None:
+    """Record that the root transaction holds the head lock (a lock taken inside a savepoint is released if
+    the savepoint rolls back: only root locks are remembered)."""
+    root = session.get_transaction()
+    if root is not None and session.get_nested_transaction() is None:
+        session.info[_HEAD_KEY] = (weakref.ref(root), head)
+    else:
+        session.info.pop(_HEAD_KEY, None)
+
+
 def lock_chain_head(session: Session) -> ChainHead:
     """Lock the chain head for the rest of the caller's transaction and return it.
 
@@ -93,78 +120,59 @@ def lock_chain_head(session: Session) -> ChainHead:
     the head without a round trip, also inside savepoints: a savepoint that rolls back expires the head
     object it changed, so the next read reloads the root transaction's head, which is still locked.
     """
-    held = session.info.get(_HEAD_KEY)
+    held = _held_head(session)
     if held is not None:
-        transaction_ref, locked = held
-        root = session.get_transaction()
-        if root is not None and transaction_ref() is root and root.is_active and locked in session:
-            return cast(ChainHead, locked)
+        return held
     if session.get_bind().dialect.name == "sqlite":
         session.execute(update(ChainHead).where(ChainHead.id == HEAD_ROW_ID).values(seq=ChainHead.seq))
     query = select(ChainHead).where(ChainHead.id == HEAD_ROW_ID).with_for_update()
     head = session.scalars(query.execution_options(populate_existing=True)).one_or_none()
     if head is None:
-        raise AuditLogError("the chain_head row is missing: run `llamagen-gateway migrate` on this database")
-    root = session.get_transaction()
-    if root is not None and session.get_nested_transaction() is None:
-        # A lock taken inside a savepoint is released if the savepoint rolls back: only remember root locks.
-        session.info[_HEAD_KEY] = (weakref.ref(root), head)
-    else:
-        session.info.pop(_HEAD_KEY, None)
+        raise AuditLogError(_NO_HEAD)
+    _remember_lock(session, head)
     return head
 
 
-# PostgreSQL: one statement and one parameter (the rows as a JSON array), however many rows: executemany
-# would run one INSERT per row on the server while the head is locked, and array parameters are slow to
-# encode. Each payload travels as a JSON string holding its canonical text, stored verbatim by the cast.
-# The same statement moves the head row: one round trip fewer while the head is locked.
+# Events go to PostgreSQL as one parameter (the rows as a JSON array), however many rows: executemany would
+# run one INSERT per row on the server while the head is locked, and array parameters are slow to encode.
+# Each payload travels as a JSON string holding its canonical text, stored verbatim by the cast.
 _PG_INSERT = (
     "INSERT INTO audit_events (seq, id, ts, action, key_id, team, job_id, payload, prev_hash, hash) "
     "SELECT seq, id, ts, action, key_id, team, job_id, payload::json, prev_hash, hash "
     "FROM json_to_recordset(%(rows)s::json) AS rows (seq bigint, id text, ts timestamptz, action text, "
     "key_id text, team text, job_id text, payload text, prev_hash text, hash text)"
 )
+# With the head locked already: the same statement moves the head row (one round trip fewer under the lock).
 _PG_INSERT_MOVING_HEAD = (
     f"WITH inserted AS ({_PG_INSERT}) UPDATE chain_head SET seq = %(head_seq)s, hash = %(head_hash)s "
     f"WHERE id = {HEAD_ROW_ID}"
 )
+# Without it: lock the head, and only if it is the one the events were chained on, move it and insert them;
+# either way return the head as locked. One round trip instead of two when the guess is right. While another
+# transaction holds the lock this waits, then reads the head that transaction committed (READ COMMITTED
+# re-reads a row it waited for), so a stale guess inserts nothing; the seq primary key would refuse a fork.
+_PG_APPEND_IF_HEAD = (
+    f"WITH head AS (SELECT seq, hash FROM chain_head WHERE id = {HEAD_ROW_ID} FOR UPDATE), "
+    "moved AS (UPDATE chain_head SET seq = %(head_seq)s, hash = %(head_hash)s FROM head "
+    f"WHERE chain_head.id = {HEAD_ROW_ID} AND head.seq = %(after_seq)s AND head.hash = %(after_hash)s "
+    "RETURNING chain_head.seq), "
+    f"inserted AS ({_PG_INSERT} WHERE EXISTS (SELECT FROM moved)) "
+    "SELECT seq, hash FROM head"
+)
+
+# The head each engine last saw (read under the lock or moved by an append): the guess an append on
+# PostgreSQL chains its events on before it holds the lock. Only ever a guess, checked under the lock: a
+# wrong one (another process appended, a transaction rolled back) costs the round trip it tried to save.
+_HEAD_GUESSES: weakref.WeakKeyDictionary[Engine, tuple[int, str]] = weakref.WeakKeyDictionary()
 
 
-def _insert_rows(session: Session, head: ChainHead, rows: list[dict[str, Any]], ts_text: str) -> None:
-    """Insert event rows with one statement on the session's connection and move the head to the last.
-
-    On the connection, not the session: no autoflush. On PostgreSQL outside savepoints the statement
-    moves the head row too, recorded as the head's committed state (so the ORM sends no UPDATE; a
-    rollback expires it). Elsewhere the head object is changed and flushed with the transaction (inside
-    a savepoint that way a rollback of the savepoint expires the head it moved).
-    """
-    connection = session.connection()
-    last = rows[-1]
-    if connection.dialect.name != "postgresql":
-        connection.execute(insert(_EVENTS), rows)
-    else:
-        document = json.dumps([{**row, "ts": ts_text} for row in rows], ensure_ascii=False)
-        if session.get_nested_transaction() is None:
-            connection.exec_driver_sql(_PG_INSERT_MOVING_HEAD, {"rows": document, "head_seq": last["seq"],
-                                                                "head_hash": last["hash"]})
-            set_committed_value(head, "seq", last["seq"])
-            set_committed_value(head, "hash", last["hash"])
-            return
-        connection.exec_driver_sql(_PG_INSERT, {"rows": document})
-    head.seq, head.hash = last["seq"], last["hash"]
-
-
-def append_prepared(session: Session, prepared: Sequence[PreparedEvent]) -> list[ChainedEvent]:
-    """Chain prepared events after the head and insert them with one statement (see `append_many`)."""
-    if not prepared:
-        return []
-    head = lock_chain_head(session)
-    seq, prev_hash = head.seq, head.hash
+def _link(prepared: Sequence[PreparedEvent], seq: int, prev_hash: str) -> list[ChainedEvent]:
+    """Number, timestamp and hash events after the head (seq, prev_hash)."""
     # One instant for the events of one call (they commit together); microseconds are what every backend
     # stores, and the hash covers exactly that.
     ts = datetime.now(UTC)
     ts_text = format_ts(ts)
-    rows: list[dict[str, Any]] = []
+    events: list[ChainedEvent] = []
     for item in prepared:
         event = item.event
         seq += 1
@@ -172,17 +180,105 @@ def append_prepared(session: Session, prepared: Sequence[PreparedEvent]) -> list
         body = body_bytes(seq=seq, id=event_id, ts=ts_text, action=event.action, key_id=event.key_id,
                           team=event.team, job_id=event.job_id, payload_json=item.payload_json)
         digest = hashlib.sha256(prev_hash.encode("ascii") + b"\n" + body).hexdigest()
-        rows.append({"seq": seq, "id": event_id, "ts": ts, "action": event.action, "key_id": event.key_id,
-                     "team": event.team, "job_id": event.job_id,
-                     "payload": CanonicalText(item.payload_json),  # stored as exactly the text hashed
-                     "prev_hash": prev_hash, "hash": digest})
+        events.append(ChainedEvent(seq, event_id, ts, event.action, event.key_id, event.team, event.job_id,
+                                   item.payload_json, prev_hash, digest))
         prev_hash = digest
-    _insert_rows(session, head, rows, ts_text)
-    return [
-        ChainedEvent(row["seq"], row["id"], ts, row["action"], row["key_id"], row["team"], row["job_id"],
-                     item.payload_json, row["prev_hash"], row["hash"])
-        for row, item in zip(rows, prepared, strict=True)
-    ]
+    return events
+
+
+def _pg_rows(events: list[ChainedEvent]) -> str:
+    """The events as the JSON array `_PG_INSERT` reads, written directly (every field is a string or int)."""
+    ts_text = format_ts(events[0].ts)
+    return "[" + ",".join(
+        f'{{"seq":{e.seq},"id":{_encode_str(e.id)},"ts":"{ts_text}","action":{_encode_str(e.action)},'
+        f'"key_id":{_encode_str(e.key_id)},"team":{_encode_str(e.team)},'
+        f'"job_id":{"null" if e.job_id is None else _encode_str(e.job_id)},'
+        f'"payload":{_encode_str(e.payload_json)},"prev_hash":"{e.prev_hash}","hash":"{e.hash}"}}'
+        for e in events
+    ) + "]"
+
+
+def _hold_head(session: Session, seq: int, hash_: str) -> ChainHead:
+    """The session's head object, set to the head the root transaction has just locked (no query)."""
+    head = cast(ChainHead | None, session.identity_map.get(Session.identity_key(ChainHead, HEAD_ROW_ID)))
+    if head is None:
+        head = ChainHead(id=HEAD_ROW_ID, seq=seq, hash=hash_)
+        make_transient_to_detached(head)
+        session.add(head)
+    set_committed_value(head, "seq", seq)
+    set_committed_value(head, "hash", hash_)
+    _remember_lock(session, head)
+    return head
+
+
+def _append_on_guess(session: Session, connection: Connection, prepared: Sequence[PreparedEvent]
+                     ) -> list[ChainedEvent] | None:
+    """PostgreSQL, root transaction, head not yet locked: chain on the engine's guess and lock, check, move
+    and insert with one statement. Returns the events, or None with the head locked and the guess corrected."""
+    guess = _HEAD_GUESSES.get(connection.engine)
+    if guess is None:
+        return None
+    if session.autoflush:
+        session.flush()  # as the head query would: pending rows are written before the lock is taken
+    events = _link(prepared, *guess)
+    last = events[-1]
+    found = connection.exec_driver_sql(_PG_APPEND_IF_HEAD, {
+        "rows": _pg_rows(events), "after_seq": guess[0], "after_hash": guess[1],
+        "head_seq": last.seq, "head_hash": last.hash,
+    }).one_or_none()
+    if found is None:
+        raise AuditLogError(_NO_HEAD)
+    if (found[0], found[1]) != guess:
+        _HEAD_GUESSES[connection.engine] = (found[0], found[1])
+        _hold_head(session, found[0], found[1])
+        return None
+    _HEAD_GUESSES[connection.engine] = (last.seq, last.hash)
+    _hold_head(session, last.seq, last.hash)
+    return events
+
+
+def _insert_locked(session: Session, connection: Connection, head: ChainHead, events: list[ChainedEvent]) -> None:
+    """Insert events chained on the locked head with one statement and move the head to the last.
+
+    On the connection, not the session: no autoflush. On PostgreSQL outside savepoints the statement
+    moves the head row too, recorded as the head's committed state (so the ORM sends no UPDATE; a
+    rollback expires it). Elsewhere the head object is changed and flushed with the transaction (inside
+    a savepoint that way a rollback of the savepoint expires the head it moved).
+    """
+    last = events[-1]
+    if connection.dialect.name != "postgresql":
+        connection.execute(insert(_EVENTS), [
+            {"seq": e.seq, "id": e.id, "ts": e.ts, "action": e.action, "key_id": e.key_id, "team": e.team,
+             "job_id": e.job_id, "payload": CanonicalText(e.payload_json),  # stored as exactly the text hashed
+             "prev_hash": e.prev_hash, "hash": e.hash}
+            for e in events
+        ])
+    elif session.get_nested_transaction() is None:
+        connection.exec_driver_sql(_PG_INSERT_MOVING_HEAD, {"rows": _pg_rows(events), "head_seq": last.seq,
+                                                            "head_hash": last.hash})
+        set_committed_value(head, "seq", last.seq)
+        set_committed_value(head, "hash", last.hash)
+        _HEAD_GUESSES[connection.engine] = (last.seq, last.hash)
+        return
+    else:
+        connection.exec_driver_sql(_PG_INSERT, {"rows": _pg_rows(events)})
+    head.seq, head.hash = last.seq, last.hash
+
+
+def append_prepared(session: Session, prepared: Sequence[PreparedEvent]) -> list[ChainedEvent]:
+    """Chain prepared events after the head and insert them with one statement (see `append_many`)."""
+    if not prepared:
+        return []
+    connection = session.connection()
+    if (connection.dialect.name == "postgresql" and session.get_nested_transaction() is None
+            and _held_head(session) is None):
+        events = _append_on_guess(session, connection, prepared)
+        if events is not None:
+            return events
+    head = lock_chain_head(session)
+    events = _link(prepared, head.seq, head.hash)
+    _insert_locked(session, connection, head, events)
+    return events
 
 
 def append_many(session: Session, events: Sequence[NewEvent]) -> list[ChainedEvent]:
