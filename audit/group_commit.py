@@ -32,6 +32,12 @@ T = TypeVar("T")
 DEFAULT_MAX_BATCH = 1000
 
 
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass(eq=False)
 class _Request(Generic[T]):
     """One caller's share of a group commit: prepared events or a unit of work, then its outcome."""
@@ -43,7 +49,10 @@ class _Request(Generic[T]):
     result: Any = None
     error: Exception | None = None
     batch_failed: bool = False  # the shared commit failed (not this request's own work)
-    wake: threading.Event = field(default_factory=threading.Event)
+    # Held from the start; released to wake the caller (cheaper than an Event: no Condition, no waiter lock).
+    # Released at most once before each acquire: when its commit is done, or to hand it the leadership (then
+    # the caller acquires it and only its own commit releases it again).
+    wake: threading.Lock = field(default_factory=_held_lock)
 
     def outcome(self) -> Any:
         if self.batch_failed:
@@ -100,7 +109,7 @@ class GroupCommitter:
             lead = not self._leading
             self._leading = True
         if not lead:
-            request.wake.wait()  # woken once: its commit is done, or it is handed the leadership
+            request.wake.acquire()  # woken once: its commit is done, or it is handed the leadership
             if request.done:
                 return request.outcome()
         try:
@@ -111,7 +120,7 @@ class GroupCommitter:
         finally:
             with self._lock:  # hand over to the oldest waiter (woken, not done: it leads), or stop leading
                 if self._queue:
-                    self._queue[0].wake.set()
+                    self._queue[0].wake.release()
                 else:
                     self._leading = False
         return request.outcome()
@@ -161,4 +170,4 @@ class GroupCommitter:
         finally:
             for request in batch:
                 request.done = True
-                request.wake.set()
+                request.wake.release()

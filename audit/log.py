@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import uuid
@@ -198,9 +199,15 @@ def _pg_rows(events: list[ChainedEvent]) -> str:
     ) + "]"
 
 
+@functools.cache
+def _head_identity() -> Any:
+    """The head row's identity-map key (computing it inspects the mapper each time: worth keeping)."""
+    return Session.identity_key(ChainHead, HEAD_ROW_ID)
+
+
 def _hold_head(session: Session, seq: int, hash_: str) -> ChainHead:
     """The session's head object, set to the head the root transaction has just locked (no query)."""
-    head = cast(ChainHead | None, session.identity_map.get(Session.identity_key(ChainHead, HEAD_ROW_ID)))
+    head = cast(ChainHead | None, session.identity_map.get(_head_identity()))
     if head is None:
         head = ChainHead(id=HEAD_ROW_ID, seq=seq, hash=hash_)
         make_transient_to_detached(head)
