@@ -73,6 +73,10 @@ class GroupCommitter:
         self._lock = threading.Lock()
         self._queue: list[_Request[Any]] = []
         self._leading = False
+        # The head after this committer's last batch, and whether another writer had moved it when that batch
+        # began (None: no batch yet). Contended, a leader waits for the head lock before it takes a batch.
+        self._last_seq: int | None = None
+        self._contended = True
         self.commits = 0  # transactions committed; with `events`, shows how well appends coalesce
         self.events = 0
 
@@ -114,9 +118,7 @@ class GroupCommitter:
                 return request.outcome()
         try:
             while not request.done:  # lead: commit batches until this caller's own request is in one
-                with self._lock:
-                    batch = self._take()
-                self._commit(batch)
+                self._commit()
         finally:
             with self._lock:  # hand over to the oldest waiter (woken, not done: it leads), or stop leading
                 if self._queue:
@@ -136,12 +138,23 @@ class GroupCommitter:
         batch, self._queue[:taken] = self._queue[:taken], []
         return batch
 
-    def _commit(self, batch: list[_Request[Any]]) -> None:
-        """One transaction for the whole batch; every request ends done, with a result or an error."""
+    def _commit(self) -> None:
+        """One transaction for the oldest queued requests; every request taken ends done, with a result or
+        an error.
+
+        While other writers (processes) append too, the head lock is taken first and the batch after it:
+        whatever queued while the lock was awaited joins the batch. Alone, the batch is taken first and its
+        events lock, check and move the head with the insert (one round trip), so the callers woken by the
+        last commit prepare their next events while this one is in flight.
+        """
+        batch: list[_Request[Any]] = []
         results: list[tuple[_Request[Any], Any]] = []
         events = 0
         try:
             with self._sessions() as session, session.begin():
+                before = lock_chain_head(session).seq if self._contended else None
+                with self._lock:
+                    batch = self._take()
                 appends = [request for request in batch if request.work is None]
                 if appends:  # every caller's events with one statement; it leaves the head locked
                     chained = append_prepared(session, [item for request in appends for item in request.prepared])
@@ -150,8 +163,9 @@ class GroupCommitter:
                         results.append((request, chained[start:start + request.size]))
                         start += request.size
                     events = len(chained)
-                else:
-                    lock_chain_head(session)  # once, in the root transaction: every unit below reuses it
+                    before = chained[0].seq - 1 if before is None else before
+                head = lock_chain_head(session)  # held already unless the batch is only units: then locked once
+                before = head.seq if before is None else before
                 for request in batch:
                     if request.work is None:
                         continue
@@ -160,11 +174,16 @@ class GroupCommitter:
                             results.append((request, request.work(session)))
                     except Exception as exc:  # this unit only; the others still commit
                         request.error = exc
+                after = lock_chain_head(session).seq
+            self._contended, self._last_seq = before != self._last_seq, after
             self.commits += 1
             self.events += events
             for request, result in results:
                 request.result = result
         except Exception as exc:  # the commit failed: nothing in the batch is durable
+            if not batch:  # failed before taking one (no connection, no head): the oldest requests learn why
+                with self._lock:
+                    batch = self._take()
             for request in batch:
                 request.result, request.error, request.batch_failed = None, exc, True
         finally:
