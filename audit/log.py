@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import uuid
+import os
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -167,6 +167,18 @@ _PG_APPEND_IF_HEAD = (
 _HEAD_GUESSES: weakref.WeakKeyDictionary[Engine, tuple[int, str]] = weakref.WeakKeyDictionary()
 
 
+def _random_uuids(n: int) -> list[str]:
+    """`n` random (version 4) UUIDs as `str(uuid.uuid4())` writes them, from one urandom call (uuid4() builds
+    a UUID object per id: half the cost of chaining an event)."""
+    raw = os.urandom(16 * n)
+    ids = []
+    for i in range(0, 16 * n, 16):
+        value = int.from_bytes(raw[i:i + 16]) & ~(0xF000 << 64 | 0xC000 << 48) | (0x4000 << 64 | 0x8000 << 48)
+        hex_ = f"{value:032x}"
+        ids.append(f"{hex_[:8]}-{hex_[8:12]}-{hex_[12:16]}-{hex_[16:20]}-{hex_[20:]}")
+    return ids
+
+
 def _link(prepared: Sequence[PreparedEvent], seq: int, prev_hash: str) -> list[ChainedEvent]:
     """Number, timestamp and hash events after the head (seq, prev_hash)."""
     # One instant for the events of one call (they commit together); microseconds are what every backend
@@ -174,10 +186,11 @@ def _link(prepared: Sequence[PreparedEvent], seq: int, prev_hash: str) -> list[C
     ts = datetime.now(UTC)
     ts_text = format_ts(ts)
     events: list[ChainedEvent] = []
+    new_ids = iter(_random_uuids(sum(1 for item in prepared if not item.event.event_id)))
     for item in prepared:
         event = item.event
         seq += 1
-        event_id = event.event_id or str(uuid.uuid4())
+        event_id = event.event_id or next(new_ids)
         body = body_bytes(seq=seq, id=event_id, ts=ts_text, action=event.action, key_id=event.key_id,
                           team=event.team, job_id=event.job_id, payload_json=item.payload_json)
         digest = hashlib.sha256(prev_hash.encode("ascii") + b"\n" + body).hexdigest()

@@ -150,3 +150,30 @@ def test_group_committing_postgres_processes_never_fork_the_chain(pg_url: str, p
         writers = set(session.scalars(select(AuditEvent.key_id)))
     assert report.ok and report.count == 3 * 6 * 15, report.summary
     assert len(writers) == 18
+
+
+def test_a_batch_chains_its_plain_appends_before_its_units_of_work(session_factory: Any) -> None:
+    committer = GroupCommitter(session_factory)
+    leading, release = threading.Event(), threading.Event()
+
+    def hold(session: Session) -> None:
+        leading.set()
+        release.wait(10)
+
+    holder = threading.Thread(target=committer.run, args=(hold,))
+    holder.start()
+    assert leading.wait(10)
+    threads = [threading.Thread(target=committer.run, args=(lambda s: append_many(s, [event(0, "unit")]),)),
+               threading.Thread(target=committer.append_many, args=([event(1, "plain"), event(2, "plain")],))]
+    for thread in threads:
+        thread.start()
+        while len(committer._queue) < threads.index(thread) + 1:
+            threading.Event().wait(0.01)
+    release.set()
+    for thread in [holder, *threads]:
+        thread.join(10)
+    with session_factory() as session:
+        report = verify_database(session)
+        keys = list(session.scalars(select(AuditEvent.key_id).order_by(AuditEvent.seq)))
+    assert report.ok and keys == ["plain", "plain", "unit"], report.summary
+    assert committer.commits == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -255,6 +256,48 @@ def test_postgres_head_read_after_appends_in_the_same_transaction_is_the_new_hea
         savepoint = session.begin_nested()
         append_many(session, [NewEvent("x.z", "k", "t", {})])
         savepoint.commit()
+        last = append_event(session, action="x.last", key_id="k", team="t", payload={})
+    with pg_session_factory() as session:
+        report = verify_database(session)
+    assert last.seq == 5 and report.ok and report.count == 5, report.summary
+
+
+def test_appended_events_get_distinct_version_4_uuids(session_factory: Any) -> None:
+    with session_factory() as session, session.begin():
+        events = append_many(session, [NewEvent("x.y", "k", "t", {"i": i}) for i in range(50)])
+    parsed = [uuid.UUID(e.id) for e in events]
+    assert [str(u) for u in parsed] == [e.id for e in events]
+    assert all(u.version == 4 and u.variant == uuid.RFC_4122 for u in parsed) and len(set(parsed)) == 50
+
+
+@pytest.mark.services
+def test_postgres_append_after_another_engine_moved_the_head_chains_on_the_moved_head(
+    pg_url: str, pg_session_factory: Any
+) -> None:
+    first = append(pg_session_factory)[0]  # this engine now knows the head: its next append chains on it
+    other = make_engine(pg_url)
+    moved = append(make_session_factory(other), 2)
+    other.dispose()
+    (last,) = append(pg_session_factory)
+    with pg_session_factory() as session:
+        report = verify_database(session)
+    assert (moved[0].prev_hash, last.seq, last.prev_hash) == (first.hash, 4, moved[-1].hash)
+    assert report.ok and report.count == 4, report.summary
+
+
+@pytest.mark.services
+def test_postgres_append_on_the_known_head_leaves_it_locked_and_moved_for_the_transaction(
+    pg_session_factory: Any
+) -> None:
+    append(pg_session_factory)
+    with pg_session_factory() as session, session.begin():
+        events = append_many(session, [NewEvent("x.y", "k", "t", {"i": i}) for i in range(3)])
+        head = session.get(ChainHead, 1)
+        stored = session.execute(text("SELECT seq, hash FROM chain_head")).one()
+        assert head is not None and (head.seq, head.hash) == tuple(stored) == (4, events[-1].hash)
+        savepoint = session.begin_nested()
+        append_many(session, [NewEvent("x.z", "k", "t", {})])
+        savepoint.rollback()
         last = append_event(session, action="x.last", key_id="k", team="t", payload={})
     with pg_session_factory() as session:
         report = verify_database(session)
