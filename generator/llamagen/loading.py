@@ -193,6 +193,7 @@ def load_gpt(
     _materialise(gpt, state, dev, dtype or default_dtype(dev))
     gpt.use_streaming_layout()
     gpt.fuse_gate_up()
+    gpt.pack_weights()
     return gpt.eval()
 
 
