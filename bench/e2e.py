@@ -7,7 +7,12 @@ audit) <= 5% of end-to-end latency; batching >= 3x throughput at concurrency 16 
 Clients wait for their jobs with the long-poll of `GET /v1/generations/{id}?wait=S`; `--poll 0.1` makes
 them poll every 0.1 s instead (how this bench measured before the gateway offered the wait).
 
-    .venv/bin/python bench/e2e.py [--jobs 32] [--model demo-shapes-t2i] [--poll 0]
+`--compare DIR` serves each configuration from another checkout too (e.g. `git archive` of an older commit,
+with its `models` linked to this one's), alternating the two `--rounds` times, and prints new/old ratios:
+on shared, noisy machines only same-run ratios mean anything.
+
+    .venv/bin/python bench/e2e.py [--jobs 32] [--model demo-shapes-t2i] [--poll 0] [--configs 1x1,8x16]
+                                  [--compare /tmp/old --rounds 2]
 """
 
 from __future__ import annotations
@@ -41,9 +46,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run(model: str, jobs: int, concurrency: int, batch: int, poll_s: float = 0.0) -> dict[str, float]:
-    """One configuration against a served gateway in its own process (clients long-poll, or poll every
-    `poll_s` seconds)."""
+def run(model: str, jobs: int, concurrency: int, batch: int, poll_s: float = 0.0,
+        repo: Path = REPO) -> dict[str, float]:
+    """One configuration against a gateway served from `repo` in its own process (clients long-poll, or poll
+    every `poll_s` seconds)."""
     with tempfile.TemporaryDirectory() as tmp:
         port = _free_port()
         env = {**os.environ, "LLAMAGEN_GATEWAY_DATA_DIR": f"{tmp}/var", "LLAMAGEN_GATEWAY_ENV": "test",
@@ -52,10 +58,10 @@ def run(model: str, jobs: int, concurrency: int, batch: int, poll_s: float = 0.0
                "LLAMAGEN_GATEWAY_RATE_LIMIT_PER_MINUTE": "0", "LLAMAGEN_GATEWAY_TEAM_QUOTA_PER_DAY": "0",
                "LLAMAGEN_GATEWAY_LOG_JSON": "false", "LLAMAGEN_GATEWAY_DEVICE": "cpu"}
         cli = [sys.executable, "-m", "gateway.cli"]
-        subprocess.run([*cli, "migrate"], env=env, cwd=REPO, check=True, capture_output=True)
-        key = subprocess.run([*cli, "keys", "create", "--role", "creator", "--team", "bench"], env=env, cwd=REPO,
+        subprocess.run([*cli, "migrate"], env=env, cwd=repo, check=True, capture_output=True)
+        key = subprocess.run([*cli, "keys", "create", "--role", "creator", "--team", "bench"], env=env, cwd=repo,
                              check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        server = subprocess.Popen([*cli, "serve", "--port", str(port)], env=env, cwd=REPO,
+        server = subprocess.Popen([*cli, "serve", "--port", str(port)], env=env, cwd=repo,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{port}"
         try:
@@ -106,25 +112,57 @@ def _body(model: str, i: int) -> dict:
     return {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "params": {"seed": i}}
 
 
+def _governance(r: dict[str, float]) -> float:
+    return sum(r[s] for s in GOVERNANCE)
+
+
+def _line(label: str, r: dict[str, float]) -> str:
+    gov = _governance(r)
+    return (f"{label}: {r['throughput']:.2f} images/s, p50 {r['p50'] * 1000:.0f} ms, governance {gov * 1000:.1f} ms "
+            f"= {100 * gov / r['mean']:.1f}% of end-to-end\n"
+            "    stages (mean ms): " + ", ".join(f"{s[:-2]} {r[s] * 1000:.1f}" for s in STAGES))
+
+
+def _mean(results: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.mean(r[k] for r in results) for k in results[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=32)
     parser.add_argument("--model", default="demo-shapes-t2i")
     parser.add_argument("--poll", type=float, default=0.0, help="poll every S seconds instead of long-polling")
+    parser.add_argument("--configs", default="1x1,1x4,1x16,8x1,8x4,8x16",
+                        help="BATCHxCONCURRENCY pairs to run, comma-separated")
+    parser.add_argument("--compare", type=Path, help="another checkout to serve each configuration from too")
+    parser.add_argument("--rounds", type=int, default=1, help="with --compare: alternations per configuration")
     args = parser.parse_args()
-    rows = {}
-    for batch in (1, 8):
-        for conc in (1, 4, 16):
-            jobs = max(args.jobs // (4 if conc == 1 else 1), 4)
-            r = rows[(batch, conc)] = run(args.model, jobs, conc, batch, args.poll)
-            gov = sum(r[s] for s in GOVERNANCE)
-            print(f"batch {batch} concurrency {conc:2}: {r['throughput']:.2f} images/s, p50 {r['p50'] * 1000:.0f} ms, "
-                  f"governance {gov * 1000:.1f} ms = {100 * gov / r['mean']:.1f}% of end-to-end", flush=True)
-            print("    stages (mean ms): " + ", ".join(f"{s[:-2]} {r[s] * 1000:.1f}" for s in STAGES), flush=True)
-    ratio = rows[(8, 16)]["throughput"] / rows[(1, 1)]["throughput"]
-    gov_share = max(sum(r[s] for s in GOVERNANCE) / r["mean"] for r in rows.values())
-    print(f"\nbatching: concurrency 16 (batch 8) / concurrency 1 throughput = {ratio:.2f}x (target >= 3x)")
-    print(f"governance share of end-to-end latency, worst case: {100 * gov_share:.1f}% (target <= 5%)")
+    configs = [tuple(int(n) for n in pair.split("x")) for pair in args.configs.split(",")]
+    trees = {"new": REPO} if args.compare is None else {"old": args.compare.resolve(), "new": REPO}
+    rows: dict[tuple[str, int, int], dict[str, float]] = {}
+    for batch, conc in configs:
+        jobs = max(args.jobs // (4 if conc == 1 else 1), 4)
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
+        for _ in range(args.rounds if args.compare else 1):
+            for name, tree in trees.items():
+                results[name].append(run(args.model, jobs, conc, batch, args.poll, tree))
+        for name in trees:
+            r = rows[(name, batch, conc)] = _mean(results[name])
+            label = f"batch {batch} concurrency {conc:2}" + (f" [{name}]" if args.compare else "")
+            print(_line(label, r), flush=True)
+        if args.compare:
+            old, new = rows[("old", batch, conc)], rows[("new", batch, conc)]
+            print(f"    new/old: throughput {new['throughput'] / old['throughput']:.2f}x, "
+                  f"p50 {new['p50'] / old['p50']:.2f}x, governance ms {_governance(new) / _governance(old):.2f}x",
+                  flush=True)
+    for name in trees:
+        if (name, 8, 16) in rows and (name, 1, 1) in rows:
+            ratio = rows[(name, 8, 16)]["throughput"] / rows[(name, 1, 1)]["throughput"]
+            print(f"\n[{name}] batching: concurrency 16 (batch 8) / concurrency 1 throughput = {ratio:.2f}x "
+                  "(target >= 3x)")
+        shares = [_governance(r) / r["mean"] for key, r in rows.items() if key[0] == name]
+        print(f"[{name}] governance share of end-to-end latency, worst case: {100 * max(shares):.1f}% "
+              "(target <= 5%)")
 
 
 if __name__ == "__main__":
