@@ -141,9 +141,30 @@ def sampling_key(job: Job) -> tuple[Any, ...]:
     return (job.model, p["cfg_scale"], p["temperature"], p["top_k"], p["top_p"])
 
 
-def run_jobs(ctx: PipelineContext, job_ids: Sequence[str]) -> list[str]:
-    """Run queued jobs, batching compatible ones into one sampling run; returns the ids actually run."""
+def run_jobs(ctx: PipelineContext, job_ids: Sequence[str],
+             release: Callable[[SampledRun], None] | None = None) -> list[str]:
+    """Run queued jobs, batching compatible ones into one sampling run; returns the ids actually run.
+
+    Each sampling run is handed to `release` (screening, signing, storing, audit). By default it is released
+    here, before the next run samples; the embedded worker passes one that queues it for its release thread,
+    so the sampler goes on while the run is released (`release_run` either way).
+    """
+    claimed, groups = _claim(ctx, job_ids)
+    for ids in groups:
+        run = sample_run(ctx, ids)
+        if run is None:
+            continue
+        if release is None:
+            release_run(ctx, run)
+        else:
+            release(run)
+    return claimed
+
+
+def _claim(ctx: PipelineContext, job_ids: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """Lease the runnable jobs (one transaction) -> their ids, and sampling groups of at most `batch_size`."""
     claimed: list[str] = []
+    groups: dict[tuple[Any, ...], list[str]] = {}
     now = datetime.now(UTC)
     with ctx.sessions() as session, session.begin():
         for job_id in job_ids:
@@ -161,16 +182,10 @@ def run_jobs(ctx: PipelineContext, job_ids: Sequence[str]) -> list[str]:
             reason = "picked up by worker" if job.status == "queued" else "lease expired: taken over"
             transition(session, job, "running", reason)
             claimed.append(job_id)
-    groups: dict[tuple[Any, ...], list[str]] = {}
-    with ctx.sessions() as session:
-        for job_id in claimed:
-            job = session.get(Job, job_id)
-            assert job is not None
             groups.setdefault(sampling_key(job), []).append(job_id)
-    for ids in groups.values():
-        for start in range(0, len(ids), ctx.batch_size):
-            _run_group(ctx, ids[start:start + ctx.batch_size])
-    return claimed
+    runs = [ids[start:start + ctx.batch_size] for ids in groups.values()
+            for start in range(0, len(ids), ctx.batch_size)]
+    return claimed, runs
 
 
 def run_with_companions(ctx: PipelineContext, job_id: str, wait_s: float) -> list[str]:
@@ -215,12 +230,43 @@ def _fail(ctx: PipelineContext, job_ids: Sequence[str], message: str) -> None:
     ctx.commits.run(work)
 
 
-def _run_group(ctx: PipelineContext, job_ids: Sequence[str]) -> None:
+@dataclass
+class _Release:
+    """One job of a sampling run on its way out: its screenings, signed images, and the first fault if any."""
+
+    job: Job
+    output: Any
+    context: Context | None = None
+    screenings: list[Screening] = field(default_factory=list)
+    released: list[dict[str, Any]] = field(default_factory=list)
+    stored: list[tuple[str, bytes]] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class SampledRun:
+    """The jobs of one sampling run and their images, not yet released: nothing of it has left the worker."""
+
+    releases: list[_Release]
+    model: LoadedModel
+    sampling_s: float
+    started: datetime
+
+    @property
+    def job_ids(self) -> list[str]:
+        return [release.job.id for release in self.releases]
+
+
+def sample_run(ctx: PipelineContext, job_ids: Sequence[str]) -> SampledRun | None:
+    """Generate the images of claimed jobs in one sampling run; None if there is nothing to release.
+
+    A model fault fails the jobs, with the reason recorded and audited.
+    """
     with ctx.sessions() as session:
         jobs = [job for job in (session.get(Job, j) for j in job_ids) if job is not None]
         session.expunge_all()
     if not jobs:
-        return
+        return None
     first = jobs[0]
     try:
         model = ctx.registry.load(first.model, ctx.device)
@@ -237,22 +283,22 @@ def _run_group(ctx: PipelineContext, job_ids: Sequence[str]) -> None:
     except Exception as exc:  # any model fault fails the jobs, with the reason recorded and audited
         log.exception("generation failed for jobs %s", list(job_ids))
         _fail(ctx, job_ids, f"generation failed: {exc}")
-        return
-    _release(ctx, [_Release(job, output) for job, output in zip(jobs, outputs, strict=True)], model,
-             sampling_s, started)
+        return None
+    return SampledRun([_Release(job, output) for job, output in zip(jobs, outputs, strict=True)], model,
+                      sampling_s, started)
 
 
-@dataclass
-class _Release:
-    """One job of a sampling run on its way out: its screenings, signed images, and the first fault if any."""
+def release_run(ctx: PipelineContext, run: SampledRun) -> None:
+    """Release a sampling run; a fault that escapes the stages fails its jobs that are not finished.
 
-    job: Job
-    output: Any
-    context: Context | None = None
-    screenings: list[Screening] = field(default_factory=list)
-    released: list[dict[str, Any]] = field(default_factory=list)
-    stored: list[tuple[str, bytes]] = field(default_factory=list)
-    error: str | None = None
+    Only a failure to record even that (database down) is raised: the jobs stay leased until their lease
+    expires and the sweeper re-sends them.
+    """
+    try:
+        _release(ctx, run.releases, run.model, run.sampling_s, run.started)
+    except Exception as exc:
+        log.exception("releasing jobs %s failed", run.job_ids)
+        _fail(ctx, run.job_ids, f"release failed: {exc}")
 
 
 def _each(releases: Sequence[_Release], stage: str, fn: Callable[[_Release], None]) -> None:

@@ -1,0 +1,117 @@
+"""The embedded worker: the next run samples while the previous one is released, and nothing is released
+unsigned or unaudited when the release fails."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import pytest
+from sqlalchemy import select
+
+from audit.models import AuditEvent, Job
+from gateway.auth import Principal
+from gateway.dispatch import LocalWorker
+from gateway.schemas import GenerationCreate
+from gateway.services import submit_generation
+from gateway.state import build_state, close_state
+from generator import pipeline
+from tests.conftest import LEXICAL_POLICY, make_settings
+from tests.factories import RecordingDispatcher
+
+CREATOR = Principal(key_id="k-test", role="creator", team="design")
+
+
+@pytest.fixture
+def state(tmp_path, tiny_models):
+    settings = make_settings(tmp_path / "var", models_dir=tiny_models, default_model="tiny-c2i",
+                             policy_file=LEXICAL_POLICY, rate_limit_per_minute=0)
+    state = build_state(settings, dispatcher=RecordingDispatcher())
+    yield state
+    close_state(state)
+
+
+def submit(state, class_id: int, seed: int) -> str:
+    request = GenerationCreate.model_validate({"model": "tiny-c2i", "class_id": class_id, "params": {"seed": seed}})
+    return submit_generation(state=state, principal=CREATOR, request=request, request_id="test").id
+
+
+def statuses(state, ids: Sequence[str]) -> list[str]:
+    with state.ctx.sessions() as session:
+        return [session.get(Job, job_id).status for job_id in ids]
+
+
+def events(state, action: str) -> list[AuditEvent]:
+    with state.ctx.sessions() as session:
+        return list(session.scalars(select(AuditEvent).where(AuditEvent.action == action)))
+
+
+def test_the_next_run_samples_while_the_previous_one_is_released(state, monkeypatch) -> None:
+    first, second = submit(state, class_id=1, seed=1), submit(state, class_id=2, seed=2)
+    model = state.ctx.registry.load("tiny-c2i", "cpu")
+    sampled: list[int] = []
+    second_sampled, release_may_go = threading.Event(), threading.Event()
+    generate, sign = model.generate, state.ctx.signer.sign_png
+
+    def spy_generate(requests, params=None):
+        out = generate(requests, params)
+        sampled.append(len(requests))
+        if len(sampled) == 2:
+            second_sampled.set()
+        return out
+
+    def held_sign(data, *, title, **kwargs):  # the first run's release waits until the second run sampled
+        if title.startswith(first):
+            release_may_go.wait(timeout=30)
+        return sign(data, title=title, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy_generate)
+    monkeypatch.setattr(state.ctx.signer, "sign_png", held_sign)
+    finished: list[tuple[list[str], list[str]]] = []
+    worker = LocalWorker(state.ctx, batch_size=1, batch_wait_s=0.0,
+                         on_finished=lambda batch: finished.append((list(batch), statuses(state, batch))))
+    try:
+        worker.submit(first)
+        worker.submit(second)
+        assert second_sampled.wait(timeout=30)  # sampled while the first run's signing was held
+        assert statuses(state, [first]) == ["running"] and not finished
+        release_may_go.set()
+        assert worker.drain(timeout=30)
+    finally:
+        release_may_go.set()
+        worker.close()
+    assert statuses(state, [first, second]) == ["completed", "completed"]
+    # Requests waiting for a job are woken once it is released, in the order the runs were sampled.
+    assert finished == [([first], ["completed"]), ([second], ["completed"])]
+
+
+def test_a_fault_in_the_release_fails_the_runs_jobs_with_the_reason(state, monkeypatch) -> None:
+    ids = [submit(state, class_id=i, seed=i) for i in range(2)]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("artifact store exploded")
+
+    monkeypatch.setattr(pipeline, "_release", broken)
+    worker = LocalWorker(state.ctx, batch_size=2, batch_wait_s=0.5)
+    try:
+        for job_id in ids:
+            worker.submit(job_id)
+        assert worker.drain(timeout=30)
+    finally:
+        worker.close()
+    with state.ctx.sessions() as session:
+        jobs = [session.get(Job, job_id) for job_id in ids]
+    assert all(job.status == "failed" and "artifact store exploded" in job.error and not job.images for job in jobs)
+    assert sorted(e.job_id for e in events(state, "generation.failed")) == sorted(ids)
+    assert not events(state, "image.released")
+
+
+def test_closing_the_worker_releases_what_it_sampled_first(state) -> None:
+    ids = [submit(state, class_id=i, seed=i) for i in range(3)]
+    worker = LocalWorker(state.ctx, batch_size=1, batch_wait_s=0.0)
+    for job_id in ids:
+        worker.submit(job_id)
+    worker.close()
+    assert statuses(state, ids) == ["completed"] * 3
+    with pytest.raises(RuntimeError, match="stopped"):
+        worker.ping()
