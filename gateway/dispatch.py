@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from generator.pipeline import PipelineContext, SampledRun, release_run, run_jobs
+from generator.pipeline import PipelineContext, run_jobs
 from generator.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -30,17 +30,11 @@ class Dispatcher(Protocol):
 
 
 class LocalWorker:
-    """Embedded mode: a sampling thread drains the queue, batching up to `batch_size` jobs per run, and a
-    release thread releases each run (screening, signing, storing, audit) while the next one samples.
+    """Embedded mode: one background thread drains the queue, batching up to `batch_size` jobs per run.
 
-    The sampling thread blocks on the queue (a submitted job wakes it at once) and then waits at most
-    `batch_wait_s` for companions. It hands each sampling run to the release thread and goes on with the
-    next batch; it is at most one run ahead of the releases (`MAX_UNRELEASED`), so a run's images wait
-    a release at most and its jobs' leases are never at risk. `on_finished` is called with each batch's job ids
-    once all of it is released (it wakes long-polling requests).
+    The thread blocks on the queue (a submitted job wakes it at once) and then waits at most `batch_wait_s`
+    for companions; `on_finished` is called with each run's job ids (it wakes long-polling requests).
     """
-
-    MAX_UNRELEASED = 1  # sampled runs waiting for the release thread; the sampler blocks beyond that
 
     def __init__(self, ctx: PipelineContext, *, batch_size: int, batch_wait_s: float,
                  on_finished: Callable[[Sequence[str]], None] | None = None) -> None:
@@ -49,28 +43,25 @@ class LocalWorker:
         self._batch_size = batch_size
         self._batch_wait_s = batch_wait_s
         self._queue: queue.Queue[str | None] = queue.Queue()
-        # A sampled run to release, or a batch's job ids once every run of it was handed over (None: stop).
-        self._releases: queue.Queue[SampledRun | list[str] | None] = queue.Queue(maxsize=self.MAX_UNRELEASED)
-        self._releaser = threading.Thread(target=self._release_loop, name="embedded-worker-release", daemon=True)
-        self._releaser.start()
+        self._idle = threading.Event()
+        self._idle.set()
         self._thread = threading.Thread(target=self._loop, name="embedded-worker", daemon=True)
         self._thread.start()
 
     def submit(self, job_id: str) -> None:
+        self._idle.clear()
         self._queue.put(job_id)
 
     def ping(self) -> None:
         if not self._thread.is_alive():
             raise RuntimeError("the embedded worker thread has stopped")
-        if not self._releaser.is_alive():
-            raise RuntimeError("the embedded worker's release thread has stopped")
 
     def workers(self) -> list[dict[str, Any]]:
         return [{"host": "in-process", "pid": os.getpid(), "models": Registry.loaded(),
-                 "alive": self._thread.is_alive() and self._releaser.is_alive()}]
+                 "alive": self._thread.is_alive()}]
 
     def drain(self, timeout: float = 60.0) -> bool:
-        """Wait until every submitted job was run and released (tests and shutdown)."""
+        """Wait until every submitted job was run (tests and shutdown)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._queue.unfinished_tasks == 0:
@@ -81,64 +72,44 @@ class LocalWorker:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=30)
-        self._releaser.join(timeout=30)
-
-    def _loop(self) -> None:
-        try:
-            while self._sample_batch():
-                pass
-        finally:
-            self._releases.put(None)  # after every run handed over: the release thread finishes them, then stops
-
-    def _sample_batch(self) -> bool:
-        """Take one batch off the queue, sample it and hand its runs over; False once closed."""
-        first = self._queue.get()
-        if first is None:
-            self._queue.task_done()
-            return False
-        batch = [first]
-        deadline = time.monotonic() + self._batch_wait_s
-        stop = False
-        while len(batch) < self._batch_size:
-            try:
-                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
-            except queue.Empty:
-                break
-            if item is None:
-                stop = True
-                self._queue.task_done()
-                break
-            batch.append(item)
-        try:
-            run_jobs(self._ctx, batch, release=self._releases.put)
-        except Exception:  # a database fault here leaves the jobs queued; they are logged, not lost
-            log.exception("embedded worker could not run jobs %s", batch)
-        finally:
-            self._releases.put(batch)  # the batch ends once its runs (queued before this) are released
-        return not stop
-
-    def _release_loop(self) -> None:
-        while True:
-            item = self._releases.get()
-            if item is None:
-                return
-            if isinstance(item, list):
-                self._finished(item)
-                continue
-            try:
-                release_run(self._ctx, item)
-            except Exception:  # not even the failure could be recorded: the lease expires, the sweeper re-sends
-                log.exception("embedded worker could not release jobs %s", item.job_ids)
 
     def _finished(self, batch: Sequence[str]) -> None:
+        if self._on_finished is None:
+            return
         try:
-            if self._on_finished is not None:
-                self._on_finished(batch)
+            self._on_finished(batch)
         except Exception:  # waiters re-read their jobs periodically anyway
             log.exception("could not notify the requests waiting for jobs %s", list(batch))
-        finally:
-            for _ in batch:
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
                 self._queue.task_done()
+                return
+            batch = [first]
+            deadline = time.monotonic() + self._batch_wait_s
+            stop = False
+            while len(batch) < self._batch_size:
+                try:
+                    item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    self._queue.task_done()
+                    break
+                batch.append(item)
+            try:
+                run_jobs(self._ctx, batch)
+            except Exception:  # a database fault here leaves the jobs queued; they are logged, not lost
+                log.exception("embedded worker could not run jobs %s", batch)
+            finally:
+                self._finished(batch)
+                for _ in batch:
+                    self._queue.task_done()
+            if stop:
+                return
 
 
 class CeleryDispatcher:

@@ -141,23 +141,13 @@ def sampling_key(job: Job) -> tuple[Any, ...]:
     return (job.model, p["cfg_scale"], p["temperature"], p["top_k"], p["top_p"])
 
 
-def run_jobs(ctx: PipelineContext, job_ids: Sequence[str],
-             release: Callable[[SampledRun], None] | None = None) -> list[str]:
-    """Run queued jobs, batching compatible ones into one sampling run; returns the ids actually run.
-
-    Each sampling run is handed to `release` (screening, signing, storing, audit). By default it is released
-    here, before the next run samples; the embedded worker passes one that queues it for its release thread,
-    so the sampler goes on while the run is released (`release_run` either way).
-    """
+def run_jobs(ctx: PipelineContext, job_ids: Sequence[str]) -> list[str]:
+    """Run queued jobs, batching compatible ones into one sampling run; returns the ids actually run."""
     claimed, groups = _claim(ctx, job_ids)
     for ids in groups:
         run = sample_run(ctx, ids)
-        if run is None:
-            continue
-        if release is None:
+        if run is not None:
             release_run(ctx, run)
-        else:
-            release(run)
     return claimed
 
 
