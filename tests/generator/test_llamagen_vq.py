@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from generator.llamagen import VQArgs, VQModel
-from generator.llamagen.vq import to_uint8
+from generator.llamagen.vq import Upsample, to_uint8
 
 
 def test_decode_codes_gives_image_of_downsample_times_grid(tiny_vq: VQModel) -> None:
@@ -100,3 +100,28 @@ def test_channels_last_layout_keeps_decoded_images_and_codes(tiny_vq: VQModel) -
     tiny_vq.use_channels_last()
     assert torch.allclose(tiny_vq.decode_codes(ids, grid=(4, 4)), images, atol=1e-5)
     assert torch.equal(tiny_vq.encode(images), codes)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_phase_convs_equal_the_conv_over_the_upsampled_input(channels_last: bool) -> None:
+    torch.manual_seed(0)
+    up, x = Upsample(32), torch.randn(2, 32, 5, 7)
+    if channels_last:
+        up, x = up.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    official = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    with torch.inference_mode():
+        ours = up(x)
+    assert ours.shape == official.shape
+    assert (ours - official).abs().max() <= 1e-5 * official.abs().max()
+
+
+def test_upsample_phase_kernels_follow_in_place_weight_updates() -> None:
+    torch.manual_seed(0)
+    up, x = Upsample(32), torch.randn(1, 32, 4, 4)
+    with torch.inference_mode():
+        up(x)
+    with torch.no_grad():
+        up.conv.weight.mul_(-2.0)
+    official = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    with torch.inference_mode():
+        assert (up(x) - official).abs().max() <= 1e-5 * official.abs().max()
