@@ -59,6 +59,8 @@ class GatewayState:
     dispatcher: Dispatcher
     limits: Limits
     waiters: JobWaiters = field(default_factory=lambda: JobWaiters(recheck_s=0.5))
+    # Content hashes of the model cards this process has seen committed: no lookup per request for them.
+    recorded_cards: set[str] = field(default_factory=set)
     checkpoints: Any = None
     sweeper: Any = None
 
@@ -107,13 +109,13 @@ def _num_classes(card: Any) -> int:
     return int(spec.get("num_classes", 1000)) if isinstance(spec, dict) else 1000
 
 
-def _record_card(session: Session, card: Any) -> None:
+def _record_card(session: Session, card: Any, content_hash: str) -> None:
     """Keep the card as served, by content hash, so evidence packs carry the exact lineage."""
-    if session.get(ModelCardRecord, card.content_hash) is not None:
+    if session.get(ModelCardRecord, content_hash) is not None:
         return
     try:
         with session.begin_nested():
-            session.add(ModelCardRecord(content_hash=card.content_hash, name=card.name, version=card.version,
+            session.add(ModelCardRecord(content_hash=content_hash, name=card.name, version=card.version,
                                         card=card.model_dump(mode="json"), recorded_at=datetime.now(UTC)))
     except IntegrityError:
         pass  # recorded concurrently by another request: same content, same key
@@ -153,6 +155,7 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
     if request.prompt is not None and len(request.prompt) > state.settings.max_prompt_chars:
         raise InvalidRequest(f"prompt is longer than {state.settings.max_prompt_chars} characters")
     card = _card(state, request.model)
+    card_hash, checkpoints = card.content_hash, card.checkpoint_digests()  # once: each costs about a millisecond
     text = _condition_text(request, card)
     params = _params(state, request, card)
     context = _context(principal, card)
@@ -164,7 +167,7 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
     revision = runtime.revision
     now = datetime.now(UTC)
     job = Job(id=str(uuid.uuid4()), created_at=now, updated_at=now, status="queued", team=principal.team,
-              key_id=principal.key_id, model=card.name, model_card_hash=card.content_hash, task=card.task,
+              key_id=principal.key_id, model=card.name, model_card_hash=card_hash, task=card.task,
               prompt=request.prompt, prompt_sha256=hashlib.sha256(text.encode()).hexdigest(),
               class_id=request.class_id, params=params, policy_revision=revision,
               decisions={"prompt": {"action": action, "screenings": screenings}}, images=[], error=None,
@@ -175,7 +178,8 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
     def record(session: Session) -> None:  # one unit of the process's shared audit transaction
         stored_prompt = commit_prompt(session, text, runtime.prompt_storage(context))
         job.prompt_commitment = stored_prompt.get("commitment")
-        _record_card(session, card)
+        if card_hash not in state.recorded_cards:
+            _record_card(session, card, card_hash)
         job.decisions = {"prompt": {**job.decisions["prompt"], "storage": stored_prompt["storage"]}}
         session.add(job)
         session.flush()
@@ -183,7 +187,7 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
             NewEvent(action="generation.requested", key_id=principal.key_id, team=principal.team,
                      job_id=job.id, payload={
                          "request_id": request_id, "model": card.name, "model_version": card.version,
-                         "model_card_hash": card.content_hash, "checkpoints": card.checkpoint_digests(),
+                         "model_card_hash": card_hash, "checkpoints": checkpoints,
                          "task": card.task, "prompt": stored_prompt, "class_id": request.class_id,
                          "params": params, "seed": params["seed"], "policy_revision": revision}),
             NewEvent(action="prompt.screened", key_id=principal.key_id, team=principal.team,
@@ -207,6 +211,7 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
         state.ctx.commits.run(record)
     except Exception as exc:  # no audit record -> no generation
         raise ServiceUnavailable(f"the audit log is unavailable, nothing was generated: {exc}") from exc
+    state.recorded_cards.add(card_hash)  # committed with this request (or before it)
     if job.status == "blocked":
         raise ContentPolicyViolation("the prompt was blocked by the content policy",
                                      details={"id": job.id, "decision": job.decisions["prompt"],

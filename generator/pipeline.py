@@ -6,6 +6,7 @@ directly. Everything a job needs is re-read from its row, so a redelivered job i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -69,8 +70,9 @@ class PipelineContext:
         self.commits = GroupCommitter(self.sessions)
 
 
+@functools.cache
 def _version() -> str:
-    """The installed distribution's version (the one pyproject.toml declares)."""
+    """The installed distribution's version (the one pyproject.toml declares); read once per process."""
     try:
         return metadata.version(GATEWAY_NAME)
     except metadata.PackageNotFoundError:
@@ -291,6 +293,22 @@ def release_run(ctx: PipelineContext, run: SampledRun) -> None:
         _fail(ctx, run.job_ids, f"release failed: {exc}")
 
 
+@dataclass(frozen=True)
+class _CardFacts:
+    """What a run's manifests and audit events say about its model card: computed once per run, not per
+    image (the card's content hash and checkpoint digests take about 0.4 and 1 ms each time)."""
+
+    name: str
+    version: str
+    content_hash: str
+    checkpoints: dict[str, str | None]
+    lineage: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, card: Any) -> _CardFacts:
+        return cls(card.name, card.version, card.content_hash, card.checkpoint_digests(), card.lineage_dicts())
+
+
 def _each(releases: Sequence[_Release], stage: str, fn: Callable[[_Release], None]) -> None:
     """Run one stage for each job still going; a fault stops only that job (it fails, with its reason)."""
     for release in releases:
@@ -310,12 +328,11 @@ def _release(ctx: PipelineContext, releases: list[_Release], model: LoadedModel,
     Each stage runs once for the whole run (one classifier batch for every image, one audit transaction for
     every job), and every job records the stage's full time: it waited for all of it before it was done.
     """
-    card = model.card
+    card = _CardFacts.of(model.card)
     t0 = time.perf_counter()
     by_revision: dict[str, list[_Release]] = {}
     for release in releases:
-        release.context = Context(team=release.job.team, model=release.job.model, lineage=card.lineage_dicts(),
-                                  use=None)
+        release.context = Context(team=release.job.team, model=release.job.model, lineage=card.lineage, use=None)
         by_revision.setdefault(release.job.policy_revision, []).append(release)
     for revision, group in by_revision.items():
         try:
@@ -351,7 +368,7 @@ def _screen_outputs(ctx: PipelineContext, revision: str, group: list[_Release]) 
         release.screenings = screenings
 
 
-def _sign(ctx: PipelineContext, release: _Release, card: Any) -> None:
+def _sign(ctx: PipelineContext, release: _Release, card: _CardFacts) -> None:
     """Sign every image the output policy lets out (C2PA manifest with lineage, decisions and audit ids)."""
     job = release.job
     # A reviewer who approved this job after output screening releases what screening sent to review.
@@ -368,8 +385,7 @@ def _sign(ctx: PipelineContext, release: _Release, card: Any) -> None:
             assertions={
                 "com.llamagen-gateway.lineage": {"model": card.name, "version": card.version,
                                                   "model_card_hash": card.content_hash,
-                                                  "checkpoints": card.checkpoint_digests(),
-                                                  "lineage": card.lineage_dicts()},
+                                                  "checkpoints": card.checkpoints, "lineage": card.lineage},
                 "com.llamagen-gateway.policy-decision": {"revision": job.policy_revision,
                                                          "prompt": job.decisions.get("prompt"),
                                                          "output": decision},
@@ -389,7 +405,7 @@ def _store(ctx: PipelineContext, release: _Release) -> None:
         ctx.artifacts.put(key, data)
 
 
-def _record(ctx: PipelineContext, releases: Sequence[_Release], card: Any, stages: dict[str, float],
+def _record(ctx: PipelineContext, releases: Sequence[_Release], card: _CardFacts, stages: dict[str, float],
             started: datetime) -> None:
     """Audit the jobs' outcomes and update their rows in one transaction (one chain head lock, one commit)."""
     if not releases:
@@ -412,7 +428,7 @@ def _record(ctx: PipelineContext, releases: Sequence[_Release], card: Any, stage
     ctx.commits.run(work)
 
 
-def _record_one(session: Session, release: _Release, card: Any, stages: dict[str, float], started: datetime,
+def _record_one(session: Session, release: _Release, card: _CardFacts, stages: dict[str, float], started: datetime,
                 device: str, events: list[NewEvent]) -> Job | None:
     """Update one job's row and add its audit events to `events`; None if another delivery finished it."""
     job, output, context = release.job, release.output, release.context or Context()
@@ -431,7 +447,7 @@ def _record_one(session: Session, release: _Release, card: Any, stages: dict[str
                         payload={"index": item["index"], "sha256": item["sha256"],
                                  "pixel_sha256": item["pixel_sha256"], "manifest_id": item["manifest_id"],
                                  "model": card.name, "model_card_hash": card.content_hash,
-                                 "checkpoints": card.checkpoint_digests(), "seed": row.params["seed"],
+                                 "checkpoints": card.checkpoints, "seed": row.params["seed"],
                                  "params": row.params, "policy_revision": row.policy_revision})
                for item in released]
     decisions = dict(row.decisions)

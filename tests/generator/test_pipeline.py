@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from audit.models import AuditEvent, Job
+from audit.models import AuditEvent, Job, ModelCardRecord
 from gateway.auth import Principal
 from gateway.schemas import GenerationCreate
 from gateway.services import submit_generation
@@ -155,3 +155,15 @@ def test_a_job_whose_signing_fails_fails_alone_and_its_companions_are_released(s
     assert statuses == ["completed", "failed", "completed"] and "HSM unreachable" in error
     assert [e.job_id for e in events(state, "generation.failed")] == [ids[1]]
     assert ids[1] not in {e.job_id for e in events(state, "image.released")}
+
+
+def test_the_served_model_card_is_recorded_once_and_every_release_names_it(state) -> None:
+    ids = [submit(state, class_id=i, seed=i) for i in range(3)]
+    run_jobs(state.ctx, ids)
+    card = state.ctx.registry.get("tiny-c2i")
+    with state.ctx.sessions() as session:
+        records = session.scalars(select(ModelCardRecord)).all()
+    assert [r.content_hash for r in records] == [card.content_hash]
+    released = events(state, "image.released")
+    assert len(released) == 3 and all(e.payload["model_card_hash"] == card.content_hash
+                                       and e.payload["checkpoints"] == card.checkpoint_digests() for e in released)
