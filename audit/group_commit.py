@@ -7,9 +7,10 @@ queued request, appends all their events with one statement under one head lock,
 each caller its events (or the error). Callers block until the commit that holds their events is durable,
 so nothing is acknowledged early: the guarantees are those of `append_many` in the caller's own transaction.
 No thread is started and no timer delays a commit: a batch is whatever queued while the previous one was
-committing. A waiting caller is woken once: when its commit is done, or to lead the next batch (a leader
-hands over to the oldest waiter once its own events are committed). Processes still serialise on the head
-row, a batch at a time.
+committing, and, while other processes append too, while the leader waited for the head lock (it takes the
+lock first then). A waiting caller is woken once: when its commit is done, or to lead the next batch (a
+leader hands over to the oldest waiter once its own events are committed). Processes still serialise on
+the head row, a batch at a time.
 
 Units of work (`run`) carry their own row changes with their events (a job row and its audit events):
 each runs in a savepoint of the shared transaction, so one unit's failure rolls back only that unit.

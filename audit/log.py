@@ -131,6 +131,9 @@ def lock_chain_head(session: Session) -> ChainHead:
     if head is None:
         raise AuditLogError(_NO_HEAD)
     _remember_lock(session, head)
+    engine = session.get_bind().engine
+    known = _HEAD_GUESSES.get(engine)
+    _HEAD_GUESSES[engine] = (head.seq, head.hash, known is None or known[:2] == (head.seq, head.hash))
     return head
 
 
@@ -161,10 +164,12 @@ _PG_APPEND_IF_HEAD = (
     "SELECT seq, hash FROM head"
 )
 
-# The head each engine last saw (read under the lock or moved by an append): the guess an append on
-# PostgreSQL chains its events on before it holds the lock. Only ever a guess, checked under the lock: a
-# wrong one (another process appended, a transaction rolled back) costs the round trip it tried to save.
-_HEAD_GUESSES: weakref.WeakKeyDictionary[Engine, tuple[int, str]] = weakref.WeakKeyDictionary()
+# The head each engine last saw (read under the lock or moved by an append), and whether the engine was alone:
+# the head was where it had left it. Alone, an append on PostgreSQL chains its events on that head before it
+# holds the lock (one round trip); the guess is checked under the lock, and a wrong one costs the chaining
+# and the round trip it tried to save. While other writers append too the guess would always be wrong: the
+# head is locked first.
+_HEAD_GUESSES: weakref.WeakKeyDictionary[Engine, tuple[int, str, bool]] = weakref.WeakKeyDictionary()
 
 
 def _random_uuids(n: int) -> list[str]:
@@ -235,9 +240,10 @@ def _append_on_guess(session: Session, connection: Connection, prepared: Sequenc
                      ) -> list[ChainedEvent] | None:
     """PostgreSQL, root transaction, head not yet locked: chain on the engine's guess and lock, check, move
     and insert with one statement. Returns the events, or None with the head locked and the guess corrected."""
-    guess = _HEAD_GUESSES.get(connection.engine)
-    if guess is None:
+    known = _HEAD_GUESSES.get(connection.engine)
+    if known is None or not known[2]:
         return None
+    guess = known[:2]
     if session.autoflush:
         session.flush()  # as the head query would: pending rows are written before the lock is taken
     events = _link(prepared, *guess)
@@ -249,10 +255,10 @@ def _append_on_guess(session: Session, connection: Connection, prepared: Sequenc
     if found is None:
         raise AuditLogError(_NO_HEAD)
     if (found[0], found[1]) != guess:
-        _HEAD_GUESSES[connection.engine] = (found[0], found[1])
+        _HEAD_GUESSES[connection.engine] = (found[0], found[1], False)
         _hold_head(session, found[0], found[1])
         return None
-    _HEAD_GUESSES[connection.engine] = (last.seq, last.hash)
+    _HEAD_GUESSES[connection.engine] = (last.seq, last.hash, True)
     _hold_head(session, last.seq, last.hash)
     return events
 
@@ -278,7 +284,8 @@ def _insert_locked(session: Session, connection: Connection, head: ChainHead, ev
                                                             "head_hash": last.hash})
         set_committed_value(head, "seq", last.seq)
         set_committed_value(head, "hash", last.hash)
-        _HEAD_GUESSES[connection.engine] = (last.seq, last.hash)
+        known = _HEAD_GUESSES.get(connection.engine)
+        _HEAD_GUESSES[connection.engine] = (last.seq, last.hash, known is None or known[2])
         return
     else:
         connection.exec_driver_sql(_PG_INSERT, {"rows": _pg_rows(events)})
