@@ -413,8 +413,13 @@ def _record(ctx: PipelineContext, releases: Sequence[_Release], card: _CardFacts
     t_audit = time.perf_counter()
 
     def work(session: Session) -> None:  # runs with the chain head locked: the job rows cannot change under us
+        # Every row in one SELECT before any is changed: a get per job would flush the previous job's changes.
+        locked = {row.id: row for row in session.scalars(
+            select(Job).where(Job.id.in_([release.job.id for release in releases])).order_by(Job.id)
+            .with_for_update())}
         events: list[NewEvent] = []
-        rows = [row for row in (_record_one(session, release, card, stages, started, ctx.device, events)
+        rows = [row for row in (_record_one(session, release, locked.get(release.job.id), card, stages, started,
+                                            ctx.device, events)
                                 for release in releases) if row is not None]
         append_many(session, events)  # one INSERT: every job's screening, released images and outcome
         # The audit stage's time (queueing for the audit log, events, job rows), recorded on the jobs after
@@ -428,13 +433,12 @@ def _record(ctx: PipelineContext, releases: Sequence[_Release], card: _CardFacts
     ctx.commits.run(work)
 
 
-def _record_one(session: Session, release: _Release, card: _CardFacts, stages: dict[str, float], started: datetime,
-                device: str, events: list[NewEvent]) -> Job | None:
-    """Update one job's row and add its audit events to `events`; None if another delivery finished it."""
+def _record_one(session: Session, release: _Release, row: Job | None, card: _CardFacts, stages: dict[str, float],
+                started: datetime, device: str, events: list[NewEvent]) -> Job | None:
+    """Update one job's locked row and add its audit events to `events`; None if another delivery finished it."""
     job, output, context = release.job, release.output, release.context or Context()
     output_decisions = [s.to_dict() for s in release.screenings]
     worst = strictest(s["decision"] for s in output_decisions) if output_decisions else "allow"
-    row = session.get(Job, job.id, with_for_update=True)
     if row is None or row.status != "running":
         return None  # another delivery finished it first: idempotent
     OUTPUT_DECISIONS.labels(worst, job.model).inc()
