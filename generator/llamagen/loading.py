@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from generator.llamagen.model import ModelArgs, Task, Transformer
-from generator.llamagen.vq import VQArgs, VQModel
+from generator.llamagen.vq import VQArgs, VQModel, winograd_available
 
 # Wrapper keys tried in order; a mapping of tensors without any of them is a raw (FSDP) state dict.
 WRAPPER_KEYS = ("model", "module", "state_dict")
@@ -212,6 +212,6 @@ def load_vq(
         vq = VQModel(args)
     check_state_dict(vq, state, source)
     _materialise(vq, state, dev, dtype)
-    if dev.type == "cpu":
-        vq.use_channels_last()
+    if dev.type == "cpu" and not winograd_available():
+        vq.use_channels_last()  # NNPACK's Winograd convs (vq.conv3x3) take NCHW maps
     return vq.eval()

@@ -65,8 +65,34 @@ def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=GROUPS, num_channels=channels, eps=1e-6, affine=True)
 
 
+# Feature maps from this side up run their 3x3 convs through NNPACK's Winograd kernels when allowed:
+# 2.0-2.3x faster than oneDNN's direct conv here at 64..256 px, slower at 16 px (512 channels).
+WINOGRAD_MIN_SIDE = 64
+
+
+def winograd_available() -> bool:
+    """Whether this build has NNPACK; asking also initialises it, which its convolutions need."""
+    return torch.backends.nnpack.is_available()
+
+
+def conv3x3(conv: nn.Conv2d, x: Tensor, winograd: bool) -> Tensor:
+    """conv(x) for a 3x3, stride-1, padding-1 conv; with `winograd`, at inference on float32 CPU maps of at
+    least WINOGRAD_MIN_SIDE px, NNPACK's Winograd F(6x6, 3x3) instead: max error about 2e-5 of the output
+    scale (mean 4e-6) against the direct conv, from the transforms' float32 rounding."""
+    if (
+        not winograd
+        or torch.is_grad_enabled()
+        or x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or min(x.shape[-2:]) < WINOGRAD_MIN_SIDE
+        or not winograd_available()
+    ):
+        return conv(x)
+    return torch._nnpack_spatial_convolution(x.contiguous(), conv.weight.contiguous(), conv.bias, [1, 1], [1, 1])
+
+
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout_p: float = 0.0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout_p: float = 0.0, winograd: bool = False) -> None:
         super().__init__()
         self.norm1 = _norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
@@ -74,10 +100,11 @@ class ResnetBlock(nn.Module):
         self.dropout = nn.Dropout(dropout_p)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.winograd = winograd  # the decoder's blocks; encoder codes stay on the direct conv
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = conv3x3(self.conv1, F.silu(self.norm1(x)), self.winograd)
+        h = conv3x3(self.conv2, self.dropout(F.silu(self.norm2(h))), self.winograd)
         shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
         return shortcut + h
 
@@ -257,7 +284,7 @@ class Decoder(nn.Module):
             level = Level()
             block_out = args.ch * args.ch_mult[n - 1 - i]
             for _ in range(args.num_res_blocks + 1):
-                level.res.append(ResnetBlock(block_in, block_out, args.dropout_p))
+                level.res.append(ResnetBlock(block_in, block_out, args.dropout_p, winograd=True))
                 block_in = block_out
                 if i == 0:
                     level.attn.append(AttnBlock(block_in))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from generator.llamagen import VQArgs, VQModel
-from generator.llamagen.vq import Upsample, to_uint8
+from generator.llamagen.vq import WINOGRAD_MIN_SIDE, ResnetBlock, Upsample, conv3x3, to_uint8, winograd_available
 
 
 def test_decode_codes_gives_image_of_downsample_times_grid(tiny_vq: VQModel) -> None:
@@ -125,3 +125,33 @@ def test_upsample_phase_kernels_follow_in_place_weight_updates() -> None:
     official = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     with torch.inference_mode():
         assert (up(x) - official).abs().max() <= 1e-5 * official.abs().max()
+
+
+needs_nnpack = pytest.mark.skipif(not winograd_available(), reason="this PyTorch build has no NNPACK")
+
+
+@needs_nnpack
+def test_winograd_conv3x3_matches_the_direct_conv_to_float32_tolerance() -> None:
+    torch.manual_seed(0)
+    conv, x = torch.nn.Conv2d(64, 64, 3, padding=1), torch.randn(1, 64, WINOGRAD_MIN_SIDE, WINOGRAD_MIN_SIDE + 8)
+    direct = conv(x).detach()
+    with torch.inference_mode():
+        fast = conv3x3(conv, x, winograd=True)
+    assert fast.shape == direct.shape
+    assert (fast - direct).abs().max() <= 3e-5 * direct.abs().max()
+
+
+@needs_nnpack
+def test_winograd_conv3x3_keeps_the_direct_conv_for_autograd_and_small_maps() -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1)
+    large, small = torch.randn(1, 32, WINOGRAD_MIN_SIDE, WINOGRAD_MIN_SIDE), torch.randn(1, 32, 16, 16)
+    assert torch.equal(conv3x3(conv, large, winograd=True), conv(large))  # gradients enabled
+    with torch.inference_mode():
+        assert torch.equal(conv3x3(conv, small, winograd=True), conv(small))
+        assert torch.equal(conv3x3(conv, large, winograd=False), conv(large))
+
+
+def test_only_the_decoder_blocks_use_winograd(tiny_vq: VQModel) -> None:
+    assert all(b.winograd for level in tiny_vq.decoder.conv_blocks for b in level.res)
+    assert not any(m.winograd for m in tiny_vq.encoder.modules() if isinstance(m, ResnetBlock))
