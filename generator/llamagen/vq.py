@@ -103,10 +103,11 @@ class ResnetBlock(nn.Module):
         self.winograd = winograd  # the decoder's blocks; encoder codes stay on the direct conv
 
     def forward(self, x: Tensor) -> Tensor:
-        h = conv3x3(self.conv1, F.silu(self.norm1(x)), self.winograd)
-        h = conv3x3(self.conv2, self.dropout(F.silu(self.norm2(h))), self.winograd)
+        inference = not torch.is_grad_enabled()  # in place on fresh tensors: no large allocations
+        h = conv3x3(self.conv1, F.silu(self.norm1(x), inplace=inference), self.winograd)
+        h = conv3x3(self.conv2, self.dropout(F.silu(self.norm2(h), inplace=inference)), self.winograd)
         shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return shortcut + h
+        return h.add_(shortcut) if inference else shortcut + h  # the same sum either way
 
 
 class AttnBlock(nn.Module):
@@ -178,12 +179,13 @@ class Upsample(nn.Module):
         K = self.conv.out_channels
         kernels, bias = self._phase_weights()
         y = F.conv2d(x, kernels, bias, padding=1)  # (B, 4K, H+1, W+1): phase (a, b) at offset (a, b)
+        # Phase (a, b) is channel block 2a+b read from spatial offset (a, b): both steps are linear in a
+        # and b, so one strided view spans all four phases.
+        sb, sc, sh, sw = y.stride()
+        phases = y.as_strided((B, 2, 2, K, H, W), (sb, 2 * K * sc + sh, K * sc + sw, sc, sh, sw))
         layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         out = torch.empty(B, K, 2 * H, 2 * W, dtype=y.dtype, device=y.device, memory_format=layout)
-        for a in (0, 1):
-            for b in (0, 1):
-                p = 2 * a + b
-                out[:, :, a::2, b::2] = y[:, p * K : (p + 1) * K, a : a + H, b : b + W]
+        out.view(B, K, H, 2, W, 2).copy_(phases.permute(0, 3, 4, 1, 5, 2))  # one interleaving copy
         return out
 
     def _phase_weights(self) -> tuple[Tensor, Tensor]:
