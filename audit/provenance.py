@@ -6,6 +6,7 @@ is the signature valid, is the signer in *your* trust list, and is the content w
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import threading
@@ -47,7 +48,9 @@ class ProvenanceError(Exception):
     """Signing or verification cannot proceed; the message names the file or setting at fault."""
 
 
+@functools.cache
 def _gateway_version() -> str:
+    """The installed distribution's version, read once per process (each metadata lookup costs ~1 ms)."""
     try:
         return metadata.version("llamagen-gateway")
     except metadata.PackageNotFoundError:
