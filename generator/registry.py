@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, Self
 
 import torch
 import yaml
@@ -36,6 +38,9 @@ from generator.llamagen.sampling import generate, make_generators
 log = logging.getLogger(__name__)
 
 CARD_SUFFIXES = (".yaml", ".yml")
+# A file changed this recently may change again within the filesystem's timestamp tick (mtime comes from a
+# coarse clock) without its (mtime_ns, size) changing: what was read from it is not cached until it is older.
+RACY_WINDOW_NS = 1_000_000_000
 
 
 class RegistryError(Exception):
@@ -142,6 +147,7 @@ class ModelCard(_Strict):
 
     _models_dir: Path | None = PrivateAttr(None)
     _source: Path | None = PrivateAttr(None)
+    _content_hash: str | None = PrivateAttr(None)  # the card is frozen: hashed once, on first use
 
     @model_validator(mode="after")
     def _task_fits(self) -> ModelCard:
@@ -154,8 +160,16 @@ class ModelCard(_Strict):
     @property
     def content_hash(self) -> str:
         """ "sha256:<hex>" of the canonical JSON of the card's content (sorted keys, no whitespace)."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+        if self._content_hash is None:
+            canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+            self._content_hash = "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+        return self._content_hash
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy that hashes its own content (an update may change it)."""
+        copy = super().model_copy(update=update, deep=deep)
+        copy._content_hash = None
+        return copy
 
     def checkpoint_path(self, which: Literal["gpt", "vq"]) -> Path:
         ref = getattr(self.checkpoints, which)
@@ -200,7 +214,12 @@ def _text_encoder_dir(spec: TextEncoderSpec, models_dir: Path | None) -> Path | 
     return None
 
 
-_DIGEST_CACHE: dict[Path, str] = {}
+def _settled(stat: os.stat_result, now_ns: int) -> bool:
+    """The file was last changed long enough ago that a later change will show in its (mtime_ns, size)."""
+    return stat.st_mtime_ns < now_ns - RACY_WINDOW_NS
+
+
+_DIGEST_CACHE: dict[tuple[str, int, int], str] = {}  # (weights path, mtime_ns, size) -> hex SHA-256
 
 
 def _text_encoder_digest(spec: TextEncoderSpec, models_dir: Path | None) -> str | None:
@@ -208,11 +227,18 @@ def _text_encoder_digest(spec: TextEncoderSpec, models_dir: Path | None) -> str 
     if directory is None:
         return None
     for name in ("model.safetensors", "pytorch_model.bin"):
-        weights = directory / name
-        if weights.is_file():
-            if weights not in _DIGEST_CACHE:
-                _DIGEST_CACHE[weights] = sha256_file(weights)
-            return _DIGEST_CACHE[weights]
+        weights = str(directory / name)
+        try:
+            stat = os.stat(weights)
+        except FileNotFoundError:
+            continue
+        key = (weights, stat.st_mtime_ns, stat.st_size)
+        digest = _DIGEST_CACHE.get(key)
+        if digest is None:
+            digest = sha256_file(Path(weights))
+            if _settled(stat, time.time_ns()):
+                _DIGEST_CACHE[key] = digest
+        return digest
     return None
 
 
@@ -396,6 +422,32 @@ def _text_encoder(card: ModelCard, device: str) -> CaptionEncoder | None:
     return text.T5CaptionEncoder(directory, device=device, max_len=spec.max_len)
 
 
+@dataclass(frozen=True)
+class _Listing:
+    """One scan of a models directory: its cards by name, and what says the scan still holds.
+
+    `stamps` holds (path, mtime_ns, size) of every directory (a card added, removed or renamed changes its
+    directory's mtime) and of every card file (an edit in place changes the file's); `racy` scans, of which
+    some file changed within the timestamp tick, are not reused.
+    """
+
+    cards: dict[str, ModelCard]
+    stamps: tuple[tuple[str, int, int], ...]
+    racy: bool
+
+    def holds(self) -> bool:
+        if self.racy:
+            return False
+        for path, mtime_ns, size in self.stamps:
+            try:
+                stat = os.stat(path)
+            except OSError:
+                return False
+            if stat.st_mtime_ns != mtime_ns or stat.st_size != size:
+                return False
+        return True
+
+
 class Registry:
     """The cards under one models directory (searched recursively), by name."""
 
@@ -405,37 +457,64 @@ class Registry:
 
     def __init__(self, models_dir: Path | str) -> None:
         self.models_dir = Path(models_dir)
+        self._listing: _Listing | None = None
 
     def cards(self) -> list[ModelCard]:
         """Every card, sorted by name; duplicate names are an error."""
+        listing = self._current_listing()
+        return [listing.cards[name] for name in sorted(listing.cards)]
+
+    def _current_listing(self) -> _Listing:
+        """The last scan while no card file or directory changed since (a few stats); else a new scan."""
+        listing = self._listing
+        if listing is None or not listing.holds():
+            listing = self._scan()
+            self._listing = listing
+        return listing
+
+    def _scan(self) -> _Listing:
         if not self.models_dir.is_dir():
             raise RegistryError(f"models directory {self.models_dir} does not exist")
+        now_ns = time.time_ns()
+        stamps: list[tuple[str, int, int]] = []
+        racy = False
+        card_files: list[tuple[Path, os.stat_result]] = []
+        for directory, _, files in os.walk(self.models_dir):
+            stat = os.stat(directory)
+            stamps.append((directory, stat.st_mtime_ns, stat.st_size))
+            racy = racy or not _settled(stat, now_ns)
+            for name in files:
+                path = Path(directory) / name
+                if path.suffix in CARD_SUFFIXES:
+                    card_files.append((path, path.stat()))
         found: dict[str, ModelCard] = {}
-        for path in sorted(p for p in self.models_dir.rglob("*") if p.suffix in CARD_SUFFIXES):
-            card = self._read_cached(path)
+        for path, stat in sorted(card_files, key=lambda item: item[0]):
+            stamps.append((str(path), stat.st_mtime_ns, stat.st_size))
+            racy = racy or not _settled(stat, now_ns)
+            card = self._read_cached(path, stat, now_ns)
             if card.name in found:
                 raise RegistryError(
                     f"{path}: model name {card.name!r} is also used by {found[card.name]._source}"
                 )
             found[card.name] = card
-        return [found[name] for name in sorted(found)]
+        return _Listing(found, tuple(stamps), racy)
 
-    def _read_cached(self, path: Path) -> ModelCard:
-        """Parse a card once per file version (path, size, mtime): requests look cards up on the hot path."""
-        stat = path.stat()
+    def _read_cached(self, path: Path, stat: os.stat_result, now_ns: int) -> ModelCard:
+        """Parse a card once per file version (path, size, mtime)."""
         key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(self.models_dir))
         with self._cache_lock:
             card = self._parsed.get(key)
         if card is None:
             card = read_card(path, self.models_dir)
-            with self._cache_lock:
-                self._parsed[key] = card
+            if _settled(stat, now_ns):
+                with self._cache_lock:
+                    self._parsed[key] = card
         return card
 
     def get(self, name: str) -> ModelCard:
-        cards = {card.name: card for card in self.cards()}
+        cards = self._current_listing().cards
         if name not in cards:
-            known = ", ".join(cards) or "none"
+            known = ", ".join(sorted(cards)) or "none"
             raise UnknownModelError(f"no model card named {name!r} in {self.models_dir} (known: {known})")
         return cards[name]
 

@@ -82,6 +82,64 @@ def test_content_hash_is_stable_and_changes_with_any_field(models_dir: Path) -> 
     assert card.content_hash.startswith("sha256:") and len(card.content_hash) == 7 + 64
 
 
+def _age(path: Path, seconds: float = 5.0) -> None:
+    """Date a file back, as if written before this test: a freshly written file is never cached."""
+    import os
+    import time
+
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def _age_tree(root: Path) -> None:
+    for path in [root, *root.rglob("*")]:
+        _age(path)
+
+
+def test_a_card_edited_after_a_lookup_is_seen_by_the_same_registry(models_dir: Path) -> None:
+    _age_tree(models_dir)
+    registry = Registry(models_dir)
+    before = registry.get("tiny-c2i")
+    assert registry.get("tiny-c2i") is before  # unchanged files: the listing is reused
+    path = models_dir / "tiny-c2i.yaml"
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**data, "licence": "Apache-2.0"}))
+    after = registry.get("tiny-c2i")
+    assert after.licence == "Apache-2.0" and after.content_hash != before.content_hash
+
+
+def test_a_card_edited_within_the_timestamp_tick_is_seen(models_dir: Path) -> None:
+    registry = Registry(models_dir)
+    path = models_dir / "tiny-c2i.yaml"
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**data, "version": "1"}))
+    assert registry.get("tiny-c2i").version == "1"
+    stat = path.stat()
+    path.write_text(yaml.safe_dump({**data, "version": "2"}))  # same size, maybe the same mtime
+    import os
+
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert registry.get("tiny-c2i").version == "2"
+
+
+def test_cards_added_and_removed_after_a_lookup_are_seen_by_the_same_registry(models_dir: Path) -> None:
+    _age_tree(models_dir)
+    registry = Registry(models_dir)
+    assert "tiny-other" not in [c.name for c in registry.cards()]
+    (models_dir / "official" / "other.yaml").write_text(
+        yaml.safe_dump({**yaml.safe_load((models_dir / "tiny-c2i.yaml").read_text()), "name": "tiny-other"}))
+    assert registry.get("tiny-other").name == "tiny-other"
+    (models_dir / "tiny-c2i.yaml").unlink()
+    with pytest.raises(UnknownModelError):
+        registry.get("tiny-c2i")
+
+
+def test_content_hash_of_an_updated_copy_is_its_own(models_dir: Path) -> None:
+    card = Registry(models_dir).get("tiny-c2i")
+    copy = card.model_copy(update={"licence": "Apache-2.0"})
+    assert copy.content_hash == ModelCard.model_validate(copy.model_dump()).content_hash != card.content_hash
+
+
 def test_unknown_card_field_is_rejected_naming_file_and_field(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     data = card_data(None, None)
