@@ -29,19 +29,27 @@ class Dispatcher(Protocol):
     def workers(self) -> list[dict[str, Any]]: ...
 
 
+# How often a worker waiting for companions re-reads `pending` (a request refused, not queued, ends the wait).
+PENDING_POLL_S = 0.005
+
+
 class LocalWorker:
     """Embedded mode: one background thread drains the queue, batching up to `batch_size` jobs per run.
 
-    The thread blocks on the queue (a submitted job wakes it at once) and then waits at most `batch_wait_s`
-    for companions; `on_finished` is called with each run's job ids (it wakes long-polling requests).
+    The thread blocks on the queue (a submitted job wakes it at once), takes the jobs already queued, and
+    waits at most `batch_wait_s` for more only while `pending()` (requests being screened, not yet queued)
+    is above zero; without `pending` it always waits. `on_finished` is called with each run's job ids (it
+    wakes long-polling requests).
     """
 
     def __init__(self, ctx: PipelineContext, *, batch_size: int, batch_wait_s: float,
-                 on_finished: Callable[[Sequence[str]], None] | None = None) -> None:
+                 on_finished: Callable[[Sequence[str]], None] | None = None,
+                 pending: Callable[[], int] | None = None) -> None:
         self._ctx = ctx
         self._on_finished = on_finished
         self._batch_size = batch_size
         self._batch_wait_s = batch_wait_s
+        self._pending = pending
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._idle = threading.Event()
         self._idle.set()
@@ -81,6 +89,16 @@ class LocalWorker:
         except Exception:  # waiters re-read their jobs periodically anyway
             log.exception("could not notify the requests waiting for jobs %s", list(batch))
 
+    def _companion_wait(self, deadline: float) -> float:
+        """How long to block for the next job: 0 (take only what is queued) once the deadline has passed or
+        no request is on its way to the queue."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return 0.0
+        if self._pending is None:
+            return remaining
+        return min(remaining, PENDING_POLL_S) if self._pending() > 0 else 0.0
+
     def _loop(self) -> None:
         while True:
             first = self._queue.get()
@@ -91,9 +109,12 @@ class LocalWorker:
             deadline = time.monotonic() + self._batch_wait_s
             stop = False
             while len(batch) < self._batch_size:
+                wait_s = self._companion_wait(deadline)
                 try:
-                    item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
+                    item = self._queue.get(timeout=wait_s) if wait_s > 0 else self._queue.get_nowait()
                 except queue.Empty:
+                    if wait_s > 0:
+                        continue  # still before the deadline: look at `pending` again
                     break
                 if item is None:
                     stop = True

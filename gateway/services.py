@@ -42,6 +42,7 @@ from gateway.schemas import GenerationCreate, ModerationCreate, PolicyPublic
 from gateway.settings import Settings
 from gateway.waiting import JobWaiters
 from generator.governance import PolicyNotFoundError, StoredPolicy
+from generator.intake import Intake
 from generator.pipeline import PipelineContext, strictest, transition
 from generator.registry import UnknownModelError
 from policies.classifiers.base import UnavailableClassifier
@@ -61,6 +62,8 @@ class GatewayState:
     waiters: JobWaiters = field(default_factory=lambda: JobWaiters(recheck_s=0.5))
     # Content hashes of the model cards this process has seen committed: no lookup per request for them.
     recorded_cards: set[str] = field(default_factory=set)
+    # Requests between prompt screening and the queue: the embedded worker waits for companions only then.
+    intake: Intake = field(default_factory=Intake)
     checkpoints: Any = None
     sweeper: Any = None
 
@@ -159,58 +162,59 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
     text = _condition_text(request, card)
     params = _params(state, request, card)
     context = _context(principal, card)
-    t0 = time.perf_counter()
-    runtime, screenings, action = _screen(state, text, context)
-    screening_s = time.perf_counter() - t0
-    metrics.observe_decision("prompt", action, principal.team, card.name)
-    metrics.STAGE_SECONDS.labels("prompt_screening").observe(screening_s)
-    revision = runtime.revision
-    now = datetime.now(UTC)
-    job = Job(id=str(uuid.uuid4()), created_at=now, updated_at=now, status="queued", team=principal.team,
-              key_id=principal.key_id, model=card.name, model_card_hash=card_hash, task=card.task,
-              prompt=request.prompt, prompt_sha256=hashlib.sha256(text.encode()).hexdigest(),
-              class_id=request.class_id, params=params, policy_revision=revision,
-              decisions={"prompt": {"action": action, "screenings": screenings}}, images=[], error=None,
-              timings={"prompt_screening_s": round(screening_s, 4)}, cost={}, review=None,
-              request_id=request_id, attempts=0)
-    t_audit = time.perf_counter()
+    with state.intake.admitting():  # until its job is recorded: queued (below), parked or refused
+        t0 = time.perf_counter()
+        runtime, screenings, action = _screen(state, text, context)
+        screening_s = time.perf_counter() - t0
+        metrics.observe_decision("prompt", action, principal.team, card.name)
+        metrics.STAGE_SECONDS.labels("prompt_screening").observe(screening_s)
+        revision = runtime.revision
+        now = datetime.now(UTC)
+        job = Job(id=str(uuid.uuid4()), created_at=now, updated_at=now, status="queued", team=principal.team,
+                  key_id=principal.key_id, model=card.name, model_card_hash=card_hash, task=card.task,
+                  prompt=request.prompt, prompt_sha256=hashlib.sha256(text.encode()).hexdigest(),
+                  class_id=request.class_id, params=params, policy_revision=revision,
+                  decisions={"prompt": {"action": action, "screenings": screenings}}, images=[], error=None,
+                  timings={"prompt_screening_s": round(screening_s, 4)}, cost={}, review=None,
+                  request_id=request_id, attempts=0)
+        t_audit = time.perf_counter()
 
-    def record(session: Session) -> None:  # one unit of the process's shared audit transaction
-        stored_prompt = commit_prompt(session, text, runtime.prompt_storage(context))
-        job.prompt_commitment = stored_prompt.get("commitment")
-        if card_hash not in state.recorded_cards:
-            _record_card(session, card, card_hash)
-        job.decisions = {"prompt": {**job.decisions["prompt"], "storage": stored_prompt["storage"]}}
-        session.add(job)
-        session.flush()
-        events = [
-            NewEvent(action="generation.requested", key_id=principal.key_id, team=principal.team,
-                     job_id=job.id, payload={
-                         "request_id": request_id, "model": card.name, "model_version": card.version,
-                         "model_card_hash": card_hash, "checkpoints": checkpoints,
-                         "task": card.task, "prompt": stored_prompt, "class_id": request.class_id,
-                         "params": params, "seed": params["seed"], "policy_revision": revision}),
-            NewEvent(action="prompt.screened", key_id=principal.key_id, team=principal.team,
-                     job_id=job.id, payload={"policy_revision": revision, "action": action,
-                                             "screenings": screenings, "context": context.to_dict()}),
-        ]
-        if action == "block":
-            job.error = "the prompt was blocked by the content policy"
-            transition(session, job, "blocked", "prompt blocked by policy")
-        elif action == "review":
-            transition(session, job, "review", "prompt needs human review")
-        else:
-            transition(session, job, "queued", f"prompt {action}")
-        events.append(NewEvent(action=f"generation.{job.status}", key_id=principal.key_id,
-                               team=principal.team, job_id=job.id, payload={"stage": "prompt", "action": action}))
-        append_many(session, events)  # one INSERT for the request's three events
-        # The request's audit work (prompt commitment, card, job row, events), in the job's audit time.
-        job.timings = {**job.timings, "request_audit_s": round(time.perf_counter() - t_audit, 4)}
+        def record(session: Session) -> None:  # one unit of the process's shared audit transaction
+            stored_prompt = commit_prompt(session, text, runtime.prompt_storage(context))
+            job.prompt_commitment = stored_prompt.get("commitment")
+            if card_hash not in state.recorded_cards:
+                _record_card(session, card, card_hash)
+            job.decisions = {"prompt": {**job.decisions["prompt"], "storage": stored_prompt["storage"]}}
+            session.add(job)
+            session.flush()
+            events = [
+                NewEvent(action="generation.requested", key_id=principal.key_id, team=principal.team,
+                         job_id=job.id, payload={
+                             "request_id": request_id, "model": card.name, "model_version": card.version,
+                             "model_card_hash": card_hash, "checkpoints": checkpoints,
+                             "task": card.task, "prompt": stored_prompt, "class_id": request.class_id,
+                             "params": params, "seed": params["seed"], "policy_revision": revision}),
+                NewEvent(action="prompt.screened", key_id=principal.key_id, team=principal.team,
+                         job_id=job.id, payload={"policy_revision": revision, "action": action,
+                                                 "screenings": screenings, "context": context.to_dict()}),
+            ]
+            if action == "block":
+                job.error = "the prompt was blocked by the content policy"
+                transition(session, job, "blocked", "prompt blocked by policy")
+            elif action == "review":
+                transition(session, job, "review", "prompt needs human review")
+            else:
+                transition(session, job, "queued", f"prompt {action}")
+            events.append(NewEvent(action=f"generation.{job.status}", key_id=principal.key_id,
+                                   team=principal.team, job_id=job.id, payload={"stage": "prompt", "action": action}))
+            append_many(session, events)  # one INSERT for the request's three events
+            # The request's audit work (prompt commitment, card, job row, events), in the job's audit time.
+            job.timings = {**job.timings, "request_audit_s": round(time.perf_counter() - t_audit, 4)}
 
-    try:
-        state.ctx.commits.run(record)
-    except Exception as exc:  # no audit record -> no generation
-        raise ServiceUnavailable(f"the audit log is unavailable, nothing was generated: {exc}") from exc
+        try:
+            state.ctx.commits.run(record)
+        except Exception as exc:  # no audit record -> no generation
+            raise ServiceUnavailable(f"the audit log is unavailable, nothing was generated: {exc}") from exc
     state.recorded_cards.add(card_hash)  # committed with this request (or before it)
     if job.status == "blocked":
         raise ContentPolicyViolation("the prompt was blocked by the content policy",

@@ -13,6 +13,7 @@ from gateway.limits import Limits, MemoryCounter, RedisCounter
 from gateway.services import GatewayState, requeue_stale_jobs
 from gateway.settings import Settings
 from gateway.waiting import JobWaiters
+from generator.intake import Intake
 from generator.pipeline import build_context
 
 log = logging.getLogger(__name__)
@@ -27,17 +28,20 @@ def build_state(settings: Settings, *, dispatcher: Dispatcher | None = None) -> 
     ctx.policies.bootstrap(settings.policy_file)
     # The in-process worker wakes long-polling requests; Celery workers cannot, so waiters re-read often.
     waiters = JobWaiters(recheck_s=5.0 if settings.embedded and dispatcher is None else 0.5)
+    intake = Intake()
     if dispatcher is None:
         if settings.embedded:
             dispatcher = LocalWorker(ctx, batch_size=settings.worker_batch_size,
-                                     batch_wait_s=settings.worker_batch_wait_ms / 1000, on_finished=waiters.notify)
+                                     batch_wait_s=settings.worker_batch_wait_ms / 1000, on_finished=waiters.notify,
+                                     pending=intake.pending)
         else:
             assert settings.broker_url is not None
             dispatcher = CeleryDispatcher(settings.broker_url, settings.result_backend_url)
     counter = MemoryCounter() if settings.embedded else RedisCounter(settings.broker_url or "")
     limits = Limits(counter, per_key_per_minute=settings.rate_limit_per_minute,
                     team_images_per_day=settings.team_quota_per_day)
-    state = GatewayState(settings=settings, ctx=ctx, dispatcher=dispatcher, limits=limits, waiters=waiters)
+    state = GatewayState(settings=settings, ctx=ctx, dispatcher=dispatcher, limits=limits, waiters=waiters,
+                         intake=intake)
     assert settings.signing_key is not None and settings.signing_cert is not None
     state.checkpoints = CheckpointTimer(ctx.sessions, settings.signing_key.read_bytes(),
                                         settings.signing_cert.read_bytes(),

@@ -3,6 +3,7 @@ finishes what was submitted."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -15,6 +16,7 @@ from gateway.schemas import GenerationCreate
 from gateway.services import submit_generation
 from gateway.state import build_state, close_state
 from generator import pipeline
+from generator.intake import Intake
 from tests.conftest import LEXICAL_POLICY, make_settings
 from tests.factories import RecordingDispatcher
 
@@ -75,3 +77,31 @@ def test_closing_the_worker_releases_what_it_sampled_first(state) -> None:
     assert statuses(state, ids) == ["completed"] * 3
     with pytest.raises(RuntimeError, match="stopped"):
         worker.ping()
+
+
+def test_the_worker_samples_at_once_when_no_request_is_on_its_way(state) -> None:
+    job_id = submit(state, class_id=0, seed=0)
+    worker = LocalWorker(state.ctx, batch_size=4, batch_wait_s=60.0, pending=lambda: 0)
+    try:
+        worker.submit(job_id)
+        assert worker.drain(timeout=30)  # not held for the 60 s batch wait
+    finally:
+        worker.close()
+    assert statuses(state, [job_id]) == ["completed"]
+
+
+def test_the_worker_waits_for_a_request_still_being_screened_and_batches_it(state) -> None:
+    ids = [submit(state, class_id=i, seed=i) for i in range(2)]
+    intake = Intake()
+    batches: list[list[str]] = []
+    worker = LocalWorker(state.ctx, batch_size=4, batch_wait_s=30.0, pending=intake.pending,
+                         on_finished=lambda batch: batches.append(list(batch)))
+    try:
+        with intake.admitting():  # the second request, still in screening when the first is queued
+            worker.submit(ids[0])
+            time.sleep(0.3)
+            worker.submit(ids[1])
+        assert worker.drain(timeout=30)
+    finally:
+        worker.close()
+    assert batches == [ids]
