@@ -158,7 +158,7 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
     if request.prompt is not None and len(request.prompt) > state.settings.max_prompt_chars:
         raise InvalidRequest(f"prompt is longer than {state.settings.max_prompt_chars} characters")
     card = _card(state, request.model)
-    card_hash, checkpoints = card.content_hash, card.checkpoint_digests()  # once: each costs about a millisecond
+    card_hash, checkpoints = card.content_hash, card.checkpoint_digests()  # cached on the card
     text = _condition_text(request, card)
     params = _params(state, request, card)
     context = _context(principal, card)
