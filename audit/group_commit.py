@@ -14,6 +14,9 @@ the head row, a batch at a time.
 
 Units of work (`run`) carry their own row changes with their events (a job row and its audit events):
 each runs in a savepoint of the shared transaction, so one unit's failure rolls back only that unit.
+The units' events are chained in memory as they append and inserted with one statement after the last unit
+(`audit.log.defer_appends`): a savepoint holds only its unit's row changes, and one that rolls back drops its
+unit's events, the next unit chaining on the last event kept.
 In the chain, a batch's plain appends come first (in queue order), then its units of work (in queue order):
 the callers of one batch were concurrent, so no order between them was promised.
 """
@@ -27,7 +30,17 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from audit.log import AuditLogError, ChainedEvent, NewEvent, PreparedEvent, append_prepared, lock_chain_head, prepare
+from audit.log import (
+    AuditLogError,
+    ChainedEvent,
+    NewEvent,
+    PreparedEvent,
+    append_prepared,
+    defer_appends,
+    insert_deferred,
+    lock_chain_head,
+    prepare,
+)
 
 T = TypeVar("T")
 DEFAULT_MAX_BATCH = 1000
@@ -102,7 +115,9 @@ class GroupCommitter:
 
         `work` makes its row changes and appends its events (`append_many`) with the session it is given;
         it must not commit, and should only write: it runs while the chain head is locked. It runs in the
-        leader's thread. An exception rolls back this unit alone and is raised to its caller.
+        leader's thread. Its events are returned chained as they will be stored, but they are inserted
+        after the batch's last unit: it cannot read them back from the table. An exception rolls back this
+        unit alone (its rows and its events) and is raised to its caller.
         """
         request: _Request[T] = _Request(work=work)
         result: T = self._submit(request)
@@ -165,16 +180,21 @@ class GroupCommitter:
                         start += request.size
                     events = len(chained)
                     before = chained[0].seq - 1 if before is None else before
-                head = lock_chain_head(session)  # held already unless the batch is only units: then locked once
-                before = head.seq if before is None else before
-                for request in batch:
-                    if request.work is None:
-                        continue
-                    try:
-                        with session.begin_nested():
-                            results.append((request, request.work(session)))
-                    except Exception as exc:  # this unit only; the others still commit
-                        request.error = exc
+                units = [(request, request.work) for request in batch if request.work is not None]
+                if units:
+                    # The head is held already unless the batch is only units: then it is locked here, once.
+                    # The units' events are chained in memory and inserted together after the last unit (one
+                    # statement, which moves the head), so a unit's savepoint holds only its row changes; a
+                    # unit that fails takes its events with it, and the next unit chains on the last kept.
+                    defer_appends(session)
+                    before = lock_chain_head(session).seq if before is None else before
+                    for request, work in units:
+                        try:
+                            with session.begin_nested():
+                                results.append((request, work(session)))
+                        except Exception as exc:  # this unit only; the others still commit
+                            request.error = exc
+                    events += insert_deferred(session)
                 after = lock_chain_head(session).seq
             self._contended, self._last_seq = before != self._last_seq, after
             self.commits += 1

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, insert, select, update
-from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy import Connection, Engine, Table, event, insert, select, update
+from sqlalchemy.orm import Session, SessionTransaction, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
 from audit.chain import CanonicalText, body_bytes, canonical_json, format_ts
@@ -21,6 +21,7 @@ from audit.models import AuditEvent, ChainHead
 
 HEAD_ROW_ID = 1
 _HEAD_KEY = "audit.locked_chain_head"
+_DEFERRED_KEY = "audit.deferred_events"
 _EVENTS = cast(Table, AuditEvent.__table__)
 # The string encoder json.dumps uses with ensure_ascii=False (the C one when available).
 _encode_str: Callable[[str], str] = json.encoder.encode_basestring
@@ -210,9 +211,10 @@ def _link(prepared: Sequence[PreparedEvent], seq: int, prev_hash: str) -> list[C
 
 def _pg_rows(events: list[ChainedEvent]) -> str:
     """The events as the JSON array `_PG_INSERT` reads, written directly (every field is a string or int)."""
-    ts_text = format_ts(events[0].ts)
+    # The events of one `_link` call share a timestamp; deferred ones come from several calls.
+    ts_texts = {ts: format_ts(ts) for ts in {e.ts for e in events}}
     return "[" + ",".join(
-        f'{{"seq":{e.seq},"id":{_encode_str(e.id)},"ts":"{ts_text}","action":{_encode_str(e.action)},'
+        f'{{"seq":{e.seq},"id":{_encode_str(e.id)},"ts":"{ts_texts[e.ts]}","action":{_encode_str(e.action)},'
         f'"key_id":{_encode_str(e.key_id)},"team":{_encode_str(e.team)},'
         f'"job_id":{"null" if e.job_id is None else _encode_str(e.job_id)},'
         f'"payload":{_encode_str(e.payload_json)},"prev_hash":"{e.prev_hash}","hash":"{e.hash}"}}'
@@ -295,10 +297,84 @@ def _insert_locked(session: Session, connection: Connection, head: ChainHead, ev
     head.seq, head.hash = last.seq, last.hash
 
 
+@dataclass(slots=True)
+class _Deferred:
+    """Events chained in memory on the locked head, inserted later with one statement (`insert_deferred`).
+
+    `marks` holds, for each savepoint that appended, how many events were chained when it began: a savepoint
+    that rolls back drops the events from its mark on, and the chain goes on from the event before them.
+    """
+
+    head: ChainHead
+    base_seq: int
+    base_hash: str
+    events: list[ChainedEvent]
+    marks: dict[SessionTransaction, int]
+
+
+def defer_appends(session: Session) -> None:
+    """Until `insert_deferred`, appends in this session's transaction are chained in memory, not inserted.
+
+    The head is locked first (the chain grows from it, and nothing else can move it). Appends return their
+    events as they will be stored; a savepoint that rolls back drops the events appended inside it, so the
+    next append chains on the last event kept. For a group commit's units of work: each unit's savepoint
+    then covers only its row changes, and the batch's events go in with one statement at its end.
+    """
+    head = lock_chain_head(session)
+    session.info[_DEFERRED_KEY] = _Deferred(head, head.seq, head.hash, [], {})
+    if not event.contains(session, "after_soft_rollback", _drop_rolled_back):
+        event.listen(session, "after_soft_rollback", _drop_rolled_back)
+
+
+def _drop_rolled_back(session: Session, previous_transaction: SessionTransaction) -> None:
+    """A savepoint rolled back: forget the deferred events appended inside it."""
+    deferred = cast(_Deferred | None, session.info.get(_DEFERRED_KEY))
+    if deferred is None:
+        return
+    mark = deferred.marks.pop(previous_transaction, None)
+    if mark is None:
+        return
+    del deferred.events[mark:]
+    last = deferred.events[-1] if deferred.events else None
+    seq, hash_ = (last.seq, last.hash) if last else (deferred.base_seq, deferred.base_hash)
+    set_committed_value(deferred.head, "seq", seq)
+    set_committed_value(deferred.head, "hash", hash_)
+
+
+def _append_deferred(session: Session, deferred: _Deferred, prepared: Sequence[PreparedEvent]
+                     ) -> list[ChainedEvent]:
+    head = deferred.head
+    events = _link(prepared, head.seq, head.hash)
+    transaction = session.get_nested_transaction()
+    while transaction is not None and transaction.nested:  # this savepoint and those around it
+        deferred.marks.setdefault(transaction, len(deferred.events))
+        transaction = transaction.parent
+    deferred.events += events
+    set_committed_value(head, "seq", events[-1].seq)  # a unit that reads the head sees its own appends
+    set_committed_value(head, "hash", events[-1].hash)
+    return events
+
+
+def insert_deferred(session: Session) -> int:
+    """Insert the events deferred since `defer_appends` with one statement, move the head to the last of
+    them, and end the deferral. Call it in the root transaction (not in a savepoint); returns the count."""
+    deferred = cast(_Deferred | None, session.info.pop(_DEFERRED_KEY, None))
+    if deferred is None or not deferred.events:
+        return 0
+    head, events = deferred.head, deferred.events
+    set_committed_value(head, "seq", deferred.base_seq)  # the head as stored, until the insert moves it
+    set_committed_value(head, "hash", deferred.base_hash)
+    _insert_locked(session, session.connection(), head, events)
+    return len(events)
+
+
 def append_prepared(session: Session, prepared: Sequence[PreparedEvent]) -> list[ChainedEvent]:
     """Chain prepared events after the head and insert them with one statement (see `append_many`)."""
     if not prepared:
         return []
+    deferred = session.info.get(_DEFERRED_KEY)
+    if deferred is not None:
+        return _append_deferred(session, deferred, prepared)
     connection = session.connection()
     if (connection.dialect.name == "postgresql" and session.get_nested_transaction() is None
             and _held_head(session) is None):

@@ -9,7 +9,10 @@ durable, so commits per second bound appends per second:
   * 10 events per commit (`append_many`: what one request writes), 1 and 4 writer processes;
   * group commit: 1 process x 64 threads and 4 processes x 16 threads, each thread appending one event
     per call and waiting for the durable commit that holds it (`GroupCommitter`, as a gateway's request
-    threads would); the events per commit that resulted are printed.
+    threads would); the events per commit that resulted are printed;
+  * units of work through group commit (`GroupCommitter.run`, the path the gateway and the pipeline use):
+    1 process x 64 threads, each unit inserting one small row and appending 2 events; units/s is printed
+    with the appends/s, and the rows are counted as well as the chain verified.
 
 Targets: >= 2,000 appends/s on PostgreSQL, verify >= 200,000 events/s, sign <= 3 ms.
 
@@ -46,6 +49,7 @@ from audit.export import EXPORT_FORMAT, event_line  # noqa: E402
 from audit.group_commit import GroupCommitter  # noqa: E402
 from audit.line_scan import default_workers  # noqa: E402
 from audit.log import NewEvent, append_event, append_many  # noqa: E402
+from audit.models import PromptText  # noqa: E402
 from audit.provenance import ensure_dev_ca, load_signer, verify_image  # noqa: E402
 from audit.verify import verify_database, verify_export  # noqa: E402
 
@@ -80,9 +84,21 @@ def realistic_payload(i: int) -> dict[str, Any]:
     }
 
 
-def _writer(url: str, worker: int, count: int, per_commit: int, threads: int, start: Any, done: Any) -> None:
+def _unit(worker: int, i: int, per_unit: int) -> Any:
+    """A unit of work as a request records itself: one small row, then its events (the last ~1 KB)."""
+    def work(session: Any) -> None:
+        session.add(PromptText(commitment=f"{worker:08x}{i:056x}", salt=None, text=None, mode="hashed",
+                               created_at=datetime.now(UTC)))
+        events = [NewEvent("generation.requested", f"w{worker}", "bench", {"unit": i, "n": n})
+                  for n in range(per_unit - 1)]
+        append_many(session, [*events, NewEvent("image.released", f"w{worker}", "bench", realistic_payload(i))])
+    return work
+
+
+def _writer(url: str, worker: int, count: int, per_commit: int, threads: int, start: Any, done: Any,
+            units: bool = False) -> None:
     """One writer process: `per_commit` events per transaction, or (threads > 0) `threads` threads appending
-    one event per call through a shared GroupCommitter."""
+    one event per call through a shared GroupCommitter, or (units) running units of `per_commit` events."""
     engine = make_engine(url)
     sessions = make_session_factory(engine)
     with sessions() as session, session.begin():  # connect and warm up before the clock starts
@@ -90,6 +106,10 @@ def _writer(url: str, worker: int, count: int, per_commit: int, threads: int, st
     committer = GroupCommitter(sessions)
 
     def thread_appends(thread: int) -> None:
+        if units:
+            for i in range(thread, count // per_commit, threads):
+                committer.run(_unit(worker, i, per_commit))
+            return
         for i in range(thread, count, threads):
             committer.append(NewEvent("image.released", f"w{worker}-t{thread}", "bench", realistic_payload(i)))
 
@@ -114,15 +134,16 @@ def _writer(url: str, worker: int, count: int, per_commit: int, threads: int, st
     engine.dispose()
 
 
-def appends_per_second(url: str, writers: int, events: int, per_commit: int = 1, threads: int = 0
-                       ) -> tuple[float, float]:
+def appends_per_second(url: str, writers: int, events: int, per_commit: int = 1, threads: int = 0,
+                       units: bool = False) -> tuple[float, float]:
     """(events committed per second, events per commit) for `writers` processes appending `events` in all:
-    `per_commit` events per transaction, or through group commit by `threads` threads per process."""
+    `per_commit` events per transaction, or through group commit by `threads` threads per process (units:
+    as units of work of `per_commit` events each)."""
     upgrade_database(url)
     ctx = multiprocessing.get_context("fork")
     start, done = ctx.Event(), ctx.Queue()
-    per_writer = events // writers
-    procs = [ctx.Process(target=_writer, args=(url, w, per_writer, per_commit, threads, start, done))
+    per_writer = events // writers // per_commit * per_commit
+    procs = [ctx.Process(target=_writer, args=(url, w, per_writer, per_commit, threads, start, done, units))
              for w in range(writers)]
     for p in procs:
         p.start()
@@ -138,29 +159,34 @@ def appends_per_second(url: str, writers: int, events: int, per_commit: int = 1,
     engine = make_engine(url)
     with make_session_factory(engine)() as session:
         report = verify_database(session)
+        rows = session.query(PromptText).count()
     engine.dispose()
     assert report.ok and report.count == per_writer * writers + writers, report.summary
+    assert rows == (per_writer // per_commit * writers if units else 0), rows
     total = per_writer * writers
     return total / elapsed, (total / commits if threads else float(per_commit))
 
 
-APPEND_MODES = (  # (label, writer processes, events per commit, threads per process for group commit)
-    ("1 writer,       1 event/commit", 1, 1, 0),
-    ("4 writers,      1 event/commit", 4, 1, 0),
-    ("1 writer,      10 events/commit (append_many)", 1, 10, 0),
-    ("4 writers,     10 events/commit (append_many)", 4, 10, 0),
-    ("1 x 64 threads, group commit, 1 event/call", 1, 1, 64),
-    ("4 x 16 threads, group commit, 1 event/call", 4, 1, 16),
+APPEND_MODES = (  # (label, writer processes, events per commit (per unit), threads per process, units of work)
+    ("1 writer,       1 event/commit", 1, 1, 0, False),
+    ("4 writers,      1 event/commit", 4, 1, 0, False),
+    ("1 writer,      10 events/commit (append_many)", 1, 10, 0, False),
+    ("4 writers,     10 events/commit (append_many)", 4, 10, 0, False),
+    ("1 x 64 threads, group commit, 1 event/call", 1, 1, 64, False),
+    ("4 x 16 threads, group commit, 1 event/call", 4, 1, 16, False),
+    ("1 x 64 threads, run(): 1 row + 2 events/unit", 1, 2, 64, True),
 )
 
 
 def run_append_modes(name: str, database: Any, events: int, target: int | None, after: Any) -> None:
     """Every append mode on a fresh `database(tag)`; `after(url)` runs on the 4-writer append_many chain."""
-    for label, writers, per_commit, threads in APPEND_MODES:
-        with database(f"{writers}-{per_commit}-{threads}") as url:
-            rate_, per = appends_per_second(url, writers, events, per_commit, threads)
+    for label, writers, per_commit, threads, units in APPEND_MODES:
+        with database(f"{writers}-{per_commit}-{threads}-{units}") as url:
+            rate_, per = appends_per_second(url, writers, events, per_commit, threads, units)
             ratio = f"   (target {target}: {rate_ / target:.2f}x)" if target else ""
             coalesced = f", {per:.1f} events/commit" if threads else ""
+            if units:
+                coalesced = f" ({rate_ / per_commit:.0f} units/s){coalesced}"
             print(f"  {name:<11} {label:<46}: {rate_:8.0f} appends/s{coalesced}{ratio}")
             if writers == 4 and per_commit == 10:
                 after(url)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -177,3 +178,100 @@ def test_a_batch_chains_its_plain_appends_before_its_units_of_work(session_facto
         keys = list(session.scalars(select(AuditEvent.key_id).order_by(AuditEvent.seq)))
     assert report.ok and keys == ["plain", "plain", "unit"], report.summary
     assert committer.commits == 2
+
+
+def run_in_one_batch(committer: GroupCommitter, works: list[Any]) -> list[Any]:
+    """Run `works` as units of one batch (queued while a first unit holds a commit open); their outcomes."""
+    leading, release = threading.Event(), threading.Event()
+    outcomes: list[Any] = [None] * len(works)
+
+    def hold(session: Session) -> None:
+        leading.set()
+        release.wait(10)
+
+    def call(index: int) -> None:
+        try:
+            outcomes[index] = committer.run(works[index])
+        except Exception as exc:  # noqa: BLE001 - the outcome under test
+            outcomes[index] = exc
+
+    holder = threading.Thread(target=committer.run, args=(hold,))
+    holder.start()
+    assert leading.wait(10)
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(works))]
+    for thread in threads:
+        thread.start()
+        while len(committer._queue) < threads.index(thread) + 1:
+            threading.Event().wait(0.01)
+    release.set()
+    for thread in [holder, *threads]:
+        thread.join(10)
+    return outcomes
+
+
+def prompt_row(tag: str) -> PromptText:
+    return PromptText(commitment=tag.ljust(64, "0"), salt=None, text=None, mode="hashed", created_at=datetime.now(UTC))
+
+
+def unit_writing(tag: str, events: int, fail: bool = False) -> Any:
+    """A unit as a request records itself: one row, then its events; `fail` raises after both."""
+    def work(session: Session) -> list[int]:
+        session.add(prompt_row(tag))
+        chained = append_many(session, [event(i, tag) for i in range(events)])
+        if fail:
+            raise RuntimeError(f"{tag} failed after appending")
+        return [e.seq for e in chained]
+    return work
+
+
+def test_the_units_of_a_batch_insert_their_events_with_one_statement(session_factory: Any) -> None:
+    committer = GroupCommitter(session_factory)
+    inserts: list[str] = []
+    engine = session_factory.kw["bind"]
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO AUDIT_EVENTS"):
+            inserts.append(statement)
+
+    sqlalchemy_event.listen(engine, "before_cursor_execute", count)
+    outcomes = run_in_one_batch(committer, [unit_writing("a", 2), unit_writing("b", 1), unit_writing("c", 3)])
+    sqlalchemy_event.remove(engine, "before_cursor_execute", count)
+    assert outcomes == [[1, 2], [3], [4, 5, 6]]
+    assert len(inserts) == 1 and committer.commits == 2
+
+
+def test_events_appended_in_a_savepoint_that_rolls_back_are_dropped(session_factory: Any) -> None:
+    committer = GroupCommitter(session_factory)
+
+    def work(session: Session) -> list[int]:
+        kept = append_many(session, [event(0, "kept")])
+        try:
+            with session.begin_nested():
+                append_many(session, [event(1, "dropped"), event(2, "dropped")])
+                raise RuntimeError("inner step failed")
+        except RuntimeError:
+            pass
+        return [e.seq for e in kept + append_many(session, [event(3, "kept")])]
+
+    assert committer.run(work) == [1, 2]
+    assert committer.append(event(4, "after")).seq == 3
+    with session_factory() as session:
+        report = verify_database(session)
+        keys = list(session.scalars(select(AuditEvent.key_id).order_by(AuditEvent.seq)))
+    assert report.ok and keys == ["kept", "kept", "after"], report.summary
+
+
+@pytest.mark.services
+def test_postgres_units_chain_in_commit_order_around_a_failed_unit(pg_session_factory: Any) -> None:
+    committer = GroupCommitter(pg_session_factory)
+    committer.append(event(0, "plain"))  # the head has moved before the units' batch
+    outcomes = run_in_one_batch(committer, [unit_writing("a", 2), unit_writing("bad", 2, fail=True),
+                                            unit_writing("c", 1)])
+    assert outcomes[0] == [2, 3] and isinstance(outcomes[1], RuntimeError) and outcomes[2] == [4]
+    assert committer.run(unit_writing("d", 1)) == [5]
+    with pg_session_factory() as session:
+        report = verify_database(session)
+        keys = list(session.scalars(select(AuditEvent.key_id).order_by(AuditEvent.seq)))
+        rows = sorted(c.rstrip("0") for c in session.scalars(select(PromptText.commitment)))
+    assert report.ok and keys == ["plain", "a", "a", "c", "d"], report.summary
+    assert rows == ["a", "c", "d"]
