@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from audit.db import Base, make_engine, make_session_factory
@@ -275,3 +276,16 @@ def test_postgres_units_chain_in_commit_order_around_a_failed_unit(pg_session_fa
         rows = sorted(c.rstrip("0") for c in session.scalars(select(PromptText.commitment)))
     assert report.ok and keys == ["plain", "a", "a", "c", "d"], report.summary
     assert rows == ["a", "c", "d"]
+
+
+@pytest.mark.parametrize("factory", ["session_factory", pytest.param("pg_session_factory", marks=pytest.mark.services)])
+def test_a_unit_whose_rows_fail_to_flush_drops_its_events(factory: str, request: pytest.FixtureRequest) -> None:
+    session_factory = request.getfixturevalue(factory)
+    committer = GroupCommitter(session_factory)
+    committer.run(unit_writing("dup", 1))
+    outcomes = run_in_one_batch(committer, [unit_writing("a", 1), unit_writing("dup", 2), unit_writing("b", 1)])
+    assert outcomes[0] == [2] and isinstance(outcomes[1], IntegrityError) and outcomes[2] == [3]
+    with session_factory() as session:
+        report = verify_database(session)
+        keys = list(session.scalars(select(AuditEvent.key_id).order_by(AuditEvent.seq)))
+    assert report.ok and keys == ["dup", "a", "b"], report.summary
