@@ -44,6 +44,10 @@ from audit.log import (
 
 T = TypeVar("T")
 DEFAULT_MAX_BATCH = 1000
+# Units of work per batch: each runs in its own savepoint, a subtransaction on PostgreSQL, and a backend caches
+# at most 64 subtransaction ids; past that its snapshots overflow and every other session's visibility checks
+# slow down until the transaction ends.
+MAX_UNITS_PER_BATCH = 64
 
 
 def _held_lock() -> threading.Lock:
@@ -144,13 +148,16 @@ class GroupCommitter:
         return request.outcome()
 
     def _take(self) -> list[_Request[Any]]:
-        """The oldest queued requests, up to `max_batch` events (at least one request)."""
-        taken, size = 0, 0
+        """The oldest queued requests, up to `max_batch` events and MAX_UNITS_PER_BATCH units of work (at least
+        one request)."""
+        taken, size, units = 0, 0, 0
         for request in self._queue:
-            if taken and size + request.size > self._max_batch:
+            unit = request.work is not None
+            if taken and (size + request.size > self._max_batch or units + unit > MAX_UNITS_PER_BATCH):
                 break
             taken += 1
             size += request.size
+            units += unit
         batch, self._queue[:taken] = self._queue[:taken], []
         return batch
 

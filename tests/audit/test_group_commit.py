@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +33,37 @@ def test_group_committer_returns_each_caller_its_chained_events(session_factory:
     with session_factory() as session:
         report = verify_database(session)
     assert report.ok and report.count == 3 and committer.commits == 2
+
+
+def test_a_batch_holds_at_most_64_units_of_work(session_factory: Any) -> None:
+    """Each unit is a savepoint (a PostgreSQL subtransaction); a backend caches only 64 of them per transaction."""
+    committer = GroupCommitter(session_factory)
+    leading, release = threading.Event(), threading.Event()
+    batches: list[int] = []  # for each unit, the number of commits made before its own
+
+    def slow_unit(session: Session) -> None:
+        leading.set()
+        release.wait(10)
+
+    def unit(session: Session) -> None:
+        batches.append(committer.commits)
+        append_many(session, [event(len(batches))])
+
+    threads = [threading.Thread(target=committer.run, args=(slow_unit,))]
+    threads[0].start()
+    assert leading.wait(10)
+    threads += [threading.Thread(target=committer.run, args=(unit,)) for _ in range(100)]
+    for thread in threads[1:]:
+        thread.start()
+    while len(committer._queue) < 100:
+        threading.Event().wait(0.01)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert committer.commits == 3  # the slow unit, then 64 units, then the other 36
+    assert Counter(batches) == {1: 64, 2: 36}
+    with session_factory() as session:
+        assert verify_database(session).count == 100
 
 
 def test_requests_queued_during_a_commit_share_the_next_commit(session_factory: Any) -> None:
