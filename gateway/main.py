@@ -21,6 +21,7 @@ from gateway.errors import ApiError
 from gateway.routes import audit, generations, health, models, moderations, policies, provenance, review
 from gateway.settings import Settings, get_settings
 from gateway.state import build_state, close_state, warm_up
+from generator.pipeline import freeze_heap
 
 log = logging.getLogger("gateway")
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -55,6 +56,7 @@ def _warm_up(app: FastAPI) -> None:
         dashboard.views.warm_overview_cache(app)
     except Exception:  # only a cache: the page computes what is missing when it is opened
         log.warning("could not warm the dashboard overview cache", exc_info=True)
+    log.info("warm-up done", extra={"frozen_objects": freeze_heap()})
 
 
 def create_app(settings: Settings | None = None, state: Any = None) -> FastAPI:

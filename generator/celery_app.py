@@ -72,6 +72,7 @@ def _init_single_process_worker(sender: Any = None, **_: Any) -> None:
 @worker_process_init.connect
 def _init_worker_process(**_: Any) -> None:
     from generator.llamagen import configure_runtime
+    from generator.pipeline import freeze_heap
 
     configure_runtime()
     ctx = worker_context()
@@ -84,6 +85,7 @@ def _init_worker_process(**_: Any) -> None:
         ctx.registry.load(settings.default_model, ctx.device)
     except Exception:  # a worker can still serve other models; the failure is logged with its reason
         log.exception("could not preload the default model %s", settings.default_model)
+    freeze_heap()
     if settings.broker_url and settings.broker_url.startswith("redis"):
         threading.Thread(target=_heartbeat, args=(settings.broker_url,), name="worker-heartbeat",
                          daemon=True).start()

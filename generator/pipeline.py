@@ -7,6 +7,7 @@ directly. Everything a job needs is re-read from its row, so a redelivered job i
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import io
 import logging
@@ -85,6 +86,18 @@ def resolve_device(requested: str) -> str:
     if requested != "auto":
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def freeze_heap() -> int:
+    """Take everything loaded so far (models, classifiers, libraries) out of the garbage collector's scans.
+
+    A serving process holds ~600k long-lived objects after warm-up; every full collection walked them all,
+    ~400 ms with the GIL held, which stalled whichever request was in flight at random. Objects made later
+    are collected as usual. Returns how many objects were frozen.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def build_context(settings: Any) -> PipelineContext:

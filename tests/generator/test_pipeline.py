@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -13,7 +14,7 @@ from gateway.auth import Principal
 from gateway.schemas import GenerationCreate
 from gateway.services import submit_generation
 from gateway.state import build_state, close_state
-from generator.pipeline import reproduce_event, run_jobs, run_with_companions
+from generator.pipeline import freeze_heap, reproduce_event, run_jobs, run_with_companions
 from tests.conftest import LEXICAL_POLICY, make_settings
 from tests.factories import RecordingDispatcher
 
@@ -167,3 +168,15 @@ def test_the_served_model_card_is_recorded_once_and_every_release_names_it(state
     released = events(state, "image.released")
     assert len(released) == 3 and all(e.payload["model_card_hash"] == card.content_hash
                                        and e.payload["checkpoints"] == card.checkpoint_digests() for e in released)
+
+
+def test_freeze_heap_spares_loaded_objects_from_collections_and_still_collects_new_garbage() -> None:
+    try:
+        frozen = freeze_heap()
+        assert frozen == gc.get_freeze_count() > 0
+        cycle: list[object] = []
+        cycle.append(cycle)  # garbage made after the freeze, reachable only through a reference cycle
+        del cycle
+        assert gc.collect() >= 1
+    finally:
+        gc.unfreeze()
