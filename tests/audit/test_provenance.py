@@ -201,6 +201,25 @@ def test_callback_signer_signs_with_a_key_held_elsewhere(dev_ca: DevCA, png_byte
     assert calls and verify_image(signed.data, trust_anchors_pem=root_pem(dev_ca)).ok
 
 
+def test_a_signer_whose_signatures_do_not_match_its_certificate_fails_its_self_test(dev_ca: DevCA) -> None:
+    other_key = ec.generate_private_key(ec.SECP256R1())  # a KMS key rotated without a new certificate
+
+    def kms_sign(data: bytes) -> bytes:
+        return other_key.sign(data, ec.ECDSA(hashes.SHA256()))
+
+    signer = callback_signer(kms_sign, dev_ca.chain_pem_path.read_bytes(), "ES256")
+    with pytest.raises(ProvenanceError, match="callback signer"):
+        signer.self_test()
+
+
+def test_a_loaded_key_signer_passes_its_self_test_and_its_images_verify(
+    dev_ca: DevCA, png_bytes: bytes
+) -> None:
+    signer = load_signer(dev_ca.chain_pem_path, dev_ca.key_path)  # load_signer runs the self-test
+    signer.self_test()
+    assert verify_image(sign(signer, png_bytes).data, trust_anchors_pem=root_pem(dev_ca)).ok
+
+
 def test_sign_png_refuses_bytes_that_are_not_png(signer: ProvenanceSigner) -> None:
     with pytest.raises(ProvenanceError, match="not a PNG"):
         sign(signer, b"GIF89a...")
