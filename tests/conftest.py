@@ -56,6 +56,19 @@ def sessions(settings: Any) -> Any:
     return make_session_factory(make_engine(settings.database_url))
 
 
+@pytest.fixture
+def c2i_state(tmp_path: Path, tiny_models: Path) -> Iterator[Any]:
+    """Gateway state on the tiny c2i model with the lexical policy; jobs are queued to a RecordingDispatcher."""
+    from gateway.state import build_state, close_state
+    from tests.factories import RecordingDispatcher
+
+    settings = make_settings(tmp_path / "var", models_dir=tiny_models, default_model="tiny-c2i",
+                             policy_file=LEXICAL_POLICY, rate_limit_per_minute=0)
+    state = build_state(settings, dispatcher=RecordingDispatcher())
+    yield state
+    close_state(state)
+
+
 class Gateway:
     """A running gateway app (TestClient) with helpers to make keys and wait for jobs."""
 

@@ -69,3 +69,15 @@ class RecordingDispatcher:
 
     def close(self) -> None:
         return None
+
+
+def submit_c2i(state: Any, class_id: int, seed: int, **params: Any) -> str:
+    """Submit a tiny-c2i generation as a design-team creator; returns the job id."""
+    from gateway.auth import Principal
+    from gateway.schemas import GenerationCreate
+    from gateway.services import submit_generation
+
+    request = GenerationCreate.model_validate({"model": "tiny-c2i", "class_id": class_id,
+                                               "params": {"seed": seed, **params}})
+    principal = Principal(key_id="k-test", role="creator", team="design")
+    return submit_generation(state=state, principal=principal, request=request, request_id="test").id

@@ -10,31 +10,10 @@ import pytest
 from sqlalchemy import select
 
 from audit.models import AuditEvent, Job
-from gateway.auth import Principal
 from gateway.dispatch import LocalWorker
-from gateway.schemas import GenerationCreate
-from gateway.services import submit_generation
-from gateway.state import build_state, close_state
 from generator import pipeline
 from generator.intake import Intake
-from tests.conftest import LEXICAL_POLICY, make_settings
-from tests.factories import RecordingDispatcher
-
-CREATOR = Principal(key_id="k-test", role="creator", team="design")
-
-
-@pytest.fixture
-def state(tmp_path, tiny_models):
-    settings = make_settings(tmp_path / "var", models_dir=tiny_models, default_model="tiny-c2i",
-                             policy_file=LEXICAL_POLICY, rate_limit_per_minute=0)
-    state = build_state(settings, dispatcher=RecordingDispatcher())
-    yield state
-    close_state(state)
-
-
-def submit(state, class_id: int, seed: int) -> str:
-    request = GenerationCreate.model_validate({"model": "tiny-c2i", "class_id": class_id, "params": {"seed": seed}})
-    return submit_generation(state=state, principal=CREATOR, request=request, request_id="test").id
+from tests.factories import submit_c2i
 
 
 def statuses(state, ids: Sequence[str]) -> list[str]:
@@ -47,54 +26,54 @@ def events(state, action: str) -> list[AuditEvent]:
         return list(session.scalars(select(AuditEvent).where(AuditEvent.action == action)))
 
 
-def test_a_fault_in_the_release_fails_the_runs_jobs_with_the_reason(state, monkeypatch) -> None:
-    ids = [submit(state, class_id=i, seed=i) for i in range(2)]
+def test_a_fault_in_the_release_fails_the_runs_jobs_with_the_reason(c2i_state, monkeypatch) -> None:
+    ids = [submit_c2i(c2i_state, class_id=i, seed=i) for i in range(2)]
 
     def broken(*args, **kwargs):
         raise RuntimeError("artifact store exploded")
 
     monkeypatch.setattr(pipeline, "_release", broken)
-    worker = LocalWorker(state.ctx, batch_size=2, batch_wait_s=0.5)
+    worker = LocalWorker(c2i_state.ctx, batch_size=2, batch_wait_s=0.5)
     try:
         for job_id in ids:
             worker.submit(job_id)
         assert worker.drain(timeout=30)
     finally:
         worker.close()
-    with state.ctx.sessions() as session:
+    with c2i_state.ctx.sessions() as session:
         jobs = [session.get(Job, job_id) for job_id in ids]
     assert all(job.status == "failed" and "artifact store exploded" in job.error and not job.images for job in jobs)
-    assert sorted(e.job_id for e in events(state, "generation.failed")) == sorted(ids)
-    assert not events(state, "image.released")
+    assert sorted(e.job_id for e in events(c2i_state, "generation.failed")) == sorted(ids)
+    assert not events(c2i_state, "image.released")
 
 
-def test_closing_the_worker_releases_what_it_sampled_first(state) -> None:
-    ids = [submit(state, class_id=i, seed=i) for i in range(3)]
-    worker = LocalWorker(state.ctx, batch_size=1, batch_wait_s=0.0)
+def test_closing_the_worker_releases_what_it_sampled_first(c2i_state) -> None:
+    ids = [submit_c2i(c2i_state, class_id=i, seed=i) for i in range(3)]
+    worker = LocalWorker(c2i_state.ctx, batch_size=1, batch_wait_s=0.0)
     for job_id in ids:
         worker.submit(job_id)
     worker.close()
-    assert statuses(state, ids) == ["completed"] * 3
+    assert statuses(c2i_state, ids) == ["completed"] * 3
     with pytest.raises(RuntimeError, match="stopped"):
         worker.ping()
 
 
-def test_the_worker_samples_at_once_when_no_request_is_on_its_way(state) -> None:
-    job_id = submit(state, class_id=0, seed=0)
-    worker = LocalWorker(state.ctx, batch_size=4, batch_wait_s=60.0, pending=lambda: 0)
+def test_the_worker_samples_at_once_when_no_request_is_on_its_way(c2i_state) -> None:
+    job_id = submit_c2i(c2i_state, class_id=0, seed=0)
+    worker = LocalWorker(c2i_state.ctx, batch_size=4, batch_wait_s=60.0, pending=lambda: 0)
     try:
         worker.submit(job_id)
         assert worker.drain(timeout=30)  # not held for the 60 s batch wait
     finally:
         worker.close()
-    assert statuses(state, [job_id]) == ["completed"]
+    assert statuses(c2i_state, [job_id]) == ["completed"]
 
 
-def test_the_worker_waits_for_a_request_still_being_screened_and_batches_it(state) -> None:
-    ids = [submit(state, class_id=i, seed=i) for i in range(2)]
+def test_the_worker_waits_for_a_request_still_being_screened_and_batches_it(c2i_state) -> None:
+    ids = [submit_c2i(c2i_state, class_id=i, seed=i) for i in range(2)]
     intake = Intake()
     batches: list[list[str]] = []
-    worker = LocalWorker(state.ctx, batch_size=4, batch_wait_s=30.0, pending=intake.pending,
+    worker = LocalWorker(c2i_state.ctx, batch_size=4, batch_wait_s=30.0, pending=intake.pending,
                          on_finished=lambda batch: batches.append(list(batch)))
     try:
         with intake.admitting():  # the second request, still in screening when the first is queued

@@ -10,30 +10,8 @@ import pytest
 from sqlalchemy import select
 
 from audit.models import AuditEvent, Job, ModelCardRecord
-from gateway.auth import Principal
-from gateway.schemas import GenerationCreate
-from gateway.services import submit_generation
-from gateway.state import build_state, close_state
 from generator.pipeline import freeze_heap, reproduce_event, run_jobs, run_with_companions
-from tests.conftest import LEXICAL_POLICY, make_settings
-from tests.factories import RecordingDispatcher
-
-CREATOR = Principal(key_id="k-test", role="creator", team="design")
-
-
-@pytest.fixture
-def state(tmp_path, tiny_models):
-    settings = make_settings(tmp_path / "var", models_dir=tiny_models, default_model="tiny-c2i",
-                             policy_file=LEXICAL_POLICY, rate_limit_per_minute=0)
-    state = build_state(settings, dispatcher=RecordingDispatcher())
-    yield state
-    close_state(state)
-
-
-def submit(state, class_id: int, seed: int, **params) -> str:
-    request = GenerationCreate.model_validate({"model": "tiny-c2i", "class_id": class_id,
-                                               "params": {"seed": seed, **params}})
-    return submit_generation(state=state, principal=CREATOR, request=request, request_id="test").id
+from tests.factories import submit_c2i
 
 
 def count_calls(state, monkeypatch) -> list[int]:
@@ -54,69 +32,71 @@ def events(state, action: str) -> list[AuditEvent]:
         return list(session.scalars(select(AuditEvent).where(AuditEvent.action == action)))
 
 
-def test_compatible_jobs_share_one_sampling_run(state, monkeypatch) -> None:
-    calls = count_calls(state, monkeypatch)
-    ids = [submit(state, class_id=i, seed=i) for i in range(3)] + [submit(state, 1, 9, cfg_scale=3.0)]
-    run_jobs(state.ctx, ids)
+def test_compatible_jobs_share_one_sampling_run(c2i_state, monkeypatch) -> None:
+    calls = count_calls(c2i_state, monkeypatch)
+    ids = [submit_c2i(c2i_state, class_id=i, seed=i) for i in range(3)] + [submit_c2i(c2i_state, 1, 9, cfg_scale=3.0)]
+    run_jobs(c2i_state.ctx, ids)
     assert sorted(calls) == [1, 3]  # the job with another cfg_scale runs apart
 
 
-def test_a_redelivered_job_releases_nothing_twice(state) -> None:
-    job_id = submit(state, class_id=2, seed=5, num_images=2)
-    assert run_jobs(state.ctx, [job_id]) == [job_id]
-    assert run_jobs(state.ctx, [job_id]) == []
-    released = Counter(e.job_id for e in events(state, "image.released"))
+def test_a_redelivered_job_releases_nothing_twice(c2i_state) -> None:
+    job_id = submit_c2i(c2i_state, class_id=2, seed=5, num_images=2)
+    assert run_jobs(c2i_state.ctx, [job_id]) == [job_id]
+    assert run_jobs(c2i_state.ctx, [job_id]) == []
+    released = Counter(e.job_id for e in events(c2i_state, "image.released"))
     assert released[job_id] == 2
-    assert len([e for e in events(state, "generation.completed") if e.job_id == job_id]) == 1
+    assert len([e for e in events(c2i_state, "generation.completed") if e.job_id == job_id]) == 1
 
 
-def test_a_job_leased_by_a_live_worker_is_left_alone_and_taken_over_when_the_lease_expires(state) -> None:
-    job_id = submit(state, class_id=3, seed=1)
-    with state.ctx.sessions() as session, session.begin():
+def test_a_job_leased_by_a_live_worker_is_left_alone_and_taken_over_when_the_lease_expires(c2i_state) -> None:
+    job_id = submit_c2i(c2i_state, class_id=3, seed=1)
+    with c2i_state.ctx.sessions() as session, session.begin():
         job = session.get(Job, job_id)
         job.status, job.updated_at = "running", datetime.now(UTC)
-    assert run_jobs(state.ctx, [job_id]) == []
-    with state.ctx.sessions() as session, session.begin():
-        session.get(Job, job_id).updated_at = datetime.now(UTC) - timedelta(seconds=state.ctx.lease_s + 1)
-    assert run_jobs(state.ctx, [job_id]) == [job_id]
-    with state.ctx.sessions() as session:
+    assert run_jobs(c2i_state.ctx, [job_id]) == []
+    with c2i_state.ctx.sessions() as session, session.begin():
+        session.get(Job, job_id).updated_at = datetime.now(UTC) - timedelta(seconds=c2i_state.ctx.lease_s + 1)
+    assert run_jobs(c2i_state.ctx, [job_id]) == [job_id]
+    with c2i_state.ctx.sessions() as session:
         assert session.get(Job, job_id).status == "completed"
 
 
-def test_a_queue_worker_batches_queued_companions(state, monkeypatch) -> None:
-    calls = count_calls(state, monkeypatch)
-    first, *others = [submit(state, class_id=i, seed=i) for i in range(4)]
-    ran = run_with_companions(state.ctx, first, wait_s=0.0)
+def test_a_queue_worker_batches_queued_companions(c2i_state, monkeypatch) -> None:
+    calls = count_calls(c2i_state, monkeypatch)
+    first, *others = [submit_c2i(c2i_state, class_id=i, seed=i) for i in range(4)]
+    ran = run_with_companions(c2i_state.ctx, first, wait_s=0.0)
     assert sorted(ran) == sorted([first, *others]) and calls == [4]
-    assert all(run_jobs(state.ctx, [other]) == [] for other in others)  # their own messages are no-ops
+    assert all(run_jobs(c2i_state.ctx, [other]) == [] for other in others)  # their own messages are no-ops
 
 
-def test_a_released_image_is_reproduced_bit_for_bit(state) -> None:
-    job_id = submit(state, class_id=4, seed=123)
-    run_jobs(state.ctx, [job_id])
-    event = next(e for e in events(state, "image.released") if e.job_id == job_id)
-    with state.ctx.sessions() as session:
-        report = reproduce_event(session, event.id, state.settings)
+def test_a_released_image_is_reproduced_bit_for_bit(c2i_state) -> None:
+    job_id = submit_c2i(c2i_state, class_id=4, seed=123)
+    run_jobs(c2i_state.ctx, [job_id])
+    event = next(e for e in events(c2i_state, "image.released") if e.job_id == job_id)
+    with c2i_state.ctx.sessions() as session:
+        report = reproduce_event(session, event.id, c2i_state.settings)
     assert report["match"], report
 
 
-def test_a_model_fault_fails_the_job_with_its_reason_and_audits_it(state, monkeypatch) -> None:
-    model = state.ctx.registry.load("tiny-c2i", "cpu")
+def test_a_model_fault_fails_the_job_with_its_reason_and_audits_it(c2i_state, monkeypatch) -> None:
+    model = c2i_state.ctx.registry.load("tiny-c2i", "cpu")
 
     def broken(requests, params=None):
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr(model, "generate", broken)
-    job_id = submit(state, class_id=1, seed=1)
-    run_jobs(state.ctx, [job_id])
-    with state.ctx.sessions() as session:
+    job_id = submit_c2i(c2i_state, class_id=1, seed=1)
+    run_jobs(c2i_state.ctx, [job_id])
+    with c2i_state.ctx.sessions() as session:
         job = session.get(Job, job_id)
     assert job.status == "failed" and "out of memory" in job.error
-    assert any(e.job_id == job_id for e in events(state, "generation.failed"))
+    assert any(e.job_id == job_id for e in events(c2i_state, "generation.failed"))
 
 
-def test_a_sampling_run_screens_its_images_in_one_batch_and_audits_its_jobs_in_one_commit(state, monkeypatch) -> None:
-    runtime = state.ctx.policies.runtime()
+def test_a_sampling_run_screens_its_images_in_one_batch_and_audits_its_jobs_in_one_commit(
+    c2i_state, monkeypatch
+) -> None:
+    runtime = c2i_state.ctx.policies.runtime()
     batches: list[int] = []
     original = runtime.screen_image_sets
 
@@ -125,11 +105,11 @@ def test_a_sampling_run_screens_its_images_in_one_batch_and_audits_its_jobs_in_o
         return original(sets)
 
     monkeypatch.setattr(runtime, "screen_image_sets", spy)
-    ids = [submit(state, class_id=i, seed=i, num_images=2) for i in range(3)]
-    commits = state.ctx.commits.commits
-    assert sorted(run_jobs(state.ctx, ids)) == sorted(ids)
-    assert batches == [6] and state.ctx.commits.commits == commits + 1
-    with state.ctx.sessions() as session:
+    ids = [submit_c2i(c2i_state, class_id=i, seed=i, num_images=2) for i in range(3)]
+    commits = c2i_state.ctx.commits.commits
+    assert sorted(run_jobs(c2i_state.ctx, ids)) == sorted(ids)
+    assert batches == [6] and c2i_state.ctx.commits.commits == commits + 1
+    with c2i_state.ctx.sessions() as session:
         jobs = [session.get(Job, job_id) for job_id in ids]
     assert all(job.status == "completed" and len(job.images) == 2 for job in jobs)
     for job in jobs:  # every job records the whole run's stage times, its request's audit time included
@@ -139,33 +119,33 @@ def test_a_sampling_run_screens_its_images_in_one_batch_and_audits_its_jobs_in_o
     assert len({job.timings["signing_s"] for job in jobs}) == 1
 
 
-def test_a_job_whose_signing_fails_fails_alone_and_its_companions_are_released(state, monkeypatch) -> None:
-    ids = [submit(state, class_id=i, seed=i) for i in range(3)]
-    original = state.ctx.signer.sign_png
+def test_a_job_whose_signing_fails_fails_alone_and_its_companions_are_released(c2i_state, monkeypatch) -> None:
+    ids = [submit_c2i(c2i_state, class_id=i, seed=i) for i in range(3)]
+    original = c2i_state.ctx.signer.sign_png
 
     def sign(data, *, title, **kwargs):
         if title.startswith(ids[1]):
             raise RuntimeError("HSM unreachable")
         return original(data, title=title, **kwargs)
 
-    monkeypatch.setattr(state.ctx.signer, "sign_png", sign)
-    run_jobs(state.ctx, ids)
-    with state.ctx.sessions() as session:
+    monkeypatch.setattr(c2i_state.ctx.signer, "sign_png", sign)
+    run_jobs(c2i_state.ctx, ids)
+    with c2i_state.ctx.sessions() as session:
         statuses = [session.get(Job, job_id).status for job_id in ids]
         error = session.get(Job, ids[1]).error
     assert statuses == ["completed", "failed", "completed"] and "HSM unreachable" in error
-    assert [e.job_id for e in events(state, "generation.failed")] == [ids[1]]
-    assert ids[1] not in {e.job_id for e in events(state, "image.released")}
+    assert [e.job_id for e in events(c2i_state, "generation.failed")] == [ids[1]]
+    assert ids[1] not in {e.job_id for e in events(c2i_state, "image.released")}
 
 
-def test_the_served_model_card_is_recorded_once_and_every_release_names_it(state) -> None:
-    ids = [submit(state, class_id=i, seed=i) for i in range(3)]
-    run_jobs(state.ctx, ids)
-    card = state.ctx.registry.get("tiny-c2i")
-    with state.ctx.sessions() as session:
+def test_the_served_model_card_is_recorded_once_and_every_release_names_it(c2i_state) -> None:
+    ids = [submit_c2i(c2i_state, class_id=i, seed=i) for i in range(3)]
+    run_jobs(c2i_state.ctx, ids)
+    card = c2i_state.ctx.registry.get("tiny-c2i")
+    with c2i_state.ctx.sessions() as session:
         records = session.scalars(select(ModelCardRecord)).all()
     assert [r.content_hash for r in records] == [card.content_hash]
-    released = events(state, "image.released")
+    released = events(c2i_state, "image.released")
     assert len(released) == 3 and all(e.payload["model_card_hash"] == card.content_hash
                                        and e.payload["checkpoints"] == card.checkpoint_digests() for e in released)
 
