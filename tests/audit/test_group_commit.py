@@ -5,7 +5,9 @@ from __future__ import annotations
 import multiprocessing
 import threading
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import pytest
@@ -25,6 +27,36 @@ def event(i: int, key: str = "k") -> NewEvent:
     return NewEvent(action="load.append", key_id=key, team="load", payload={"i": i})
 
 
+def queued_behind_a_held_commit(committer: GroupCommitter, calls: list[Callable[[], Any]]) -> list[Any]:
+    """Start `calls` (committer calls) in order, each queued while a first unit holds a commit open, then let
+    them commit; each call's result, or the exception it raised."""
+    leading, release = threading.Event(), threading.Event()
+    outcomes: list[Any] = [None] * len(calls)
+
+    def hold(session: Session) -> None:
+        leading.set()
+        release.wait(10)
+
+    def call(index: int) -> None:
+        try:
+            outcomes[index] = calls[index]()
+        except Exception as exc:  # noqa: BLE001 - the outcome under test
+            outcomes[index] = exc
+
+    holder = threading.Thread(target=committer.run, args=(hold,))
+    holder.start()
+    assert leading.wait(10)
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
+    for queued, thread in enumerate(threads, start=1):
+        thread.start()
+        while len(committer._queue) < queued:
+            threading.Event().wait(0.005)
+    release.set()
+    for thread in [holder, *threads]:
+        thread.join(10)
+    return outcomes
+
+
 def test_group_committer_returns_each_caller_its_chained_events(session_factory: Any) -> None:
     committer = GroupCommitter(session_factory)
     first = committer.append(event(0))
@@ -38,29 +70,14 @@ def test_group_committer_returns_each_caller_its_chained_events(session_factory:
 def test_a_batch_holds_at_most_64_units_of_work(session_factory: Any) -> None:
     """Each unit is a savepoint (a PostgreSQL subtransaction); a backend caches only 64 of them per transaction."""
     committer = GroupCommitter(session_factory)
-    leading, release = threading.Event(), threading.Event()
     batches: list[int] = []  # for each unit, the number of commits made before its own
-
-    def slow_unit(session: Session) -> None:
-        leading.set()
-        release.wait(10)
 
     def unit(session: Session) -> None:
         batches.append(committer.commits)
         append_many(session, [event(len(batches))])
 
-    threads = [threading.Thread(target=committer.run, args=(slow_unit,))]
-    threads[0].start()
-    assert leading.wait(10)
-    threads += [threading.Thread(target=committer.run, args=(unit,)) for _ in range(100)]
-    for thread in threads[1:]:
-        thread.start()
-    while len(committer._queue) < 100:
-        threading.Event().wait(0.01)
-    release.set()
-    for thread in threads:
-        thread.join(10)
-    assert committer.commits == 3  # the slow unit, then 64 units, then the other 36
+    queued_behind_a_held_commit(committer, [partial(committer.run, unit) for _ in range(100)])
+    assert committer.commits == 3  # the holding unit, then 64 units, then the other 36
     assert Counter(batches) == {1: 64, 2: 36}
     with session_factory() as session:
         assert verify_database(session).count == 100
@@ -68,38 +85,15 @@ def test_a_batch_holds_at_most_64_units_of_work(session_factory: Any) -> None:
 
 def test_requests_queued_during_a_commit_share_the_next_commit(session_factory: Any) -> None:
     committer = GroupCommitter(session_factory)
-    leading, release = threading.Event(), threading.Event()
-
-    def slow_unit(session: Session) -> None:
-        append_many(session, [event(-1, "slow")])
-        leading.set()
-        release.wait(10)  # holds the commit open while the others queue
-
-    threads = [threading.Thread(target=committer.run, args=(slow_unit,))]
-    threads[0].start()
-    assert leading.wait(10)
-    threads += [threading.Thread(target=committer.append, args=(event(i, f"t{i}"),)) for i in range(8)]
-    for thread in threads[1:]:
-        thread.start()
-    while len(committer._queue) < 8:  # every caller is waiting for the commit in progress
-        threading.Event().wait(0.01)
-    release.set()
-    for thread in threads:
-        thread.join(10)
+    queued_behind_a_held_commit(committer, [partial(committer.append, event(i, f"t{i}")) for i in range(8)])
     with session_factory() as session:
         report = verify_database(session)
-    assert report.ok and report.count == 9, report.summary
-    assert committer.commits == 2  # the slow one, then all eight together
+    assert report.ok and report.count == 8, report.summary
+    assert committer.commits == 2  # the holding unit, then all eight together
 
 
 def test_a_failing_unit_rolls_back_alone(session_factory: Any) -> None:
     committer = GroupCommitter(session_factory)
-    leading, release = threading.Event(), threading.Event()
-    outcomes: dict[str, Any] = {}
-
-    def hold(session: Session) -> None:
-        leading.set()
-        release.wait(10)
 
     def good(session: Session) -> int:
         session.add(PromptText(commitment="c" * 64, salt=None, text=None, mode="hashed",
@@ -110,26 +104,10 @@ def test_a_failing_unit_rolls_back_alone(session_factory: Any) -> None:
         append_many(session, [event(2, "bad"), event(3, "bad")])
         raise RuntimeError("unit failed after appending")
 
-    def call(name: str, work: Any) -> None:
-        try:
-            outcomes[name] = committer.run(work)
-        except RuntimeError as exc:
-            outcomes[name] = exc
-
-    holder = threading.Thread(target=committer.run, args=(hold,))
-    holder.start()
-    assert leading.wait(10)
-    threads = [threading.Thread(target=call, args=(name, work)) for name, work in
-               (("bad", bad), ("good", good), ("after", lambda s: append_many(s, [event(4, "after")])[0].seq))]
-    for thread in threads:
-        thread.start()
-        while len(committer._queue) < threads.index(thread) + 1:
-            threading.Event().wait(0.01)
-    release.set()
-    for thread in [holder, *threads]:
-        thread.join(10)
-    assert isinstance(outcomes["bad"], RuntimeError)
-    assert (outcomes["good"], outcomes["after"]) == (1, 2)
+    bad_outcome, good_outcome, after = run_in_one_batch(
+        committer, [bad, good, lambda s: append_many(s, [event(4, "after")])[0].seq])
+    assert isinstance(bad_outcome, RuntimeError)
+    assert (good_outcome, after) == (1, 2)
     with session_factory() as session:
         report = verify_database(session)
         keys = list(session.scalars(select(AuditEvent.key_id).order_by(AuditEvent.seq)))
@@ -188,24 +166,10 @@ def test_group_committing_postgres_processes_never_fork_the_chain(pg_url: str, p
 
 def test_a_batch_chains_its_plain_appends_before_its_units_of_work(session_factory: Any) -> None:
     committer = GroupCommitter(session_factory)
-    leading, release = threading.Event(), threading.Event()
-
-    def hold(session: Session) -> None:
-        leading.set()
-        release.wait(10)
-
-    holder = threading.Thread(target=committer.run, args=(hold,))
-    holder.start()
-    assert leading.wait(10)
-    threads = [threading.Thread(target=committer.run, args=(lambda s: append_many(s, [event(0, "unit")]),)),
-               threading.Thread(target=committer.append_many, args=([event(1, "plain"), event(2, "plain")],))]
-    for thread in threads:
-        thread.start()
-        while len(committer._queue) < threads.index(thread) + 1:
-            threading.Event().wait(0.01)
-    release.set()
-    for thread in [holder, *threads]:
-        thread.join(10)
+    queued_behind_a_held_commit(committer, [
+        partial(committer.run, lambda s: append_many(s, [event(0, "unit")])),
+        partial(committer.append_many, [event(1, "plain"), event(2, "plain")]),
+    ])
     with session_factory() as session:
         report = verify_database(session)
         keys = list(session.scalars(select(AuditEvent.key_id).order_by(AuditEvent.seq)))
@@ -215,31 +179,7 @@ def test_a_batch_chains_its_plain_appends_before_its_units_of_work(session_facto
 
 def run_in_one_batch(committer: GroupCommitter, works: list[Any]) -> list[Any]:
     """Run `works` as units of one batch (queued while a first unit holds a commit open); their outcomes."""
-    leading, release = threading.Event(), threading.Event()
-    outcomes: list[Any] = [None] * len(works)
-
-    def hold(session: Session) -> None:
-        leading.set()
-        release.wait(10)
-
-    def call(index: int) -> None:
-        try:
-            outcomes[index] = committer.run(works[index])
-        except Exception as exc:  # noqa: BLE001 - the outcome under test
-            outcomes[index] = exc
-
-    holder = threading.Thread(target=committer.run, args=(hold,))
-    holder.start()
-    assert leading.wait(10)
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(works))]
-    for thread in threads:
-        thread.start()
-        while len(committer._queue) < threads.index(thread) + 1:
-            threading.Event().wait(0.01)
-    release.set()
-    for thread in [holder, *threads]:
-        thread.join(10)
-    return outcomes
+    return queued_behind_a_held_commit(committer, [partial(committer.run, work) for work in works])
 
 
 def prompt_row(tag: str) -> PromptText:
