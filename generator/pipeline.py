@@ -308,8 +308,8 @@ def release_run(ctx: PipelineContext, run: SampledRun) -> None:
 
 @dataclass(frozen=True)
 class _CardFacts:
-    """What a run's manifests and audit events say about its model card: computed once per run, not per
-    image (the card's content hash and checkpoint digests take about 0.4 and 1 ms each time)."""
+    """What a run's manifests and audit events say about its model card, gathered once per run (the lineage
+    dicts and digest map are built here, not per image; the card caches its own content hash)."""
 
     name: str
     version: str
