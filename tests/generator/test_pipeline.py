@@ -152,8 +152,7 @@ def test_the_served_model_card_is_recorded_once_and_every_release_names_it(c2i_s
 
 def test_freeze_heap_spares_loaded_objects_from_collections_and_still_collects_new_garbage() -> None:
     try:
-        frozen = freeze_heap()
-        assert frozen == gc.get_freeze_count() > 0
+        assert freeze_heap() > 0  # (a served gateway's warm-up thread in this process may freeze too)
         cycle: list[object] = []
         cycle.append(cycle)  # garbage made after the freeze, reachable only through a reference cycle
         del cycle
