@@ -14,15 +14,17 @@ from torch import Tensor, nn
 
 # Official codebook_used buffer length (fixed in vq_model.py, independent of codebook_size).
 CODEBOOK_USED_LEN = 65536
-GROUPS = 32  # every GroupNorm has 32 groups, so every channel count must be divisible by 32
+OFFICIAL_NORM_GROUPS = 32  # every official GroupNorm has 32 groups
 
 
 @dataclass(frozen=True)
 class VQArgs:
     """Tokenizer configuration; defaults are VQ-16.
 
-    GroupNorm uses 32 groups, so `ch * m` must be divisible by 32 for every m in ch_mult (and
-    z_channels too).
+    Every GroupNorm has `norm_groups` groups (32 in every official tokenizer), so `ch * m` must be divisible
+    by it for every m in ch_mult. Fewer groups suit narrow tokenizers: at 32 channels, 32 groups normalise
+    each channel on its own and erase the absolute level (the colour) of a flat region. The group count
+    has no parameters, so the state_dict is the same either way.
     """
 
     codebook_size: int = 16384
@@ -34,12 +36,16 @@ class VQArgs:
     z_channels: int = 256
     num_res_blocks: int = 2
     dropout_p: float = 0.0
+    norm_groups: int = OFFICIAL_NORM_GROUPS
 
     def __post_init__(self) -> None:
         channels = [self.ch * m for m in self.ch_mult] + [self.ch]
-        bad = [c for c in channels if c % GROUPS != 0]
-        if bad:
-            raise ValueError(f"GroupNorm(32) needs channel counts divisible by 32; got {sorted(set(bad))}")
+        bad = [c for c in channels if c % self.norm_groups != 0]
+        if self.norm_groups < 1 or bad:
+            raise ValueError(
+                f"GroupNorm({self.norm_groups}) needs channel counts divisible by {self.norm_groups}; "
+                f"got {sorted(set(bad))}"
+            )
         if not self.ch_mult:
             raise ValueError("ch_mult must have at least one level")
 
@@ -61,8 +67,8 @@ VQ_PRESETS: dict[str, VQArgs] = {
 }
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=GROUPS, num_channels=channels, eps=1e-6, affine=True)
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 # Feature maps from this side up run their 3x3 convs through NNPACK's Winograd kernels when allowed:
@@ -92,11 +98,18 @@ def conv3x3(conv: nn.Conv2d, x: Tensor, winograd: bool) -> Tensor:
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout_p: float = 0.0, winograd: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        dropout_p: float = 0.0,
+        winograd: bool = False,
+        groups: int = OFFICIAL_NORM_GROUPS,
+    ) -> None:
         super().__init__()
-        self.norm1 = _norm(in_channels)
+        self.norm1 = _norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels)
+        self.norm2 = _norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout_p)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -113,9 +126,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the h*w positions, scale c**-0.5."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, groups: int = OFFICIAL_NORM_GROUPS) -> None:
         super().__init__()
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -232,12 +245,12 @@ class Level(nn.Module):
         return x
 
 
-def _mid(channels: int, dropout_p: float) -> nn.ModuleList:
+def _mid(channels: int, dropout_p: float, groups: int) -> nn.ModuleList:
     return nn.ModuleList(
         [
-            ResnetBlock(channels, channels, dropout_p),
-            AttnBlock(channels),
-            ResnetBlock(channels, channels, dropout_p),
+            ResnetBlock(channels, channels, dropout_p, groups=groups),
+            AttnBlock(channels, groups),
+            ResnetBlock(channels, channels, dropout_p, groups=groups),
         ]
     )
 
@@ -253,16 +266,16 @@ class Encoder(nn.Module):
             level = Level()
             block_in, block_out = args.ch * in_mult[i], args.ch * args.ch_mult[i]
             for _ in range(args.num_res_blocks):
-                level.res.append(ResnetBlock(block_in, block_out, args.dropout_p))
+                level.res.append(ResnetBlock(block_in, block_out, args.dropout_p, groups=args.norm_groups))
                 block_in = block_out
                 if i == n - 1:
-                    level.attn.append(AttnBlock(block_in))  # attention only at the last level
+                    level.attn.append(AttnBlock(block_in, args.norm_groups))  # attention only at the last level
             if i != n - 1:
                 level.downsample = Downsample(block_in)
             self.conv_blocks.append(level)
         top = args.ch * args.ch_mult[-1]
-        self.mid = _mid(top, args.dropout_p)
-        self.norm_out = _norm(top)
+        self.mid = _mid(top, args.dropout_p, args.norm_groups)
+        self.norm_out = _norm(top, args.norm_groups)
         self.conv_out = nn.Conv2d(top, args.z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -280,20 +293,22 @@ class Decoder(nn.Module):
         n = len(args.ch_mult)
         block_in = args.ch * args.ch_mult[-1]
         self.conv_in = nn.Conv2d(args.z_channels, block_in, 3, padding=1)
-        self.mid = _mid(block_in, args.dropout_p)
+        self.mid = _mid(block_in, args.dropout_p, args.norm_groups)
         self.conv_blocks = nn.ModuleList()
         for i in range(n):  # conv_blocks.0 is the deepest level
             level = Level()
             block_out = args.ch * args.ch_mult[n - 1 - i]
             for _ in range(args.num_res_blocks + 1):
-                level.res.append(ResnetBlock(block_in, block_out, args.dropout_p, winograd=True))
+                level.res.append(
+                    ResnetBlock(block_in, block_out, args.dropout_p, winograd=True, groups=args.norm_groups)
+                )
                 block_in = block_out
                 if i == 0:
-                    level.attn.append(AttnBlock(block_in))
+                    level.attn.append(AttnBlock(block_in, args.norm_groups))
             if i != n - 1:
                 level.upsample = Upsample(block_in)
             self.conv_blocks.append(level)
-        self.norm_out = _norm(block_in)
+        self.norm_out = _norm(block_in, args.norm_groups)
         self.conv_out = nn.Conv2d(block_in, 3, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from generator.llamagen import VQArgs, VQModel
+from generator.llamagen import VQArgs, VQModel, build_vq
 from generator.llamagen.vq import WINOGRAD_MIN_SIDE, ResnetBlock, Upsample, conv3x3, to_uint8, winograd_available
 
 
@@ -82,6 +82,19 @@ def test_commitment_loss_is_beta_times_codebook_loss_value(tiny_vq: VQModel) -> 
 def test_group_norm_needs_channels_divisible_by_32() -> None:
     with pytest.raises(ValueError, match="divisible by 32"):
         VQArgs(ch=48, ch_mult=(1, 2))
+
+
+def test_a_narrow_tokenizer_may_use_fewer_norm_groups_with_the_same_state_dict() -> None:
+    official = build_vq(VQArgs(codebook_size=64, codebook_embed_dim=4, ch=32, ch_mult=(1, 2), z_channels=32), "cpu")
+    narrow = build_vq(
+        VQArgs(codebook_size=64, codebook_embed_dim=4, ch=32, ch_mult=(1, 2), z_channels=32, norm_groups=8), "cpu"
+    )
+    shapes = {k: v.shape for k, v in official.state_dict().items()}
+    assert {k: v.shape for k, v in narrow.state_dict().items()} == shapes
+    assert {m.num_groups for m in narrow.modules() if isinstance(m, torch.nn.GroupNorm)} == {8}
+    assert {m.num_groups for m in official.modules() if isinstance(m, torch.nn.GroupNorm)} == {32}
+    with pytest.raises(ValueError, match="divisible by 16"):
+        VQArgs(ch=8, ch_mult=(1, 2), z_channels=32, norm_groups=16)
 
 
 def test_presets_downsample_by_16_and_8() -> None:
