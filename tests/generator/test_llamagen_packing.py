@@ -52,7 +52,8 @@ def test_packed_copies_are_ignored_after_an_in_place_weight_update() -> None:
     packed, other = packed_gpt(seed=0), tiny_gpt("c2i", seed=1)
     packed.load_state_dict(other.state_dict())  # copies into the existing (fused, packed) weights
     cond, tokens = torch.tensor([1]), torch.randint(0, 64, (1, 10))
-    assert torch.allclose(packed.forward_logits(cond, tokens), other.forward_logits(cond, tokens), atol=1e-6)
+    # float32 rounding of the fused matmuls only (logits here reach about 10); stale copies would be off by O(1)
+    assert torch.allclose(packed.forward_logits(cond, tokens), other.forward_logits(cond, tokens), atol=1e-5)
 
 
 def test_packed_copies_are_ignored_while_gradients_are_enabled() -> None:
