@@ -25,7 +25,7 @@ from generator.llamagen import VQArgs, VQModel, build_vq, save_checkpoint
 
 log = logging.getLogger(__name__)
 
-KMEANS_IMAGES = 64  # full images whose latents (64 x 64 vectors) seed the codebook
+KMEANS_IMAGES = 128  # full images whose latents (128 x 64 vectors) seed the codebook
 
 
 def demo_vq_args(overrides: dict[str, object] | None = None) -> VQArgs:
