@@ -90,7 +90,7 @@ VQ_AE_WARMUP = 2000  # steps trained as a plain autoencoder before the codebook 
 VQ_CROP: int | None = None  # pixels; None trains on whole images (GroupNorm sees test-time statistics)
 C2I_SCHEDULE = TrainSchedule(steps=1500, batch_size=32, lr=2e-3, warmup=50, weight_decay=0.05)
 T2I_SCHEDULE = TrainSchedule(steps=1600, batch_size=32, lr=2e-3, warmup=50, weight_decay=0.05)
-CLIP_SCHEDULE = TrainSchedule(steps=1200, batch_size=64, lr=2e-3, warmup=25, weight_decay=0.1)
+CLIP_SCHEDULE = TrainSchedule(steps=2000, batch_size=64, lr=1e-3, warmup=25, weight_decay=0.1)
 
 # Sampling defaults written on the cards and used by `evaluate` and `sample-grid`.
 # Greedy decoding (top_k 1) without guidance (cfg_scale 1) gave the demo models their most faithful images
