@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -136,6 +137,13 @@ COMMANDS: dict[str, tuple[str, Callable[[DemoPaths, argparse.Namespace], None]]]
 }
 
 
+def _discard_run(run_dir: Path) -> None:
+    """Delete a resumable training run, so the step starts from step 0 (even with another schedule)."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+        log.info("--force: deleted the resumable run in %s", run_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m generator.demo", description=__doc__)
     parser.add_argument("--models-dir", type=Path, default=Path("models"), help="where cards and weights go")
@@ -144,7 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--force", action="store_true", help="redo the step even if its output exists")
+        p.add_argument(
+            "--force",
+            action="store_true",
+            help="redo the step even if its output exists (training starts afresh: the resumable run is deleted)",
+        )
         p.add_argument(
             "--data",
             type=Path,
@@ -168,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in steps:
         started = time.perf_counter()
         step_args = args if args.command != "all" else argparse.Namespace(force=False, data=None, out=None)
+        if step_args.force and name.startswith("train-"):
+            _discard_run(paths.run_dir(name.removeprefix("train-")))
         COMMANDS[name][1](paths, step_args)
         log.info("%s done in %.0f s", name, time.perf_counter() - started)
     return 0

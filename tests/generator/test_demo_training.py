@@ -50,3 +50,18 @@ def test_resuming_with_another_schedule_is_refused(tmp_path: Path) -> None:
     _run(tmp_path, SCHEDULE)
     with pytest.raises(ValueError, match="another schedule"):
         _run(tmp_path, TrainSchedule(**{**SCHEDULE.__dict__, "lr": 0.5}))
+
+
+def test_force_makes_a_training_step_start_afresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from generator.demo import cli
+
+    run_dir = tmp_path / "work" / "runs" / "clip"
+    run_dir.mkdir(parents=True)
+    (run_dir / STATE_FILE).write_bytes(b"a run of another schedule")
+    seen: list[bool] = []
+    monkeypatch.setitem(cli.COMMANDS, "train-clip", ("", lambda paths, args: seen.append(run_dir.exists())))
+    common = ["--models-dir", str(tmp_path / "models"), "--work-dir", str(tmp_path / "work"), "train-clip"]
+    cli.main(common)
+    assert seen == [True]  # without --force the run resumes (or refuses another schedule)
+    cli.main([*common, "--force"])
+    assert seen == [True, False]
