@@ -39,9 +39,11 @@ class VQArgs:
     norm_groups: int = OFFICIAL_NORM_GROUPS
 
     def __post_init__(self) -> None:
+        if self.norm_groups < 1:
+            raise ValueError(f"norm_groups must be at least 1; got {self.norm_groups}")
         channels = [self.ch * m for m in self.ch_mult] + [self.ch]
         bad = [c for c in channels if c % self.norm_groups != 0]
-        if self.norm_groups < 1 or bad:
+        if bad:
             raise ValueError(
                 f"GroupNorm({self.norm_groups}) needs channel counts divisible by {self.norm_groups}; "
                 f"got {sorted(set(bad))}"

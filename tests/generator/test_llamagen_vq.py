@@ -95,6 +95,8 @@ def test_a_narrow_tokenizer_may_use_fewer_norm_groups_with_the_same_state_dict()
     assert {m.num_groups for m in official.modules() if isinstance(m, torch.nn.GroupNorm)} == {32}
     with pytest.raises(ValueError, match="divisible by 16"):
         VQArgs(ch=8, ch_mult=(1, 2), z_channels=32, norm_groups=16)
+    with pytest.raises(ValueError, match="at least 1"):
+        VQArgs(norm_groups=0)
 
 
 def test_presets_downsample_by_16_and_8() -> None:
