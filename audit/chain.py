@@ -183,7 +183,8 @@ def links_of(events: Iterable[Mapping[str, Any]]) -> Iterator[Link]:
         yield Link(event.get("seq"), event.get("prev_hash"), event.get("hash"), None, partial(event_body, event))
 
 
-def _sha256_hex(prev_hash: str, raw_body: bytes | memoryview) -> str:
+def raw_event_hash(prev_hash: str, raw_body: bytes | memoryview) -> str:
+    """An event's hash from its canonical body bytes as stored (the same as `event_hash` of the parsed body)."""
     digest = hashlib.sha256(prev_hash.encode("ascii"))
     digest.update(b"\n")
     digest.update(raw_body)
@@ -192,7 +193,7 @@ def _sha256_hex(prev_hash: str, raw_body: bytes | memoryview) -> str:
 
 def raw_body_verifies(link: Link, prev_hash: str) -> bool:
     """Whether the link's stored bytes are exactly the bytes its hash covers (the fast path)."""
-    return link.raw_body is not None and _sha256_hex(prev_hash, link.raw_body) == link.hash
+    return link.raw_body is not None and raw_event_hash(prev_hash, link.raw_body) == link.hash
 
 
 def link_hash(link: Link, prev_hash: str) -> str | None:

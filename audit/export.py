@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Select, Text, cast, select
+from sqlalchemy import Select, Text, cast, select, text
 from sqlalchemy.orm import Session
 
 from audit.chain import Link, body_bytes, canonical_json, format_ts, parse_body, raw_body_verifies
@@ -98,16 +98,52 @@ def _parsed_body(row: Any, ts: str) -> dict[str, Any]:
             "team": row.team, "job_id": row.job_id, "payload": json.loads(row.payload_json)}
 
 
-def iter_event_links(session: Session, filters: ExportFilters | None = None) -> Iterator[Link]:
-    """Events in seq order as chain links carrying their stored canonical bytes (no JSON decoding)."""
+def iter_event_links(session: Session, filters: ExportFilters | None = None, start_seq: int = 1) -> Iterator[Link]:
+    """Events from `start_seq` in seq order as chain links carrying their stored canonical bytes (no JSON
+    decoding)."""
     columns = [c for c in AuditEvent.__table__.columns if c.name != "payload"]
     query = select(*columns, cast(AuditEvent.payload, Text).label("payload_json"))
-    query = (filters or ExportFilters()).apply(query).order_by(AuditEvent.seq)
+    query = (filters or ExportFilters()).apply(query).where(AuditEvent.seq >= start_seq).order_by(AuditEvent.seq)
     for row in session.execute(query.execution_options(yield_per=BATCH)):
         ts = format_ts(row.ts)
         raw = body_bytes(seq=row.seq, id=row.id, ts=ts, action=row.action, key_id=row.key_id, team=row.team,
                          job_id=row.job_id, payload_json=row.payload_json)
         yield Link(row.seq, row.prev_hash, row.hash, raw, partial(_parsed_body, row, ts))
+
+
+# `ts` as canonical text, written by the database itself (PostgreSQL keeps timestamptz; SQLite keeps the
+# naive UTC text "2026-01-31 12:00:00.000000"). Formatting datetimes in Python was most of a verification.
+_TS_AS_TEXT = {
+    "postgresql": """to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')""",
+    "sqlite": "replace(ts, ' ', 'T') || 'Z'",
+}
+_STORED_BODIES = """SELECT seq, prev_hash, hash, id, action, key_id, team, job_id, {ts} AS ts_text,
+{payload} AS payload_text FROM audit_events WHERE seq >= :start ORDER BY seq LIMIT :limit"""
+STORED_BATCH = 10_000
+
+
+def stored_body_batches(session: Session, start_seq: int = 1) -> Iterator[list[tuple[int, str, str, bytes]]] | None:
+    """The whole chain from `start_seq` as batches of (seq, prev_hash, hash, body bytes), the body rebuilt
+    from the stored columns as plain text; None on a database without this path.
+
+    A body is only what the database's own text makes of the row: the caller hashes it and, where the hash
+    does not match, verifies that event the general way (`iter_event_links`), which decides.
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect not in _TS_AS_TEXT:
+        return None
+    payload = "payload::text" if dialect == "postgresql" else "payload"
+    statement = text(_STORED_BODIES.format(ts=_TS_AS_TEXT[dialect], payload=payload))
+
+    def batches() -> Iterator[list[tuple[int, str, str, bytes]]]:
+        start = start_seq
+        while rows := session.execute(statement, {"start": start, "limit": STORED_BATCH}).all():
+            yield [(seq, prev_hash, this_hash, body_bytes(seq=seq, id=id_, ts=ts, action=action, key_id=key_id,
+                                                         team=team, job_id=job_id, payload_json=payload_text))
+                   for seq, prev_hash, this_hash, id_, action, key_id, team, job_id, ts, payload_text in rows]
+            start = rows[-1][0] + 1
+
+    return batches()
 
 
 def event_line(link: Link) -> bytes:

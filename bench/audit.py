@@ -16,7 +16,8 @@ durable, so commits per second bound appends per second:
 
 Targets: >= 2,000 appends/s on PostgreSQL, verify >= 200,000 events/s, sign <= 3 ms.
 
-    .venv/bin/python bench/audit.py [--events 2000] [--verify-events 200000] [--images 200] [--no-postgres]
+    .venv/bin/python bench/audit.py [--events 2000] [--verify-events 200000] [--verify-database-events 100000]
+        [--images 200] [--no-postgres]
 """
 
 from __future__ import annotations
@@ -43,13 +44,22 @@ sys.path.insert(0, str(REPO))
 
 from PIL import Image  # noqa: E402
 
-from audit.chain import GENESIS_HASH, Link, canonical_json, event_body, event_hash, format_ts, verify_chain  # noqa: E402
+from audit.chain import (  # noqa: E402
+    GENESIS_HASH,
+    Link,
+    canonical_json,
+    event_body,
+    event_hash,
+    format_ts,
+    verify_chain,
+    verify_links,
+)
 from audit.db import make_engine, make_session_factory, upgrade_database  # noqa: E402
-from audit.export import EXPORT_FORMAT, event_line  # noqa: E402
+from audit.export import EXPORT_FORMAT, event_line, iter_event_links  # noqa: E402
 from audit.group_commit import GroupCommitter  # noqa: E402
 from audit.line_scan import default_workers  # noqa: E402
 from audit.log import NewEvent, append_event, append_many  # noqa: E402
-from audit.models import PromptText  # noqa: E402
+from audit.models import AuditEvent, PromptText  # noqa: E402
 from audit.provenance import ensure_dev_ca, load_signer, verify_image  # noqa: E402
 from audit.verify import verify_database, verify_export  # noqa: E402
 
@@ -218,6 +228,26 @@ def write_export(events: list[dict[str, Any]], path: Path) -> int:
     return path.stat().st_size
 
 
+def verify_database_rates(url: str, events: list[dict[str, Any]]) -> tuple[float, float]:
+    """(verify_database events/s, the general path's events/s) over `events` bulk-loaded into a migrated
+    database: the fast path rebuilds bodies from the rows' text; the general path (`iter_event_links`, what
+    verify_database did before) reads datetimes and formats them in Python."""
+    from sqlalchemy import insert
+
+    upgrade_database(url)
+    engine = make_engine(url)
+    rows = [{**event, "ts": datetime.fromisoformat(event["ts"].replace("Z", "+00:00"))} for event in events]
+    with make_session_factory(engine)() as session:
+        for i in range(0, len(rows), 5000):
+            session.execute(insert(AuditEvent), rows[i : i + 5000])
+        session.commit()
+    with make_session_factory(engine)() as session:
+        fast, _ = rate(len(events), lambda: verify_database(session))
+        general, _ = rate(len(events), lambda: verify_links(iter_event_links(session)), repeats=1)
+    engine.dispose()
+    return fast, general
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process and of its finished children (parallel verification workers)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -284,6 +314,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=2000, help="appends per run (split across writers)")
     parser.add_argument("--verify-events", type=int, default=200_000)
+    parser.add_argument("--verify-database-events", type=int, default=100_000)
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--no-postgres", action="store_true")
     args = parser.parse_args()
@@ -337,6 +368,19 @@ def main() -> None:
             print(f"  verify_export (JSONL, {size / len(events):.0f} B/event, {workers} process(es)): {wall:10.0f} "
                   f"events/s ({cpu:.0f}/s per CPU second) over {len(events)} events "
                   f"(target {TARGET_VERIFY}: {wall / TARGET_VERIFY:.2f}x)")
+    database_events = events[: args.verify_database_events]
+    with tempfile.TemporaryDirectory() as tmp:
+        databases = [("SQLite", contextlib.nullcontext(f"sqlite:///{tmp}/verify.db"))]
+        if not args.no_postgres:
+            from tests.services import postgres_database
+
+            databases.append(("PostgreSQL", postgres_database("bench_audit_verify")))
+        for name, database in databases:
+            with database as url:
+                fast, general = verify_database_rates(url, database_events)
+            print(f"  {name:<11} verify_database over {len(database_events)} events: {fast:10.0f} events/s "
+                  f"(general path {general:.0f}/s: {fast / general:.2f}x; target {TARGET_VERIFY}: "
+                  f"{fast / TARGET_VERIFY:.2f}x)")
     wall, cpu = rate(len(events), lambda: verify_chain(events), repeats=1)
     print(f"  verify_chain (parsed dicts, re-encoded): {wall:10.0f} events/s ({cpu:.0f}/s per CPU second)")
 

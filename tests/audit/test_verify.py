@@ -259,3 +259,69 @@ def test_verify_export_checks_signers_against_the_given_trust_anchors(
     stranger = ensure_dev_ca(tmp_path / "stranger")
     assert verify_export(path, dev_ca.root_pem_path.read_bytes()).ok
     assert not verify_export(path, stranger.root_pem_path.read_bytes()).ok
+
+
+# --- the database path: bodies rebuilt from each row's text, the general path from the first doubt ---------
+
+ODD_TEAM = 'näïve ✓ \U0001f600 "q" \\ \x01\x7f\n\t'
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.services)])
+def any_chain(request: pytest.FixtureRequest, dev_ca: DevCA) -> Any:
+    """The `chain` fixture's ten events (checkpoint at seq 8) on SQLite and on PostgreSQL."""
+    sessions = request.getfixturevalue("session_factory" if request.param == "sqlite" else "pg_session_factory")
+    append(sessions, 8)
+    checkpoint(sessions, dev_ca)
+    append(sessions, 2)
+    return sessions
+
+
+def tamper(sessions: Any, *statements: str) -> None:
+    with sessions() as session:
+        dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        as_dba(sessions, *statements)
+        return
+    with sessions() as session, session.begin():
+        session.execute(text("ALTER TABLE audit_events DISABLE TRIGGER USER"))
+        for statement in statements:
+            session.execute(text(statement))
+
+
+def test_an_intact_database_chain_is_verified_from_the_rows_text_alone(any_chain: Any, monkeypatch: Any) -> None:
+    def general_path(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the general path was needed for an intact chain")
+
+    monkeypatch.setattr("audit.verify.iter_event_links", general_path)
+    report = verify_db(any_chain)
+    assert (report.ok, report.count, report.last_checkpoint_seq, report.uncovered_tail) == (True, 10, 8, 2)
+
+
+@pytest.mark.parametrize(
+    ("statements", "first_bad_seq", "reason"),
+    [
+        (['UPDATE audit_events SET payload = \'{"i": 3, "seed": 1}\' WHERE seq = 4'], 4, "event altered"),
+        (["UPDATE audit_events SET team = 'sports' WHERE seq = 7"], 7, "event altered"),
+        (["UPDATE audit_events SET prev_hash = hash WHERE seq = 3"], 3, "prev_hash does not match"),
+        (["DELETE FROM audit_events WHERE seq = 5"], 6, "missing"),
+        (["DELETE FROM audit_events WHERE seq > 9"], 10, "chain_head row covers seq 10"),
+        # A same-content rewrite at seq 2 is accepted by the general path, which then finds the edit at seq 9.
+        (['UPDATE audit_events SET payload = \'{"seed": 1001,  "i": 1}\' WHERE seq = 2',
+          "UPDATE audit_events SET key_id = 'someone' WHERE seq = 9"], 9, "event altered"),
+    ],
+)
+def test_tampered_database_chains_are_reported_at_the_first_bad_event(
+    any_chain: Any, statements: list[str], first_bad_seq: int, reason: str
+) -> None:
+    tamper(any_chain, *statements)
+    report = verify_db(any_chain)
+    assert (report.ok, report.first_bad_seq) == (False, first_bad_seq), report.summary
+    assert reason in report.reason
+
+
+def test_columns_with_any_text_verify_on_every_database(any_chain: Any) -> None:
+    with any_chain() as session, session.begin():
+        append_event(session, action="x.odd", key_id="k\u00e9y", team=ODD_TEAM, job_id="job\n1",
+                     payload={"text": ODD_TEAM})
+    report = verify_db(any_chain)
+    assert (report.ok, report.count) == (True, 11), report.summary
