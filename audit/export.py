@@ -17,7 +17,15 @@ from typing import Any, Literal
 from sqlalchemy import Select, Text, cast, select, text
 from sqlalchemy.orm import Session
 
-from audit.chain import Link, body_bytes, canonical_json, format_ts, parse_body, raw_body_verifies
+from audit.chain import (
+    Link,
+    body_bytes,
+    canonical_json,
+    format_ts,
+    parse_body,
+    raw_body_verifies,
+    raw_event_hash,
+)
 from audit.checkpoints import checkpoint_record
 from audit.models import AuditEvent, ChainCheckpoint, ModelCardRecord, PolicyRevision, PromptText
 
@@ -153,8 +161,32 @@ def event_line(link: Link) -> bytes:
         body = bytes(link.raw_body)  # the stored bytes are the hashed ones: export them verbatim
     else:
         body = canonical_json(link.body() if link.body is not None else parse_body(link.raw_body)).encode()
-    return b"".join((b'{"body":', body, b',"hash":"', str(link.hash).encode("ascii"), b'","prev_hash":"',
-                     str(link.prev_hash).encode("ascii"), b'","type":"event"}\n'))
+    return _line(body, str(link.hash), str(link.prev_hash))
+
+
+def _line(body: bytes, this_hash: str, prev_hash: str) -> bytes:
+    return b"".join((b'{"body":', body, b',"hash":"', this_hash.encode("ascii"), b'","prev_hash":"',
+                     prev_hash.encode("ascii"), b'","type":"event"}\n'))
+
+
+def _event_lines(session: Session, filters: ExportFilters) -> Iterator[bytes]:
+    """The export lines of the events; a whole-chain export takes each body from the row's text when that
+    is exactly what its hash covers, and re-encodes only the rest (as `event_line` does)."""
+    batches = stored_body_batches(session) if filters.empty else None
+    if batches is None:
+        for link in iter_event_links(session, filters):
+            yield event_line(link)
+        return
+    for rows in batches:
+        for seq, prev_hash, this_hash, body in rows:
+            if raw_event_hash(prev_hash, body) == this_hash:
+                yield _line(body, this_hash, prev_hash)
+                continue
+            links = iter_event_links(session, ExportFilters(), start_seq=seq)
+            try:
+                yield event_line(next(links))
+            finally:
+                links.close()
 
 
 def iter_checkpoint_records(session: Session) -> Iterator[dict[str, Any]]:
@@ -185,8 +217,8 @@ def _jsonl_lines(session: Session, filters: ExportFilters) -> Iterator[str]:
     # Checkpoints first: a verifier reading the file once has its anchors before the events.
     for checkpoint in iter_checkpoint_records(session):
         yield canonical_json({"type": "checkpoint", **checkpoint}) + "\n"
-    for link in iter_event_links(session, filters):
-        yield event_line(link).decode("utf-8")
+    for line in _event_lines(session, filters):
+        yield line.decode("utf-8")
 
 
 def _csv_lines(session: Session, filters: ExportFilters) -> Iterator[str]:

@@ -13,6 +13,7 @@ from sqlalchemy import text
 from audit.chain import link_hash
 from audit.checkpoints import write_checkpoint
 from audit.export import ExportFilters, iter_event_links, iter_export, write_evidence_pack
+from audit.export import event_line as event_line_of  # `event_line` here is a line index
 from audit.log import append_event
 from audit.provenance import DevCA, ensure_dev_ca
 from audit.verify import ExportFileError, verify_database, verify_export
@@ -325,3 +326,13 @@ def test_columns_with_any_text_verify_on_every_database(any_chain: Any) -> None:
                      payload={"text": ODD_TEAM})
     report = verify_db(any_chain)
     assert (report.ok, report.count) == (True, 11), report.summary
+
+
+def test_a_whole_chain_export_has_the_stored_bytes_on_every_database(any_chain: Any, tmp_path: Path) -> None:
+    tamper(any_chain, 'UPDATE audit_events SET payload = \'{"seed": 1001,  "i": 1}\' WHERE seq = 2')
+    lines = export_lines(any_chain)
+    with any_chain() as session:
+        expected = [line.decode().rstrip("\n") for line in map(event_line_of, iter_event_links(session))]
+    assert lines[2:] == expected  # header and checkpoint first; seq 2 re-encoded, the rest as stored
+    report = verify_export(write_lines(tmp_path / "audit.jsonl", lines))
+    assert (report.ok, report.count) == (True, 10), report.summary
