@@ -42,7 +42,10 @@ class BertConfig:
 
 
 class PackedLinear(nn.Linear):
-    """A linear layer for inference whose CPU float32 weight can be packed once (`pack`) into oneDNN's layout."""
+    """A linear layer for inference whose CPU float32 weight can be packed once (`pack`) into oneDNN's layout.
+
+    The packed copy is a snapshot of the weight: pack once the weights are final (`load_bert` does, last).
+    """
 
     packed: Tensor | None = None
 
@@ -171,7 +174,7 @@ class SentenceEncoder:
     def __init__(self, model_dir: Path, device: str = "cpu") -> None:
         from transformers import AutoTokenizer
 
-        self.tokenizer: Any = AutoTokenizer.from_pretrained(str(model_dir))
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.model = load_bert(model_dir, device)
         self.device = device
 
