@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import struct
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -14,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Select, Text, cast, select, text
+from sqlalchemy import Select, Text, cast, select
 from sqlalchemy.orm import Session
 
 from audit.chain import (
@@ -119,39 +120,101 @@ def iter_event_links(session: Session, filters: ExportFilters | None = None, sta
         yield Link(row.seq, row.prev_hash, row.hash, raw, partial(_parsed_body, row, ts))
 
 
-# `ts` as canonical text, written by the database itself (PostgreSQL keeps timestamptz; SQLite keeps the
-# naive UTC text "2026-01-31 12:00:00.000000"). Formatting datetimes in Python was most of a verification.
-_TS_AS_TEXT = {
-    "postgresql": """to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')""",
-    "sqlite": "replace(ts, ' ', 'T') || 'Z'",
+# An event body as the database itself writes it from the row: strings JSON-quoted by the database
+# (`to_json`, `json_quote`), the payload as stored, `ts` as canonical text (PostgreSQL keeps timestamptz;
+# SQLite keeps the naive UTC text "2026-01-31 12:00:00.000000"). Formatting in Python was most of a
+# verification. In three pieces, so the 1-2 KB payload is not copied into a new string by the database; a
+# NULL (which no event has) makes its piece empty, so the hash will not match.
+_BODY_PIECES = {
+    "postgresql": """coalesce('{"action":' || to_json(action) || ',"id":' || to_json(id) || ',"job_id":'
+        || coalesce(to_json(job_id)::text, 'null') || ',"key_id":' || to_json(key_id) || ',"payload":', ''),
+        coalesce(payload::text, ''),
+        coalesce(',"seq":' || seq || ',"team":' || to_json(team) || ',"ts":"'
+        || to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') || '"}', '')""",
+    "sqlite": """coalesce('{"action":' || json_quote(action) || ',"id":' || json_quote(id) || ',"job_id":'
+        || json_quote(job_id) || ',"key_id":' || json_quote(key_id) || ',"payload":', ''),
+        CAST(coalesce(payload, '') AS BLOB),
+        coalesce(',"seq":' || seq || ',"team":' || json_quote(team) || ',"ts":"' || replace(ts, ' ', 'T')
+        || 'Z"}', '')""",
 }
-_STORED_BODIES = """SELECT seq, prev_hash, hash, id, action, key_id, team, job_id, {ts} AS ts_text,
-{payload} AS payload_text FROM audit_events WHERE seq >= :start ORDER BY seq LIMIT :limit"""
 STORED_BATCH = 10_000
+StoredRow = tuple[int, str, str, bytes]
 
 
-def stored_body_batches(session: Session, start_seq: int = 1) -> Iterator[list[tuple[int, str, str, bytes]]] | None:
-    """The whole chain from `start_seq` as batches of (seq, prev_hash, hash, body bytes), the body rebuilt
-    from the stored columns as plain text; None on a database without this path.
+def stored_body_batches(session: Session, start_seq: int = 1) -> Iterator[list[StoredRow]] | None:
+    """The whole chain from `start_seq` as batches of (seq, prev_hash, hash, body bytes), the body written
+    by the database from the stored columns; None on a database without this path.
 
     A body is only what the database's own text makes of the row: the caller hashes it and, where the hash
-    does not match, verifies that event the general way (`iter_event_links`), which decides.
+    does not match, verifies that event the general way (`iter_event_links`), which decides. Each batch is
+    read to its end before it is yielded, so the caller may query in between.
     """
     dialect = session.get_bind().dialect.name
-    if dialect not in _TS_AS_TEXT:
+    if dialect not in _BODY_PIECES:
         return None
-    payload = "payload::text" if dialect == "postgresql" else "payload"
-    statement = text(_STORED_BODIES.format(ts=_TS_AS_TEXT[dialect], payload=payload))
+    driver = session.connection().connection.driver_connection
+    read = _postgres_batch if dialect == "postgresql" else _sqlite_batch
+    columns = f"seq, prev_hash, hash, {_BODY_PIECES[dialect]}"
 
-    def batches() -> Iterator[list[tuple[int, str, str, bytes]]]:
+    def batches() -> Iterator[list[StoredRow]]:
         start = start_seq
-        while rows := session.execute(statement, {"start": start, "limit": STORED_BATCH}).all():
-            yield [(seq, prev_hash, this_hash, body_bytes(seq=seq, id=id_, ts=ts, action=action, key_id=key_id,
-                                                         team=team, job_id=job_id, payload_json=payload_text))
-                   for seq, prev_hash, this_hash, id_, action, key_id, team, job_id, ts, payload_text in rows]
+        while rows := read(driver, columns, start):
+            yield rows
             start = rows[-1][0] + 1
 
     return batches()
+
+
+def _sqlite_batch(connection: Any, columns: str, start: int) -> list[StoredRow]:
+    query = f"SELECT {columns} FROM audit_events WHERE seq >= ? ORDER BY seq LIMIT ?"
+    return [(seq, prev_hash, this_hash, b"".join((head.encode(), payload, tail.encode())))
+            for seq, prev_hash, this_hash, head, payload, tail in connection.execute(query, (start, STORED_BATCH))]
+
+
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+_COPY_HEADER = len(_COPY_SIGNATURE) + 8  # then 4 bytes of flags and 4 of header extension (none)
+# A binary COPY row up to the head piece's length: the field count, then each field's length and bytes (seq a
+# bigint, the hashes 64 hex digits as stored; a row off this layout is read field by field).
+_ROW_START = struct.Struct(">hiqi64si64si")
+_ROW_LAYOUT = (6, 8, 64, 64)
+
+
+def _postgres_batch(connection: Any, columns: str, start: int) -> list[StoredRow]:
+    """One batch through binary COPY: the server streams rows while they are read."""
+    query = (f"COPY (SELECT {columns} FROM audit_events WHERE seq >= {int(start)} ORDER BY seq "
+             f"LIMIT {STORED_BATCH}) TO STDOUT (FORMAT binary)")
+    rows: list[StoredRow] = []
+    with connection.cursor() as cursor, cursor.copy(query) as copy:
+        for data in copy:
+            if data[: len(_COPY_SIGNATURE)] == _COPY_SIGNATURE:
+                data = data[_COPY_HEADER:]
+            if len(data) > 2:  # not the trailer
+                rows.append(_copy_row(data))
+    return rows
+
+
+def _copy_row(data: memoryview) -> StoredRow:
+    """(seq, prev_hash, hash, body) from one binary COPY row of `seq, prev_hash, hash, head, payload, tail`
+    (no field is NULL: the query makes sure)."""
+    count, seq_size, seq, prev_size, prev_hash, hash_size, this_hash, head_size = _ROW_START.unpack_from(data)
+    if (count, seq_size, prev_size, hash_size) != _ROW_LAYOUT:
+        return _copy_row_by_fields(data)
+    payload_at = _ROW_START.size + head_size + 4
+    tail_at = payload_at + int.from_bytes(data[payload_at - 4 : payload_at], "big") + 4
+    body = b"".join((data[_ROW_START.size : payload_at - 4], data[payload_at : tail_at - 4], data[tail_at:]))
+    return seq, prev_hash.decode(), this_hash.decode(), body
+
+
+def _copy_row_by_fields(data: memoryview) -> StoredRow:
+    """`_copy_row` for a row off the usual layout (a hash edited to another length)."""
+    fields: list[bytes] = []
+    at = 2
+    for _ in range(6):
+        size = int.from_bytes(data[at : at + 4], "big", signed=True)
+        fields.append(bytes(data[at + 4 : at + 4 + max(size, 0)]))
+        at += 4 + max(size, 0)
+    seq, prev_hash, this_hash, *body = fields
+    return int.from_bytes(seq, "big", signed=True), prev_hash.decode(), this_hash.decode(), b"".join(body)
 
 
 def event_line(link: Link) -> bytes:

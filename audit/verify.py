@@ -78,9 +78,9 @@ def verify_database(session: Session, trust_anchors_pem: bytes | str | None = No
 
 
 def verify_stored_chain(session: Session, anchors: list[Anchor]) -> ChainReport:
-    """`verify_links` over the database's events, fast: each body is rebuilt from the row's text and hashed
-    (no datetimes, no JSON). At the first event that does not verify that way, the general path takes over
-    from there, so what is reported (and accepted) is exactly what `verify_links` reports."""
+    """`verify_links` over the database's events, fast: each body is written by the database from the row
+    and hashed here (no datetimes, no JSON in Python). At the first event that does not verify that way, the
+    general path takes over from there, so what is reported (and accepted) is exactly what `verify_links` reports."""
     batches = stored_body_batches(session)
     if batches is None:
         return verify_links(iter_event_links(session), anchors)

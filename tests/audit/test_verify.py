@@ -262,7 +262,7 @@ def test_verify_export_checks_signers_against_the_given_trust_anchors(
     assert not verify_export(path, stranger.root_pem_path.read_bytes()).ok
 
 
-# --- the database path: bodies rebuilt from each row's text, the general path from the first doubt ---------
+# --- the database path: bodies written by the database from each row, the general path from the first doubt
 
 ODD_TEAM = 'näïve ✓ \U0001f600 "q" \\ \x01\x7f\n\t'
 
@@ -304,6 +304,7 @@ def test_an_intact_database_chain_is_verified_from_the_rows_text_alone(any_chain
         (['UPDATE audit_events SET payload = \'{"i": 3, "seed": 1}\' WHERE seq = 4'], 4, "event altered"),
         (["UPDATE audit_events SET team = 'sports' WHERE seq = 7"], 7, "event altered"),
         (["UPDATE audit_events SET prev_hash = hash WHERE seq = 3"], 3, "prev_hash does not match"),
+        (["UPDATE audit_events SET hash = 'abc' WHERE seq = 5"], 5, "event altered"),
         (["DELETE FROM audit_events WHERE seq = 5"], 6, "missing"),
         (["DELETE FROM audit_events WHERE seq > 9"], 10, "chain_head row covers seq 10"),
         # A same-content rewrite at seq 2 is accepted by the general path, which then finds the edit at seq 9.
@@ -320,10 +321,17 @@ def test_tampered_database_chains_are_reported_at_the_first_bad_event(
     assert reason in report.reason
 
 
-def test_columns_with_any_text_verify_on_every_database(any_chain: Any) -> None:
+def test_columns_with_any_text_verify_on_every_database_from_the_rows_alone(
+    any_chain: Any, monkeypatch: Any
+) -> None:
     with any_chain() as session, session.begin():
         append_event(session, action="x.odd", key_id="k\u00e9y", team=ODD_TEAM, job_id="job\n1",
                      payload={"text": ODD_TEAM})
+
+    def general_path(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the database quoted a column differently from the canonical JSON")
+
+    monkeypatch.setattr("audit.verify.iter_event_links", general_path)
     report = verify_db(any_chain)
     assert (report.ok, report.count) == (True, 11), report.summary
 
