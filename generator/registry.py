@@ -369,7 +369,10 @@ class LoadedModel:
             cond, mask = self._condition(requests)
             generators = make_generators(seeds, len(seeds), self.device)
             ids = generate(self.gpt, cond, n_tokens, sampling, generators, emb_mask=mask)
-            pixels = to_uint8(self.vq.decode_codes(ids, grid=(self.grid, self.grid))).cpu().numpy()
+            # One image at a time: convolutions choose their kernels by batch size, so a batch's pixels can
+            # differ in the last bit from the same codes decoded alone (as `audit reproduce` decodes them).
+            pixels = [to_uint8(self.vq.decode_codes(row[None], grid=(self.grid, self.grid)))[0].cpu().numpy()
+                      for row in ids]
             if torch.device(self.device).type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - started

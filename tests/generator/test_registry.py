@@ -20,6 +20,7 @@ from generator.registry import (
     UnknownModelError,
     read_card,
 )
+from tests.conftest import DEMO_MODELS
 
 VQ = {"codebook_size": 32, "codebook_embed_dim": 4, "ch": 32, "ch_mult": [1, 1], "z_channels": 32, "num_res_blocks": 1}
 GPT = {"dim": 32, "n_layer": 1, "n_head": 2, "multiple_of": 16, "vocab_size": 32, "block_size": 16, "num_classes": 4}
@@ -230,6 +231,27 @@ def test_batched_requests_give_the_same_images_as_each_request_alone(models_dir:
     alone = [model.generate([r])[0] for r in requests]
     for b, a in zip(batched, alone, strict=True):
         assert [im.tobytes() for im in b.images] == [im.tobytes() for im in a.images]
+
+
+def test_the_bundled_demo_model_gives_a_batch_the_pixels_of_each_request_alone(
+    request: pytest.FixtureRequest,
+) -> None:
+    """What `audit reproduce` relies on: a job sampled among others decodes to the pixels it has alone (the
+    batch of 8 is where the decoder's convolutions used to differ in the last bit, with one torch thread as the
+    embedded gateway runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    model = Registry(DEMO_MODELS).load("demo-shapes-t2i")
+    prompts = ["a small red star above a large blue circle on a white background",
+               "a green square on a black background",
+               "a large yellow triangle left of a small purple circle on a grey background",
+               "a blue star on a white background"]
+    jobs = [GenRequest(prompt=prompts[i % 4], seed=i) for i in range(8)]
+    batched = model.generate(jobs)
+    for job, output in zip(jobs, batched, strict=True):
+        (alone,) = model.generate([job])
+        assert output.images[0].tobytes() == alone.images[0].tobytes(), job
 
 
 def test_image_i_of_a_request_uses_seed_plus_i(models_dir: Path) -> None:
