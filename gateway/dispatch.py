@@ -1,6 +1,7 @@
 """Hands accepted jobs to a worker: Celery (distributed) or an in-process worker thread (embedded).
 
-Both end in the same plain function, `generator.pipeline.run_jobs`; only settings choose which.
+Both end in the same plain functions, `generator.pipeline.sample_jobs` and `release_run` (which `run_jobs`
+calls in turn); only settings choose which.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from generator.pipeline import PipelineContext, run_jobs
+from generator.pipeline import PipelineContext, SampledRun, release_run, sample_jobs
 from generator.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,11 @@ class LocalWorker:
 
     The thread blocks on the queue (a submitted job wakes it at once), takes the jobs already queued, and
     waits at most `batch_wait_s` for more only while `pending()` (requests being screened, not yet queued)
-    is above zero; without `pending` it always waits. `on_finished` is called with each run's job ids (it
-    wakes long-polling requests).
+    is above zero; without `pending` it always waits. `on_finished` is called with each batch's job ids once
+    they are released (it wakes long-polling requests).
+
+    A second thread releases (screens, signs, stores, audits) each sampling run while the first samples the
+    next: the sampler keeps its core busy instead of waiting for the release of the run before.
     """
 
     def __init__(self, ctx: PipelineContext, *, batch_size: int, batch_wait_s: float,
@@ -53,7 +57,12 @@ class LocalWorker:
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._idle = threading.Event()
         self._idle.set()
+        # Sampled runs, then the batch they came from (None: stop). At most one waits: the sampler stays at
+        # most a run ahead of the releaser.
+        self._sampled: queue.Queue[SampledRun | list[str] | None] = queue.Queue(maxsize=1)
         self._thread = threading.Thread(target=self._loop, name="embedded-worker", daemon=True)
+        self._releaser = threading.Thread(target=self._release_loop, name="embedded-releaser", daemon=True)
+        self._releaser.start()
         self._thread.start()
 
     def submit(self, job_id: str) -> None:
@@ -61,12 +70,12 @@ class LocalWorker:
         self._queue.put(job_id)
 
     def ping(self) -> None:
-        if not self._thread.is_alive():
+        if not (self._thread.is_alive() and self._releaser.is_alive()):
             raise RuntimeError("the embedded worker thread has stopped")
 
     def workers(self) -> list[dict[str, Any]]:
         return [{"host": "in-process", "pid": os.getpid(), "models": Registry.loaded(),
-                 "alive": self._thread.is_alive()}]
+                 "alive": self._thread.is_alive() and self._releaser.is_alive()}]
 
     def drain(self, timeout: float = 60.0) -> bool:
         """Wait until every submitted job was run (tests and shutdown)."""
@@ -80,6 +89,7 @@ class LocalWorker:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=30)
+        self._releaser.join(timeout=30)
 
     def _finished(self, batch: Sequence[str]) -> None:
         if self._on_finished is None:
@@ -104,6 +114,7 @@ class LocalWorker:
             first = self._queue.get()
             if first is None:
                 self._queue.task_done()
+                self._sampled.put(None)
                 return
             batch = [first]
             deadline = time.monotonic() + self._batch_wait_s
@@ -122,15 +133,27 @@ class LocalWorker:
                     break
                 batch.append(item)
             try:
-                run_jobs(self._ctx, batch)
+                for run in sample_jobs(self._ctx, batch)[1]:
+                    self._sampled.put(run)
             except Exception:  # a database fault here leaves the jobs queued; they are logged, not lost
                 log.exception("embedded worker could not run jobs %s", batch)
             finally:
-                self._finished(batch)
-                for _ in batch:
-                    self._queue.task_done()
+                self._sampled.put(batch)  # after its runs: the releaser reports the batch done
             if stop:
+                self._sampled.put(None)
                 return
+
+    def _release_loop(self) -> None:
+        while (item := self._sampled.get()) is not None:
+            if isinstance(item, list):
+                self._finished(item)
+                for _ in item:
+                    self._queue.task_done()
+                continue
+            try:
+                release_run(self._ctx, item)
+            except Exception:  # the database is down: the jobs stay leased until the sweeper re-sends them
+                log.exception("embedded worker could not release jobs %s", item.job_ids)
 
 
 class CeleryDispatcher:

@@ -13,7 +13,7 @@ import io
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
@@ -158,12 +158,21 @@ def sampling_key(job: Job) -> tuple[Any, ...]:
 
 def run_jobs(ctx: PipelineContext, job_ids: Sequence[str]) -> list[str]:
     """Run queued jobs, batching compatible ones into one sampling run; returns the ids actually run."""
-    claimed, groups = _claim(ctx, job_ids)
-    for ids in groups:
-        run = sample_run(ctx, ids)
-        if run is not None:
-            release_run(ctx, run)
+    claimed, runs = sample_jobs(ctx, job_ids)
+    for run in runs:
+        release_run(ctx, run)
     return claimed
+
+
+def sample_jobs(ctx: PipelineContext, job_ids: Sequence[str]) -> tuple[list[str], Iterator[SampledRun]]:
+    """Claim queued jobs -> (the ids claimed, their sampling runs, sampled one at a time as iterated).
+
+    Every run must then go through `release_run` (`run_jobs` does both; the embedded worker releases a run
+    in another thread while it samples the next).
+    """
+    claimed, groups = _claim(ctx, job_ids)
+    runs = (run for ids in groups if (run := sample_run(ctx, ids)) is not None)
+    return claimed, runs
 
 
 def _claim(ctx: PipelineContext, job_ids: Sequence[str]) -> tuple[list[str], list[list[str]]]:

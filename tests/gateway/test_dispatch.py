@@ -1,8 +1,9 @@
-"""The embedded worker: nothing is released unsigned or unaudited when the release fails, and closing it
-finishes what was submitted."""
+"""The embedded worker: nothing is released unsigned or unaudited when the release fails, closing it
+finishes what was submitted, and it samples the next run while the one before is released."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 
@@ -10,6 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from audit.models import AuditEvent, Job
+from gateway import dispatch
 from gateway.dispatch import LocalWorker
 from generator import pipeline
 from generator.intake import Intake
@@ -84,3 +86,38 @@ def test_the_worker_waits_for_a_request_still_being_screened_and_batches_it(c2i_
     finally:
         worker.close()
     assert batches == [ids]
+
+
+def test_the_worker_samples_the_next_run_while_the_one_before_is_released(c2i_state, monkeypatch) -> None:
+    ids = [submit_c2i(c2i_state, class_id=i, seed=i) for i in range(2)]
+    sampled: list[list[str]] = []
+    first_release_may_end = threading.Event()
+    sample_run, release_run = pipeline.sample_run, dispatch.release_run
+
+    def recording_sample_run(ctx, job_ids):
+        run = sample_run(ctx, job_ids)
+        sampled.append(list(job_ids))
+        return run
+
+    def held_release_run(ctx, run):
+        if run.job_ids == ids[:1]:
+            assert first_release_may_end.wait(timeout=30)
+        release_run(ctx, run)
+
+    monkeypatch.setattr(pipeline, "sample_run", recording_sample_run)
+    monkeypatch.setattr(dispatch, "release_run", held_release_run)
+    worker = LocalWorker(c2i_state.ctx, batch_size=1, batch_wait_s=0.0)
+    try:
+        for job_id in ids:
+            worker.submit(job_id)
+        deadline = time.monotonic() + 30
+        while len(sampled) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sampled == [ids[:1], ids[1:]]  # the second run was sampled while the first was being released
+        assert statuses(c2i_state, ids) == ["running", "running"]
+        first_release_may_end.set()
+        assert worker.drain(timeout=30)
+    finally:
+        first_release_may_end.set()
+        worker.close()
+    assert statuses(c2i_state, ids) == ["completed", "completed"]
