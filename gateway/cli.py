@@ -51,18 +51,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configure_embedded_runtime(torch_threads: int) -> None:
-    """The served embedded gateway is also the worker: size torch's CPU threads for sharing the cores.
-
-    The sampler (worker thread) and the screening classifiers (request threads) run torch at the same
-    time, and each calling thread gets a team of `torch.get_num_threads()` threads: at the default (one per
-    core) two concurrent calls oversubscribe the cores and spin-waiting teams slow both several times over.
-    """
-    import os
-
+def _configure_embedded_runtime(requested: int) -> None:
+    """The served embedded gateway runs torch in its request threads (screening) while it samples: size
+    torch's CPU threads for sharing the cores (`generator.sampler.torch_threads`)."""
     from generator.llamagen import configure_runtime
+    from generator.sampler import torch_threads
 
-    configure_runtime(num_threads=torch_threads or max(1, (os.cpu_count() or 2) // 2))
+    configure_runtime(num_threads=torch_threads(requested))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from generator.pipeline import PipelineContext, SampledRun, release_run, sample_jobs
-from generator.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ class LocalWorker:
             raise RuntimeError("the embedded worker thread has stopped")
 
     def workers(self) -> list[dict[str, Any]]:
-        return [{"host": "in-process", "pid": os.getpid(), "models": Registry.loaded(),
+        return [{"host": "in-process", "pid": os.getpid(), "models": self._ctx.sampler.loaded(),
                  "alive": self._thread.is_alive() and self._releaser.is_alive()}]
 
     def drain(self, timeout: float = 60.0) -> bool:

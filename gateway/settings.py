@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, le=256, description="CPU threads per torch call in a served embedded "
                                "gateway; 0: half the cores (the sampler and the screening classifiers "
                                "run side by side)")
+    sampler_process: bool = Field(True, description="embedded mode: sample in a child process, so that sampling "
+                                  "never waits for the GIL behind request threads (false: in a worker thread)")
     worker_batch_size: int = Field(8, ge=1, le=64, description="dynamic batching: jobs per sampling run")
     worker_batch_wait_ms: int = Field(20, ge=0, le=5000, description="how long a worker waits to fill a batch")
     worker_concurrency: int = Field(1, ge=1, le=64)

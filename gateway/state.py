@@ -66,7 +66,7 @@ def warm_up(state: GatewayState) -> None:
         context = Context(team="warm-up", model=state.settings.default_model)
         runtime.screen_prompt("a red star on a white background", context)
         if state.settings.embedded:
-            state.ctx.registry.load(state.settings.default_model, state.ctx.device)
+            state.ctx.sampler.load(state.ctx.registry.get(state.settings.default_model))
             runtime.screen_images([Image.new("RGB", (64, 64), "white")], context)
     except Exception:  # the first request loads what is missing, and reports any real fault itself
         log.warning("warm-up did not complete", exc_info=True)
@@ -107,5 +107,6 @@ def close_state(state: GatewayState) -> None:
     if state.sweeper is not None:
         state.sweeper.stop()
     state.dispatcher.close()
+    state.ctx.sampler.close()
     if state.checkpoints is not None:
         state.checkpoints.stop()

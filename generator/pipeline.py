@@ -20,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 from prometheus_client import Counter, Histogram
 from sqlalchemy import select
@@ -32,7 +33,8 @@ from audit.models import AuditEvent, Job, JobTransition
 from audit.provenance import ProvenanceSigner, ensure_dev_ca, load_signer
 from generator.artifacts import ArtifactStore, open_store
 from generator.governance import PolicyStore
-from generator.registry import GenRequest, LoadedModel, Registry
+from generator.registry import GenRequest, ModelCard, Registry, sampling_params
+from generator.sampler import LocalSampler, Sampler, SamplerProcess, torch_threads
 from policies.runtime import Context, Screening
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class PipelineContext:
 
     sessions: sessionmaker[Session]
     registry: Registry
+    sampler: Sampler  # where sampling runs: this process, or the embedded gateway's sampler process
     policies: PolicyStore
     signer: ProvenanceSigner
     artifacts: ArtifactStore
@@ -107,9 +110,16 @@ def build_context(settings: Any) -> PipelineContext:
     engine = make_engine(settings.database_url)
     sessions = make_session_factory(engine)
     device = resolve_device(settings.device)
+    registry = Registry(settings.models_dir)
+    sampler: Sampler = (
+        SamplerProcess(settings.models_dir, device, torch_threads(settings.torch_threads))
+        if settings.embedded and settings.sampler_process
+        else LocalSampler(registry, device)
+    )
     return PipelineContext(
         sessions=sessions,
-        registry=Registry(settings.models_dir),
+        registry=registry,
+        sampler=sampler,
         policies=PolicyStore(sessions, settings.models_dir, device),
         signer=load_signer(settings.signing_cert, settings.signing_key, alg=settings.signing_alg),
         artifacts=open_store(settings.artifact_url, settings.s3_endpoint_url),
@@ -262,7 +272,7 @@ class SampledRun:
     """The jobs of one sampling run and their images, not yet released: nothing of it has left the worker."""
 
     releases: list[_Release]
-    model: LoadedModel
+    card: ModelCard
     sampling_s: float
     started: datetime
 
@@ -283,14 +293,14 @@ def sample_run(ctx: PipelineContext, job_ids: Sequence[str]) -> SampledRun | Non
         return None
     first = jobs[0]
     try:
-        model = ctx.registry.load(first.model, ctx.device)
-        if model.card.content_hash != first.model_card_hash:
+        card = ctx.registry.get(first.model)
+        if card.content_hash != first.model_card_hash:
             raise PipelineError(f"model card of {first.model} changed since the job was accepted "
-                                f"({first.model_card_hash} -> {model.card.content_hash})")
-        params = model.sampling_params(first.params)
+                                f"({first.model_card_hash} -> {card.content_hash})")
+        params = sampling_params(card, first.params)
         started = datetime.now(UTC)
         t0 = time.perf_counter()
-        outputs = model.generate([gen_request(j) for j in jobs], params)
+        outputs = ctx.sampler.generate(card, [gen_request(j) for j in jobs], params)
         sampling_s = time.perf_counter() - t0
         BATCH_SIZE.observe(len(jobs))
         BUSY_SECONDS.inc(sampling_s)
@@ -298,7 +308,7 @@ def sample_run(ctx: PipelineContext, job_ids: Sequence[str]) -> SampledRun | Non
         log.exception("generation failed for jobs %s", list(job_ids))
         _fail(ctx, job_ids, f"generation failed: {exc}")
         return None
-    return SampledRun([_Release(job, output) for job, output in zip(jobs, outputs, strict=True)], model,
+    return SampledRun([_Release(job, output) for job, output in zip(jobs, outputs, strict=True)], card,
                       sampling_s, started)
 
 
@@ -309,7 +319,7 @@ def release_run(ctx: PipelineContext, run: SampledRun) -> None:
     expires and the sweeper re-sends them.
     """
     try:
-        _release(ctx, run.releases, run.model, run.sampling_s, run.started)
+        _release(ctx, run.releases, run.card, run.sampling_s, run.started)
     except Exception as exc:
         log.exception("releasing jobs %s failed", run.job_ids)
         _fail(ctx, run.job_ids, f"release failed: {exc}")
@@ -343,14 +353,14 @@ def _each(releases: Sequence[_Release], stage: str, fn: Callable[[_Release], Non
             release.error = f"release failed: {exc}"
 
 
-def _release(ctx: PipelineContext, releases: list[_Release], model: LoadedModel, sampling_s: float,
+def _release(ctx: PipelineContext, releases: list[_Release], model_card: ModelCard, sampling_s: float,
              started: datetime) -> None:
     """Screen, sign, store and audit the images of one sampling run; nothing leaves unsigned or unaudited.
 
     Each stage runs once for the whole run (one classifier batch for every image, one audit transaction for
     every job), and every job records the stage's full time: it waited for all of it before it was done.
     """
-    card = _CardFacts.of(model.card)
+    card = _CardFacts.of(model_card)
     t0 = time.perf_counter()
     by_revision: dict[str, list[_Release]] = {}
     for release in releases:
@@ -474,7 +484,8 @@ def _record_one(session: Session, release: _Release, row: Job | None, card: _Car
                                  "pixel_sha256": item["pixel_sha256"], "manifest_id": item["manifest_id"],
                                  "model": card.name, "model_card_hash": card.content_hash,
                                  "checkpoints": card.checkpoints, "seed": row.params["seed"],
-                                 "params": row.params, "policy_revision": row.policy_revision})
+                                 "params": row.params, "policy_revision": row.policy_revision,
+                                 "torch_threads": output.torch_threads})
                for item in released]
     decisions = dict(row.decisions)
     decisions["output"] = {"action": worst, "images": output_decisions}
@@ -516,7 +527,12 @@ def reproduce_event(session: Session, event_id: str, settings: Any) -> dict[str,
     if job.prompt is None and job.task == "t2i":
         raise PipelineError("the prompt text of this job was erased; the image cannot be regenerated")
     params = model.sampling_params(payload["params"])
-    output = model.generate([gen_request(job)], params)[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(payload.get("torch_threads") or threads))  # as the worker ran (older events: ours)
+    try:
+        output = model.generate([gen_request(job)], params)[0]
+    finally:
+        torch.set_num_threads(threads)
     image = output.images[int(payload["index"])]
     digest = pixel_sha256(image)
     return {"event_id": event_id, "recorded_pixel_sha256": payload["pixel_sha256"],

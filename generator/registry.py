@@ -273,6 +273,9 @@ class GenOutput:
     images: list[Image.Image]
     tokens: int  # image tokens sampled for this request
     device_seconds: float  # this request's share of the batch's sampling + decoding time
+    # CPU threads per torch call during the run: float32 sums split across threads round differently, so
+    # `audit reproduce` regenerates with the same count (it is recorded with each released image).
+    torch_threads: int = 1
 
 
 class SamplingOptions(Protocol):
@@ -293,6 +296,20 @@ class CaptionEncoder(Protocol):
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+def sampling_params(card: ModelCard, params: dict[str, Any] | None = None) -> SamplingParams:
+    """Job params (cfg_scale, temperature, top_k, top_p; other keys ignored) over the card's defaults."""
+    merged = {
+        **card.defaults.model_dump(),
+        **{k: v for k, v in (params or {}).items() if v is not None},
+    }
+    return SamplingParams(
+        cfg_scale=float(merged["cfg_scale"]),
+        temperature=float(merged["temperature"]),
+        top_k=int(merged["top_k"]),
+        top_p=float(merged["top_p"]),
+    )
+
+
 class LoadedModel:
     """A card's GPT, VQ and text encoder on one device; `generate` batches requests into one run."""
 
@@ -310,16 +327,7 @@ class LoadedModel:
 
     def sampling_params(self, params: dict[str, Any] | None = None) -> SamplingParams:
         """Job params (cfg_scale, temperature, top_k, top_p; other keys ignored) over the card's defaults."""
-        merged = {
-            **self.card.defaults.model_dump(),
-            **{k: v for k, v in (params or {}).items() if v is not None},
-        }
-        return SamplingParams(
-            cfg_scale=float(merged["cfg_scale"]),
-            temperature=float(merged["temperature"]),
-            top_k=int(merged["top_k"]),
-            top_p=float(merged["top_p"]),
-        )
+        return sampling_params(self.card, params)
 
     def _check(self, request: GenRequest) -> None:
         if request.num_images < 1:
@@ -380,7 +388,8 @@ class LoadedModel:
         outputs, start = [], 0
         for request in requests:
             n = request.num_images
-            outputs.append(GenOutput(images[start : start + n], n * n_tokens, elapsed * n / len(seeds)))
+            outputs.append(GenOutput(images[start : start + n], n * n_tokens, elapsed * n / len(seeds),
+                                     torch.get_num_threads()))
             start += n
         return outputs
 

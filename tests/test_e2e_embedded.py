@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from tests.conftest import REPO
 
-PROMPT = "a small red star above a large blue circle on a white background"
+# The demo model draws this prompt with different pixels at one torch thread and at two: `audit reproduce` must
+# regenerate with the thread count the image was sampled with.
+PROMPT = "a green square on a black background"
 
 
 def cli(settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -22,6 +25,12 @@ def cli(settings, *args: str) -> subprocess.CompletedProcess[str]:
            "LLAMAGEN_GATEWAY_SESSION_SECRET": "test-session-secret"}
     return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=REPO, env=env, text=True,
                           capture_output=True, timeout=300)
+
+
+@pytest.fixture
+def gateway(gateway_factory):
+    """The embedded gateway as it is served: sampling in its sampler process."""
+    return gateway_factory(sampler_process=True)
 
 
 def test_generation_is_screened_generated_signed_and_audited(gateway, tmp_path: Path) -> None:
@@ -49,6 +58,9 @@ def test_generation_is_screened_generated_signed_and_audited(gateway, tmp_path: 
 
     chain = cli(settings, "audit", "verify")
     assert chain.returncode == 0, chain.stdout + chain.stderr
+    # Sampled in the sampler process with its torch threads; regenerated in the CLI's process, with its own.
+    reproduced = cli(settings, "audit", "reproduce", job["images"][0]["audit_event_id"])
+    assert reproduced.returncode == 0 and "MATCH" in reproduced.stdout, reproduced.stdout + reproduced.stderr
     events = gateway.client.get("/v1/audit/events", params={"job_id": job["id"], "limit": 50},
                                 headers=gateway.auth(gateway.key("auditor"))).json()["data"]
     actions = {e["action"] for e in events}
