@@ -138,16 +138,18 @@ _BODY_PIECES = {
         || 'Z"}', '')""",
 }
 STORED_BATCH = 10_000
-StoredRow = tuple[int, str, str, bytes]
+# (seq, prev_hash, hash, body, whether sha256(prev_hash "\n" body) is the row's hash): hashed as the rows are
+# read, so on PostgreSQL the hashing overlaps the server writing the rest of the batch.
+StoredRow = tuple[int, str, str, bytes, bool]
 
 
 def stored_body_batches(session: Session, start_seq: int = 1) -> Iterator[list[StoredRow]] | None:
-    """The whole chain from `start_seq` as batches of (seq, prev_hash, hash, body bytes), the body written
-    by the database from the stored columns; None on a database without this path.
+    """The whole chain from `start_seq` as batches of `StoredRow`s, the body written by the database from the
+    stored columns; None on a database without this path.
 
-    A body is only what the database's own text makes of the row: the caller hashes it and, where the hash
-    does not match, verifies that event the general way (`iter_event_links`), which decides. Each batch is
-    read to its end before it is yielded, so the caller may query in between.
+    A body is only what the database's own text makes of the row: where it does not hash to the row's hash,
+    the caller verifies that event the general way (`iter_event_links`), which decides. Each batch is read
+    to its end before it is yielded, so the caller may query in between.
     """
     dialect = session.get_bind().dialect.name
     if dialect not in _BODY_PIECES:
@@ -167,8 +169,16 @@ def stored_body_batches(session: Session, start_seq: int = 1) -> Iterator[list[S
 
 def _sqlite_batch(connection: Any, columns: str, start: int) -> list[StoredRow]:
     query = f"SELECT {columns} FROM audit_events WHERE seq >= ? ORDER BY seq LIMIT ?"
-    return [(seq, prev_hash, this_hash, b"".join((head.encode(), payload, tail.encode())))
+    return [_stored(seq, prev_hash, this_hash, b"".join((head.encode(), payload, tail.encode())))
             for seq, prev_hash, this_hash, head, payload, tail in connection.execute(query, (start, STORED_BATCH))]
+
+
+def _stored(seq: int, prev_hash: str, this_hash: str, body: bytes) -> StoredRow:
+    try:
+        hashed = raw_event_hash(prev_hash, body) == this_hash
+    except UnicodeEncodeError:  # a prev_hash edited to non-hex text
+        hashed = False
+    return seq, prev_hash, this_hash, body, hashed
 
 
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
@@ -202,7 +212,7 @@ def _copy_row(data: memoryview) -> StoredRow:
     payload_at = _ROW_START.size + head_size + 4
     tail_at = payload_at + int.from_bytes(data[payload_at - 4 : payload_at], "big") + 4
     body = b"".join((data[_ROW_START.size : payload_at - 4], data[payload_at : tail_at - 4], data[tail_at:]))
-    return seq, prev_hash.decode(), this_hash.decode(), body
+    return _stored(seq, prev_hash.decode(), this_hash.decode(), body)
 
 
 def _copy_row_by_fields(data: memoryview) -> StoredRow:
@@ -214,7 +224,7 @@ def _copy_row_by_fields(data: memoryview) -> StoredRow:
         fields.append(bytes(data[at + 4 : at + 4 + max(size, 0)]))
         at += 4 + max(size, 0)
     seq, prev_hash, this_hash, *body = fields
-    return int.from_bytes(seq, "big", signed=True), prev_hash.decode(), this_hash.decode(), b"".join(body)
+    return _stored(int.from_bytes(seq, "big", signed=True), prev_hash.decode(), this_hash.decode(), b"".join(body))
 
 
 def event_line(link: Link) -> bytes:
@@ -241,8 +251,8 @@ def _event_lines(session: Session, filters: ExportFilters) -> Iterator[bytes]:
             yield event_line(link)
         return
     for rows in batches:
-        for seq, prev_hash, this_hash, body in rows:
-            if raw_event_hash(prev_hash, body) == this_hash:
+        for seq, prev_hash, this_hash, body, hashed in rows:
+            if hashed:
                 yield _line(body, this_hash, prev_hash)
                 continue
             links = iter_event_links(session, ExportFilters(), start_seq=seq)

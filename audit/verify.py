@@ -20,7 +20,6 @@ from audit.chain import (
     ChainReport,
     Link,
     event_body,
-    raw_event_hash,
     verify_fragment_links,
     verify_links,
 )
@@ -89,11 +88,11 @@ def verify_stored_chain(session: Session, anchors: list[Anchor]) -> ChainReport:
         signed.setdefault(anchor.seq, set()).add(anchor.head_hash)
     expected, prev = 1, GENESIS_HASH
     for rows in batches:
-        for seq, prev_hash, this_hash, body in rows:
+        for seq, prev_hash, this_hash, _, hashed in rows:
             if (
                 seq != expected
                 or prev_hash != prev
-                or raw_event_hash(prev, body) != this_hash
+                or not hashed
                 or (seq in signed and signed[seq] != {this_hash})
             ):
                 return verify_links(iter_event_links(session, start_seq=expected), anchors, start_seq=expected,
