@@ -56,20 +56,32 @@ def build_state(settings: Settings, *, dispatcher: Dispatcher | None = None) -> 
 
 def warm_up(state: GatewayState) -> None:
     """Load the prompt classifiers (and, for the in-process worker, the default model and the image
-    classifier) before the first request needs them."""
+    classifier) before the first request needs them; the model loads in the sampler meanwhile."""
     from PIL import Image
 
     from policies.runtime import Context
 
+    sampler = None
+    if state.settings.embedded:
+        sampler = threading.Thread(target=_warm_up_sampler, args=(state,), name="warm-up-sampler", daemon=True)
+        sampler.start()
     try:
         runtime = state.ctx.policies.runtime()
         context = Context(team="warm-up", model=state.settings.default_model)
         runtime.screen_prompt("a red star on a white background", context)
         if state.settings.embedded:
-            state.ctx.sampler.load(state.ctx.registry.get(state.settings.default_model))
             runtime.screen_images([Image.new("RGB", (64, 64), "white")], context)
     except Exception:  # the first request loads what is missing, and reports any real fault itself
         log.warning("warm-up did not complete", exc_info=True)
+    if sampler is not None:
+        sampler.join()
+
+
+def _warm_up_sampler(state: GatewayState) -> None:
+    try:
+        state.ctx.sampler.load(state.ctx.registry.get(state.settings.default_model))
+    except Exception:  # as above: the first run loads it and fails its jobs with the reason if it cannot
+        log.warning("the default model did not load ahead of the first request", exc_info=True)
 
 
 class Sweeper:
