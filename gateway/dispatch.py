@@ -56,8 +56,8 @@ class LocalWorker:
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._idle = threading.Event()
         self._idle.set()
-        # Sampled runs, then the batch they came from (None: stop). At most one waits: the sampler stays at
-        # most a run ahead of the releaser.
+        # Sampled runs, then the batch they came from (None: stop). At most one waits while another is being
+        # released: the sampler never gets further ahead than that.
         self._sampled: queue.Queue[SampledRun | list[str] | None] = queue.Queue(maxsize=1)
         self._thread = threading.Thread(target=self._loop, name="embedded-worker", daemon=True)
         self._releaser = threading.Thread(target=self._release_loop, name="embedded-releaser", daemon=True)

@@ -275,7 +275,7 @@ class GenOutput:
     device_seconds: float  # this request's share of the batch's sampling + decoding time
     # CPU threads per torch call during the run: float32 sums split across threads round differently, so
     # `audit reproduce` regenerates with the same count (it is recorded with each released image).
-    torch_threads: int = 1
+    torch_threads: int
 
 
 class SamplingOptions(Protocol):
