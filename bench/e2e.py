@@ -36,7 +36,8 @@ PROMPTS = ["a small red star above a large blue circle on a white background",
            "a green square on a black background",
            "a large yellow triangle left of a small purple circle on a grey background",
            "a blue star on a white background"]
-STAGES = ("prompt_screening_s", "queue_s", "sampling_s", "output_screening_s", "signing_s", "store_s", "audit_s")
+STAGES = ("prompt_screening_s", "queue_s", "sampling_s", "decode_s", "output_screening_s", "signing_s", "store_s",
+          "audit_s")
 GOVERNANCE = ("prompt_screening_s", "output_screening_s", "signing_s", "audit_s")
 
 

@@ -276,6 +276,7 @@ class GenOutput:
     # CPU threads per torch call during the run: float32 sums split across threads round differently, so
     # `audit reproduce` regenerates with the same count (it is recorded with each released image).
     torch_threads: int
+    decode_seconds: float  # how long the whole run spent decoding codes to pixels (part of device_seconds)
 
 
 class SamplingOptions(Protocol):
@@ -377,19 +378,23 @@ class LoadedModel:
             cond, mask = self._condition(requests)
             generators = make_generators(seeds, len(seeds), self.device)
             ids = generate(self.gpt, cond, n_tokens, sampling, generators, emb_mask=mask)
+            if torch.device(self.device).type == "cuda":
+                torch.cuda.synchronize()
+            decoding = time.perf_counter()
             # One image at a time: convolutions choose their kernels by batch size, so a batch's pixels can
             # differ in the last bit from the same codes decoded alone (as `audit reproduce` decodes them).
             pixels = [to_uint8(self.vq.decode_codes(row[None], grid=(self.grid, self.grid)))[0].cpu().numpy()
                       for row in ids]
             if torch.device(self.device).type == "cuda":
                 torch.cuda.synchronize()
-            elapsed = time.perf_counter() - started
+            finished = time.perf_counter()
+        elapsed, decode_s = finished - started, finished - decoding
         images = [Image.fromarray(p) for p in pixels]
         outputs, start = [], 0
         for request in requests:
             n = request.num_images
             outputs.append(GenOutput(images[start : start + n], n * n_tokens, elapsed * n / len(seeds),
-                                     torch.get_num_threads()))
+                                     torch.get_num_threads(), decode_s))
             start += n
         return outputs
 

@@ -115,7 +115,8 @@ def test_a_sampling_run_screens_its_images_in_one_batch_and_audits_its_jobs_in_o
     for job in jobs:  # every job records the whole run's stage times, its request's audit time included
         t = job.timings
         assert t["audit_s"] == pytest.approx(t["request_audit_s"] + t["release_audit_s"], abs=2e-4)
-        assert {"prompt_screening_s", "queue_s", "sampling_s", "output_screening_s", "signing_s"} <= set(t)
+        assert {"prompt_screening_s", "queue_s", "sampling_s", "decode_s", "output_screening_s", "signing_s"} <= set(t)
+        assert t["sampling_s"] > 0 and t["decode_s"] > 0
     assert len({job.timings["signing_s"] for job in jobs}) == 1
 
 
