@@ -8,7 +8,7 @@ import io
 import json
 import struct
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -107,7 +107,9 @@ def _parsed_body(row: Any, ts: str) -> dict[str, Any]:
             "team": row.team, "job_id": row.job_id, "payload": json.loads(row.payload_json)}
 
 
-def iter_event_links(session: Session, filters: ExportFilters | None = None, start_seq: int = 1) -> Iterator[Link]:
+def iter_event_links(
+    session: Session, filters: ExportFilters | None = None, start_seq: int = 1
+) -> Generator[Link, None, None]:
     """Events from `start_seq` in seq order as chain links carrying their stored canonical bytes (no JSON
     decoding)."""
     columns = [c for c in AuditEvent.__table__.columns if c.name != "payload"]

@@ -171,6 +171,7 @@ def serve(conn: Connection, models_dir: Path, device: str, threads: int) -> None
         if message is None:
             return
         op, name, content_hash, requests, params = message
+        reply: tuple[str, Any, list[dict[str, str]]]
         try:
             model = _load(registry, name, content_hash, device)
             reply = ("ok", model.generate(requests, params) if op == "generate" else None, Registry.loaded())
