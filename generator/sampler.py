@@ -86,7 +86,7 @@ class LocalSampler:
 
 class SamplerProcess:
     """Samples in a child process (spawned, so it shares no threads or locks with this one), one run at a
-    time; a child that died is replaced on the next call, and the run it was on fails with the reason."""
+    time; a child that died is replaced (see `_call`)."""
 
     def __init__(self, models_dir: Path, device: str, threads: int) -> None:
         self._args = (Path(models_dir), device, threads)
@@ -121,18 +121,24 @@ class SamplerProcess:
             self._stop()
 
     def _call(self, op: str, card: ModelCard, requests: list[GenRequest], params: SamplingParams | None) -> Any:
+        """Run `op` in the child; a child that dies (killed, out of memory) is replaced and the call made once
+        more: sampling has no side effects, and one that kills its process twice is failed, not retried."""
         with self._lock:
-            if self._process is None or not self._process.is_alive():
-                self._start()
-            assert self._conn is not None
-            try:
-                self._conn.send((op, card.name, card.content_hash, requests, params))
-                status, value, self._loaded = self._conn.recv()
-            except (EOFError, OSError) as exc:
-                self._process.join(1.0)
-                code = self._process.exitcode
-                self._stop()
-                raise SamplerError(f"the sampler process died (exit code {code}): {exc!r}") from exc
+            for attempt in (1, 2):
+                if self._process is None or not self._process.is_alive():
+                    self._start()
+                assert self._conn is not None
+                try:
+                    self._conn.send((op, card.name, card.content_hash, requests, params))
+                    status, value, self._loaded = self._conn.recv()
+                    break
+                except (EOFError, OSError) as exc:
+                    self._process.join(1.0)
+                    code = self._process.exitcode
+                    self._stop()
+                    if attempt == 2:
+                        raise SamplerError(f"the sampler process died twice (exit code {code}): {exc!r}") from exc
+                    log.warning("the sampler process died (exit code %s); running again in a new one", code)
         if status == "error":
             raise SamplerError(value)
         return value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -80,4 +81,23 @@ def test_blocked_prompt_is_refused_with_its_decision_and_still_audited(gateway) 
     events = gateway.client.get("/v1/audit/events", params={"job_id": job_id},
                                 headers=gateway.auth(gateway.key("auditor"))).json()["data"]
     assert {"generation.requested", "prompt.screened", "generation.blocked"} <= {e["action"] for e in events}
+    assert gateway.client.get("/v1/audit/verify", headers=gateway.auth(gateway.key("auditor"))).json()["ok"]
+
+
+def test_a_sampler_process_that_died_is_replaced_and_the_next_generation_completes(gateway) -> None:
+    key = gateway.key("creator", team="design")
+
+    def generate(seed: int) -> dict:
+        created = gateway.client.post("/v1/generations", headers=gateway.auth(key),
+                                      json={"model": "demo-shapes-t2i", "prompt": PROMPT, "params": {"seed": seed}})
+        assert created.status_code == 202, created.text
+        return gateway.wait(created.json()["id"], key)
+
+    assert generate(1)["status"] == "completed"
+    sampler = gateway.state.ctx.sampler
+    dead = sampler.pid
+    os.kill(dead, signal.SIGKILL)
+    job = generate(2)
+    assert job["status"] == "completed", job
+    assert sampler.pid not in (None, dead)
     assert gateway.client.get("/v1/audit/verify", headers=gateway.auth(gateway.key("auditor"))).json()["ok"]
