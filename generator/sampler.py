@@ -165,9 +165,9 @@ class SamplerProcess:
 
 def serve(conn: Connection, models_dir: Path, device: str, threads: int) -> None:
     """The sampler process: load and run models as asked until told to stop (None) or the parent is gone."""
-    import torch
+    from generator.llamagen import configure_runtime
 
-    torch.set_num_threads(threads)
+    configure_runtime(num_threads=threads)  # as a worker process would (threads; TF32 on CUDA)
     registry = Registry(models_dir)
     while True:
         try:
