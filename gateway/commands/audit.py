@@ -218,8 +218,10 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    from generator.llamagen import configure_runtime
     from generator.pipeline import PipelineError, reproduce_event
 
+    configure_runtime()  # torch as the workers set it (TF32 matmuls on CUDA); threads come from the event
     settings = get_settings()
     try:
         with open_session(settings) as session:
