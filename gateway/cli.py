@@ -184,7 +184,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    state = build_state(settings.model_copy(update={"broker_url": None}))
+    # One run, nothing else in this process: it samples in process (a sampler process would only add its start).
+    state = build_state(settings.model_copy(update={"broker_url": None, "sampler_process": False}))
     principal = Principal(key_id=f"cli:{getpass.getuser()}", role="creator", team=args.team)
     try:
         job = submit_generation(state=state, principal=principal, request=request, request_id="cli")
