@@ -54,8 +54,6 @@ class LocalWorker:
         self._batch_wait_s = batch_wait_s
         self._pending = pending
         self._queue: queue.Queue[str | None] = queue.Queue()
-        self._idle = threading.Event()
-        self._idle.set()
         # Sampled runs, then the batch they came from (None: stop). At most one waits while another is being
         # released: the sampler never gets further ahead than that.
         self._sampled: queue.Queue[SampledRun | list[str] | None] = queue.Queue(maxsize=1)
@@ -65,7 +63,6 @@ class LocalWorker:
         self._thread.start()
 
     def submit(self, job_id: str) -> None:
-        self._idle.clear()
         self._queue.put(job_id)
 
     def ping(self) -> None:

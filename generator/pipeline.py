@@ -321,8 +321,7 @@ def release_run(ctx: PipelineContext, run: SampledRun) -> None:
     expires and the sweeper re-sends them.
     """
     try:
-        _release(ctx, run.releases, run.card, {"sampling_s": run.sampling_s, "decode_s": run.decode_s},
-                 run.started)
+        _release(ctx, run)
     except Exception as exc:
         log.exception("releasing jobs %s failed", run.job_ids)
         _fail(ctx, run.job_ids, f"release failed: {exc}")
@@ -356,14 +355,14 @@ def _each(releases: Sequence[_Release], stage: str, fn: Callable[[_Release], Non
             release.error = f"release failed: {exc}"
 
 
-def _release(ctx: PipelineContext, releases: list[_Release], model_card: ModelCard, run_stages: dict[str, float],
-             started: datetime) -> None:
+def _release(ctx: PipelineContext, run: SampledRun) -> None:
     """Screen, sign, store and audit the images of one sampling run; nothing leaves unsigned or unaudited.
 
     Each stage runs once for the whole run (one classifier batch for every image, one audit transaction for
     every job), and every job records the stage's full time: it waited for all of it before it was done.
     """
-    card = _CardFacts.of(model_card)
+    releases, started = run.releases, run.started
+    card = _CardFacts.of(run.card)
     t0 = time.perf_counter()
     by_revision: dict[str, list[_Release]] = {}
     for release in releases:
@@ -381,8 +380,8 @@ def _release(ctx: PipelineContext, releases: list[_Release], model_card: ModelCa
     sign_s = time.perf_counter() - t0 - screen_s
     _each(releases, "storing", lambda release: _store(ctx, release))
     store_s = time.perf_counter() - t0 - screen_s - sign_s
-    stages = {**{k: round(v, 4) for k, v in run_stages.items()}, "output_screening_s": round(screen_s, 4),
-              "signing_s": round(sign_s, 4), "store_s": round(store_s, 4)}
+    stages = {"sampling_s": round(run.sampling_s, 4), "decode_s": round(run.decode_s, 4),
+              "output_screening_s": round(screen_s, 4), "signing_s": round(sign_s, 4), "store_s": round(store_s, 4)}
     ready = [release for release in releases if release.error is None]
     try:
         _record(ctx, ready, card, stages, started)

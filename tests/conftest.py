@@ -26,7 +26,7 @@ def make_settings(data_dir: Path, **overrides: Any) -> Any:
     values: dict[str, Any] = {"env": "test", "data_dir": data_dir, "models_dir": DEMO_MODELS,
                               "policy_file": DEFAULT_POLICY, "session_secret": "test-session-secret",
                               "worker_batch_wait_ms": 5, "log_json": False, "device": "cpu",
-                              # In-process, so that tests can patch the pipeline; tests/gateway/test_sampler.py
+                              # In-process, so that tests can patch the pipeline; tests/generator/test_sampler.py
                               # and the served gateways of the end-to-end tests use the sampler process.
                               "sampler_process": False}
     values.update(overrides)
