@@ -349,11 +349,14 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.feed_forward.fuse_gate_up()
 
-    def pack_weights(self, rows_hint: int = packing.DECODE_ROWS_HINT) -> None:
-        """Give every block linear and the output head a oneDNN-packed copy for inference matmuls.
+    def pack_weights(
+        self, rows_hint: int = packing.DECODE_ROWS_HINT, min_elements: int = packing.PACK_MIN_ELEMENTS
+    ) -> None:
+        """Give the block linears and the output head a oneDNN-packed copy for inference matmuls.
 
         Decode streams every weight once per step for a couple of rows; oneDNN's packed layout streams
         faster than MKL on either plain layout. The packed copies double the CPU memory of those weights.
+        Weights under `min_elements` stay plain: for them a packed call's fixed cost outweighs the gain.
         Parameters and state_dict are unchanged; a copy is ignored (plain F.linear) once its weight is
         replaced or changed in place, or while gradients are enabled. Call after fuse_gate_up().
         """
@@ -364,9 +367,9 @@ class Transformer(nn.Module):
             if ff.w13 is None:
                 linears += [ff.w1, ff.w3]
             else:
-                ff.w13_packed = packing.pack(ff.w13, rows_hint, watch=(ff.w1.weight, ff.w3.weight))
+                ff.w13_packed = packing.pack(ff.w13, rows_hint, (ff.w1.weight, ff.w3.weight), min_elements)
         for linear in linears:
-            linear.packed_weight = packing.pack(linear.weight, rows_hint)
+            linear.packed_weight = packing.pack(linear.weight, rows_hint, min_elements=min_elements)
 
     @property
     def prefix_len(self) -> int:

@@ -15,6 +15,11 @@ from torch import Tensor
 # Rows per matmul the packing is tuned for: batch-1 decode under CFG runs 2 rows (cond and null).
 # Any row count works with any packing, and a row's result does not depend on the other rows.
 DECODE_ROWS_HINT = 2
+# Smallest weight (elements) worth packing. A packed matmul costs about 35 us per call before any work on the
+# 2-core CPU, so small weights run 2-4x faster plain: at 1-2 rows a 192x192 weight takes 7-10 us plain
+# against 33, a 1024x192 one 28-48 us against 44-51. From about 0.6M elements (768x768, GPT-B's smallest)
+# packing wins at 2+ rows, 1.3-3x on the larger ones. The demo models' weights all fall below the line.
+PACK_MIN_ELEMENTS = 1 << 19
 # float32 only: oneDNN's bf16 packing needs AVX512-BF16 or AVX-NE-CONVERT, and bf16 linears already run
 # through oneDNN with its own per-call weight handling.
 PACKED_DTYPES = (torch.float32,)
@@ -43,13 +48,21 @@ class PackedWeight:
         )
 
 
-def pack(weight: Tensor, rows_hint: int = DECODE_ROWS_HINT, watch: Sequence[Tensor] = ()) -> PackedWeight | None:
-    """Packed copy of a CPU float32 weight [out, in], or None where packing does not apply.
+def pack(
+    weight: Tensor,
+    rows_hint: int = DECODE_ROWS_HINT,
+    watch: Sequence[Tensor] = (),
+    min_elements: int = PACK_MIN_ELEMENTS,
+) -> PackedWeight | None:
+    """Packed copy of a CPU float32 weight [out, in], or None where packing does not apply or does not pay.
 
     watch: the parameters whose in-place updates must invalidate the copy when they are not `weight`
     itself (a fused matrix whose halves are parameters set through `.data` keeps no shared version).
+    min_elements: smaller weights stay plain (see PACK_MIN_ELEMENTS).
     """
     if weight.device.type != "cpu" or weight.dtype not in PACKED_DTYPES or not packing_available():
+        return None
+    if weight.numel() < min_elements:
         return None
     watched = tuple(watch) or (weight,)
     with torch.no_grad():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from generator.llamagen import Transformer
-from generator.llamagen.packing import linear, pack, packing_available
+from generator.llamagen.packing import PACK_MIN_ELEMENTS, linear, pack, packing_available
 from tests.generator.conftest import tiny_gpt
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this PyTorch build has no oneDNN packed linears")
@@ -16,20 +16,20 @@ def packed_gpt(seed: int = 0) -> Transformer:
     model = tiny_gpt("c2i", seed=seed)
     model.use_streaming_layout()
     model.fuse_gate_up()
-    model.pack_weights()
+    model.pack_weights(min_elements=0)  # the tiny test weights are below the size that pays
     return model
 
 
 def test_packed_linear_matches_f_linear_to_float32_rounding() -> None:
     w, x = torch.randn(96, 64), torch.randn(3, 5, 64)
     with torch.inference_mode():
-        out = linear(x, w, pack(w))
+        out = linear(x, w, pack(w, min_elements=0))
     assert torch.allclose(out, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
 def test_packed_linear_rows_do_not_depend_on_the_other_rows() -> None:
     w, x = torch.randn(96, 64), torch.randn(16, 64)
-    packed = pack(w)
+    packed = pack(w, min_elements=0)
     with torch.inference_mode():
         assert torch.equal(linear(x[3:5], w, packed), linear(x, w, packed)[3:5])
 
@@ -65,3 +65,14 @@ def test_packed_copies_are_ignored_while_gradients_are_enabled() -> None:
 
 def test_bf16_weights_are_not_packed() -> None:
     assert pack(torch.randn(8, 8, dtype=torch.bfloat16)) is None
+
+
+def test_only_weights_large_enough_to_gain_are_packed() -> None:
+    assert pack(torch.randn(1024, 192)) is None  # the demo models' largest: plain F.linear is faster
+    assert pack(torch.randn(768, 768)) is not None  # GPT-B's smallest
+    model = tiny_gpt("c2i")
+    model.fuse_gate_up()
+    model.pack_weights()
+    assert all(getattr(m, "packed_weight", None) is None for m in model.modules())
+    assert all(layer.feed_forward.w13_packed is None for layer in model.layers)
+    assert PACK_MIN_ELEMENTS <= 768 * 768
