@@ -3,6 +3,8 @@
 Concurrency 1, 4 and 16 clients, with dynamic batching (batch 8) and without (batch 1); the share of each
 stage of the end-to-end latency. Targets: governance stages (prompt screening, output screening, signing,
 audit) <= 5% of end-to-end latency; batching >= 3x throughput at concurrency 16 over concurrency 1.
+Each configuration also prints the CPU time the gateway's processes (gateway + sampler) spent per image: at
+concurrency 16 throughput is bounded by cores / that figure, whichever process the work runs in.
 
 Clients wait for their jobs with the long-poll of `GET /v1/generations/{id}?wait=S`; `--poll 0.1` makes
 them poll every 0.1 s instead (how this bench measured before the gateway offered the wait).
@@ -82,17 +84,60 @@ def run(model: str, jobs: int, concurrency: int, batch: int, poll_s: float = 0.0
                     return time.perf_counter() - t0, done["timings"]
 
                 one(0)  # warm: models and classifiers loaded
+                cpu0, worker0 = _process_tree_cpu_s(server.pid), _worker_metrics(client)
                 t0 = time.perf_counter()
                 with ThreadPoolExecutor(concurrency) as pool:
                     results = list(pool.map(one, range(1, jobs + 1)))
                 wall = time.perf_counter() - t0
+                cpu1, worker1 = _process_tree_cpu_s(server.pid), _worker_metrics(client)
         finally:
             server.terminate()
             server.wait(timeout=30)
     latencies = [r[0] for r in results]
     shares = {s: statistics.mean(r[1].get(s, 0.0) for r in results) for s in STAGES}
+    cpu = {} if cpu0 is None or cpu1 is None else {"cpu_per_image": (cpu1 - cpu0) / jobs}
+    runs = worker1["worker_batch_size_count"] - worker0["worker_batch_size_count"]
+    worker = {"batch_mean": (worker1["worker_batch_size_sum"] - worker0["worker_batch_size_sum"]) / max(runs, 1),
+              "sampler_busy": (worker1["worker_busy_seconds_total"] - worker0["worker_busy_seconds_total"]) / wall}
     return {"throughput": jobs / wall, "p50": statistics.median(latencies), "mean": statistics.mean(latencies),
-            **shares}
+            **shares, **cpu, **worker}
+
+
+def _process_tree_cpu_s(root: int) -> float | None:
+    """CPU seconds (user + system) used so far by process `root` and its live descendants (the sampler
+    process), from /proc; None where there is no /proc."""
+    proc = Path("/proc")
+    if not (proc / str(root) / "stat").exists():
+        return None
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent pid, cpu seconds)
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    tree, total = {root}, 0.0
+    for pid in sorted(stats):  # children have larger pids than their parents here (no pid wrap-around)
+        if pid in tree or stats[pid][0] in tree:
+            tree.add(pid)
+            total += stats[pid][1]
+    return total
+
+
+WORKER_METRICS = ("worker_batch_size_sum", "worker_batch_size_count", "worker_busy_seconds_total")
+
+
+def _worker_metrics(client: httpx.Client) -> dict[str, float]:
+    """The worker's counters from /metrics: jobs per sampling run, and seconds spent sampling and decoding."""
+    values = dict.fromkeys(WORKER_METRICS, 0.0)
+    for line in client.get("/metrics").text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in values:
+            values[name] = float(value)
+    return values
 
 
 def _wait_ready(client: httpx.Client) -> None:
@@ -119,9 +164,17 @@ def _governance(r: dict[str, float]) -> float:
 
 def _line(label: str, r: dict[str, float]) -> str:
     gov = _governance(r)
+    cpu = ""
+    if "cpu_per_image" in r:  # the gateway's processes cannot serve more than cores / cpu-per-image
+        ceiling = (os.cpu_count() or 1) / r["cpu_per_image"]
+        reached = 100 * r["throughput"] / ceiling
+        cpu = (f"\n    cpu {r['cpu_per_image'] * 1000:.0f} ms per image (gateway + sampler processes): "
+               f"at most {ceiling:.1f} images/s on {os.cpu_count()} cores, {reached:.0f}% reached")
     return (f"{label}: {r['throughput']:.2f} images/s, p50 {r['p50'] * 1000:.0f} ms, governance {gov * 1000:.1f} ms "
             f"= {100 * gov / r['mean']:.1f}% of end-to-end\n"
-            "    stages (mean ms): " + ", ".join(f"{s[:-2]} {r[s] * 1000:.1f}" for s in STAGES))
+            "    stages (mean ms): " + ", ".join(f"{s[:-2]} {r[s] * 1000:.1f}" for s in STAGES) + "\n"
+            f"    {r['batch_mean']:.1f} jobs per sampling run; the sampler was busy "
+            f"{100 * r['sampler_busy']:.0f}% of the time" + cpu)
 
 
 def _mean(results: list[dict[str, float]]) -> dict[str, float]:
