@@ -119,11 +119,14 @@ def _process_tree_cpu_s(root: int) -> float | None:
         except (OSError, IndexError):
             continue  # exited meanwhile
         stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-    tree, total = {root}, 0.0
-    for pid in sorted(stats):  # children have larger pids than their parents here (no pid wrap-around)
-        if pid in tree or stats[pid][0] in tree:
-            tree.add(pid)
-            total += stats[pid][1]
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in stats.items():
+        children.setdefault(parent, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, (0, 0.0))[1]
+        todo += children.get(pid, [])
     return total
 
 
