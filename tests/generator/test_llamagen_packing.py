@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from generator.llamagen import Transformer
-from generator.llamagen.packing import PACK_MIN_ELEMENTS, linear, pack, packing_available
+from generator.llamagen.packing import linear, pack, packing_available
 from tests.generator.conftest import tiny_gpt
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this PyTorch build has no oneDNN packed linears")
@@ -75,4 +75,3 @@ def test_only_weights_large_enough_to_gain_are_packed() -> None:
     model.pack_weights()
     assert all(getattr(m, "packed_weight", None) is None for m in model.modules())
     assert all(layer.feed_forward.w13_packed is None for layer in model.layers)
-    assert PACK_MIN_ELEMENTS <= 768 * 768
