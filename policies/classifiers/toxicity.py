@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from policies.classifiers.base import ClassifierError, file_sha256
+from policies.classifiers.base import ClassifierError, file_sha256, trace
 from policies.schema import DetoxifyModel
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,13 @@ class _LoadedDetoxify:
         self.labels = labels
         self.device = device
         self.max_tokens = int(getattr(model.config, "max_position_embeddings", 512))
+        model.config.return_dict = False  # logits as a tuple's first item: what a traced graph can return
+        self.logits = trace(model, dict(self.tokens(["a traced example", "of two prompts"])))
+
+    def tokens(self, texts: list[str]) -> Any:
+        """The tokenizer's tensors (input_ids, attention_mask and, for BERT, token_type_ids) on the device."""
+        return self.tokenizer(texts, return_tensors="pt", truncation=True, padding=True,
+                              max_length=self.max_tokens).to(self.device)
 
 
 _MODELS: dict[tuple[str, str], _LoadedDetoxify] = {}
@@ -87,8 +94,6 @@ class DetoxifyClassifier:
         if not inputs:
             return []
         detox = self._detox
-        batch = detox.tokenizer(list(inputs), return_tensors="pt", truncation=True, padding=True,
-                                max_length=detox.max_tokens).to(detox.device)
         with torch.inference_mode():
-            probs = torch.sigmoid(detox.model(**batch).logits).cpu().tolist()
+            probs = torch.sigmoid(detox.logits(**detox.tokens(list(inputs)))[0]).cpu().tolist()
         return [{label: round(p, 6) for label, p in zip(detox.labels, row, strict=True)} for row in probs]

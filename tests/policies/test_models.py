@@ -45,6 +45,17 @@ def test_detoxify_checkpoint_scores_every_label_offline(tiny_detoxify_dir: Path)
     assert all(0.0 <= v <= 1.0 for v in scores.values())
 
 
+def test_detoxify_scores_come_from_a_traced_graph_equal_to_the_eager_model(tiny_detoxify_dir: Path) -> None:
+    classifier = DetoxifyClassifier(detox_spec(tiny_detoxify_dir), tiny_detoxify_dir)  # traced on two prompts
+    texts = ["hi", "a much longer prompt, so that the others are padded to its length", "you are a wonderful person"]
+    detox = classifier._detox
+    with torch.inference_mode():
+        eager = torch.sigmoid(detox.model(**detox.tokens(texts))[0])
+    for i, (text, row) in enumerate(zip(texts, classifier.score(texts), strict=True)):
+        assert list(row.values()) == pytest.approx(eager[i].tolist(), abs=1e-6)  # padded in a batch
+        assert row == pytest.approx(classifier.score([text])[0], abs=1e-6)  # alone
+
+
 def test_detoxify_refuses_a_checkpoint_whose_hash_differs_from_the_pin(tiny_detoxify_dir: Path) -> None:
     with pytest.raises(ClassifierError, match="refusing to unpickle"):
         DetoxifyClassifier(detox_spec(tiny_detoxify_dir, sha256="0" * 64), tiny_detoxify_dir)
