@@ -123,6 +123,10 @@ def trace(model: Any, example: tuple[Any, ...] | dict[str, Any]) -> Callable[...
         # the tracer warns it records as constants: they are, for a loaded model.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]
         if isinstance(example, dict):
-            return torch.jit.trace(  # type: ignore[no-untyped-call, no-any-return]
-                model, example_kwarg_inputs=example, check_trace=False)
-        return torch.jit.trace(model, example, check_trace=False)  # type: ignore[no-untyped-call, no-any-return]
+            graph = torch.jit.trace(model, example_kwarg_inputs=example, check_trace=False)  # type: ignore[no-untyped-call]
+        else:
+            graph = torch.jit.trace(model, example, check_trace=False)  # type: ignore[no-untyped-call]
+    with torch.inference_mode():  # the executor profiles a graph's first run and optimises it on the second:
+        for _ in range(2):  # both happen here (measured: 70 and 28 ms for MiniLM, then 11 ms), not on a request
+            graph(**example) if isinstance(example, dict) else graph(*example)
+    return graph  # type: ignore[no-any-return]
