@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from policies.classifiers.base import trace
+from policies.classifiers.base import length_groups, trace
 
 
 @dataclass(frozen=True)
@@ -180,23 +180,4 @@ class SentenceEncoder:
                 longest = lengths[group[0]]  # right padding: the group's tokens are its first `longest` columns
                 out[group] = self.embed(ids[group, :longest], mask[group, :longest]).cpu()
         return out
-
-
-# A prompt joins a batch whose longest prompt has at most this many times its tokens. Measured at 1 thread:
-# the e2e bench's mix of 9- to 16-token prompts, 7 at once, takes 33 ms padded as one batch and 36 ms as two
-# (matmuls with fewer rows run less efficiently); one 75-token prompt with seven 9-token ones takes 185 ms
-# padded and 50 ms as two batches.
-MAX_PADDING_FACTOR = 2.0
-
-
-def length_groups(lengths: list[int], factor: float = MAX_PADDING_FACTOR) -> list[list[int]]:
-    """Indices of `lengths` grouped longest first; an index joins the current group while that group's
-    longest is at most `factor` times its length, so no prompt is padded to more than `factor` times itself."""
-    groups: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        if groups and lengths[groups[-1][0]] <= factor * lengths[i]:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
 

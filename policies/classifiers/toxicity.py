@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from policies.classifiers.base import ClassifierError, file_sha256, trace
+from policies.classifiers.base import ClassifierError, file_sha256, length_groups, trace
 from policies.schema import DetoxifyModel
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,12 @@ class DetoxifyClassifier:
         if not inputs:
             return []
         detox = self._detox
+        batch = detox.tokens(list(inputs))
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        probs = torch.empty(len(inputs), len(detox.labels))
         with torch.inference_mode():
-            probs = torch.sigmoid(detox.logits(**detox.tokens(list(inputs)))[0]).cpu().tolist()
-        return [{label: round(p, 6) for label, p in zip(detox.labels, row, strict=True)} for row in probs]
+            for group in length_groups(lengths):  # a long prompt does not pad the short ones to its length
+                longest = lengths[group[0]]
+                tensors = {name: value[group, :longest] for name, value in batch.items()}
+                probs[group] = torch.sigmoid(detox.logits(**tensors)[0]).cpu()
+        return [{label: round(p, 6) for label, p in zip(detox.labels, row, strict=True)} for row in probs.tolist()]

