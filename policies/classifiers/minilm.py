@@ -161,6 +161,7 @@ class SentenceEncoder:
         from transformers import AutoTokenizer
 
         self.tokenizer: Any = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        self.tokenizer.padding_side = "right"  # `encode` cuts a group's padding off the end
         self.model = load_bert(model_dir, device)
         self.device = device
         self.embed = trace(MeanPooled(self.model), self._tokens(["a traced example", "of two prompts"]))
@@ -172,12 +173,13 @@ class SentenceEncoder:
     def encode(self, texts: list[str]) -> Tensor:
         """(len(texts), hidden) float32 embeddings on the CPU; texts of very different lengths are embedded
         in separate batches (`length_groups`), so that one long prompt does not pad every short one to it."""
+        out = torch.empty(len(texts), self.model.config.hidden_size)
+        if not texts:
+            return out
         ids, mask = self._tokens(texts)
         lengths = mask.sum(dim=1).tolist()
-        out = torch.empty(len(texts), self.model.config.hidden_size)
         with torch.inference_mode():
             for group in length_groups(lengths):
                 longest = lengths[group[0]]  # right padding: the group's tokens are its first `longest` columns
                 out[group] = self.embed(ids[group, :longest], mask[group, :longest]).cpu()
         return out
-

@@ -75,6 +75,7 @@ def _load(spec: DetoxifyModel, models_dir: Path, device: str) -> _LoadedDetoxify
         model, tokenizer = get_model_and_tokenizer(**arch, state_dict=state_dict,
                                                    huggingface_config_path=str(config_dir))
         model.to(device).eval()
+        tokenizer.padding_side = "right"  # `score` cuts a group's padding off the end
         _MODELS[key] = _LoadedDetoxify(model, tokenizer, [_RENAMED.get(c, c) for c in classes], device)
         return _MODELS[key]
 

@@ -82,3 +82,7 @@ def test_one_long_prompt_does_not_pad_the_short_ones_and_changes_no_embedding() 
     assert shapes == [(1, lengths[1]), (3, max(lengths[0], *lengths[2:]))]
     alone = torch.cat([encoder.encode([text]) for text in texts])
     torch.testing.assert_close(together, alone, atol=1e-6, rtol=0)
+
+
+def test_no_texts_give_no_embeddings() -> None:
+    assert SentenceEncoder(MODEL_DIR).encode([]).shape == (0, 384)
