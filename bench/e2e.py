@@ -9,12 +9,15 @@ concurrency 16 throughput is bounded by cores / that figure, whichever process t
 Clients wait for their jobs with the long-poll of `GET /v1/generations/{id}?wait=S`; `--poll 0.1` makes
 them poll every 0.1 s instead (how this bench measured before the gateway offered the wait).
 
+`--readers N` adds N clients that list the team's latest 200 generations in a loop while the jobs run:
+Python-heavy traffic in the gateway's process, next to its screening, signing and audit work.
+
 `--compare DIR` serves each configuration from another checkout too (e.g. `git archive` of an older commit,
 with its `models` linked to this one's), alternating the two `--rounds` times, and prints new/old ratios:
 on shared, noisy machines only same-run ratios mean anything.
 
     .venv/bin/python bench/e2e.py [--jobs 32] [--model demo-shapes-t2i] [--poll 0] [--configs 1x1,8x16]
-                                  [--compare /tmp/old --rounds 2]
+                                  [--readers 2] [--compare /tmp/old --rounds 2]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,9 +54,9 @@ def _free_port() -> int:
 
 
 def run(model: str, jobs: int, concurrency: int, batch: int, poll_s: float = 0.0,
-        repo: Path = REPO) -> dict[str, float]:
+        repo: Path = REPO, readers: int = 0) -> dict[str, float]:
     """One configuration against a gateway served from `repo` in its own process (clients long-poll, or poll
-    every `poll_s` seconds)."""
+    every `poll_s` seconds), with `readers` clients listing generations meanwhile."""
     with tempfile.TemporaryDirectory() as tmp:
         port = _free_port()
         env = {**os.environ, "LLAMAGEN_GATEWAY_DATA_DIR": f"{tmp}/var", "LLAMAGEN_GATEWAY_ENV": "test",
@@ -84,10 +88,27 @@ def run(model: str, jobs: int, concurrency: int, batch: int, poll_s: float = 0.0
                     return time.perf_counter() - t0, done["timings"]
 
                 one(0)  # warm: models and classifiers loaded
+                done_event = threading.Event()
+                listed = [0] * readers
+
+                def read(i: int) -> None:
+                    with httpx.Client(base_url=base, headers=client.headers, timeout=600) as own:
+                        while not done_event.is_set():
+                            own.get("/v1/generations", params={"limit": 200}).raise_for_status()
+                            listed[i] += 1
+
+                reader_threads = [threading.Thread(target=read, args=(i,)) for i in range(readers)]
                 cpu0, worker0 = _process_tree_cpu_s(server.pid), _worker_metrics(client)
                 t0 = time.perf_counter()
-                with ThreadPoolExecutor(concurrency) as pool:
-                    results = list(pool.map(one, range(1, jobs + 1)))
+                for thread in reader_threads:
+                    thread.start()
+                try:
+                    with ThreadPoolExecutor(concurrency) as pool:
+                        results = list(pool.map(one, range(1, jobs + 1)))
+                finally:
+                    done_event.set()
+                    for thread in reader_threads:
+                        thread.join()
                 wall = time.perf_counter() - t0
                 cpu1, worker1 = _process_tree_cpu_s(server.pid), _worker_metrics(client)
         finally:
@@ -100,7 +121,7 @@ def run(model: str, jobs: int, concurrency: int, batch: int, poll_s: float = 0.0
     worker = {"batch_mean": (worker1["worker_batch_size_sum"] - worker0["worker_batch_size_sum"]) / max(runs, 1),
               "sampler_busy": (worker1["worker_busy_seconds_total"] - worker0["worker_busy_seconds_total"]) / wall}
     return {"throughput": jobs / wall, "p50": statistics.median(latencies), "mean": statistics.mean(latencies),
-            **shares, **cpu, **worker}
+            "lists_per_s": sum(listed) / wall, **shares, **cpu, **worker}
 
 
 def _process_tree_cpu_s(root: int) -> float | None:
@@ -173,11 +194,14 @@ def _line(label: str, r: dict[str, float]) -> str:
         reached = 100 * r["throughput"] / ceiling
         cpu = (f"\n    cpu {r['cpu_per_image'] * 1000:.0f} ms per image (gateway + sampler processes): "
                f"at most {ceiling:.1f} images/s on {os.cpu_count()} cores, {reached:.0f}% reached")
+    readers = ""
+    if r["lists_per_s"]:
+        readers = f"\n    readers listed 200 generations {r['lists_per_s']:.1f} times/s meanwhile"
     return (f"{label}: {r['throughput']:.2f} images/s, p50 {r['p50'] * 1000:.0f} ms, governance {gov * 1000:.1f} ms "
             f"= {100 * gov / r['mean']:.1f}% of end-to-end\n"
             "    stages (mean ms): " + ", ".join(f"{s[:-2]} {r[s] * 1000:.1f}" for s in STAGES) + "\n"
             f"    {r['batch_mean']:.1f} jobs per sampling run; the sampler was busy "
-            f"{100 * r['sampler_busy']:.0f}% of the time" + cpu)
+            f"{100 * r['sampler_busy']:.0f}% of the time" + cpu + readers)
 
 
 def _mean(results: list[dict[str, float]]) -> dict[str, float]:
@@ -191,6 +215,8 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=0.0, help="poll every S seconds instead of long-polling")
     parser.add_argument("--configs", default="1x1,1x4,1x16,8x1,8x4,8x16",
                         help="BATCHxCONCURRENCY pairs to run, comma-separated")
+    parser.add_argument("--readers", type=int, default=0,
+                        help="clients listing 200 generations in a loop while the jobs run")
     parser.add_argument("--compare", type=Path, help="another checkout to serve each configuration from too")
     parser.add_argument("--rounds", type=int, default=1, help="with --compare: alternations per configuration")
     args = parser.parse_args()
@@ -202,7 +228,7 @@ def main() -> None:
         results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
         for _ in range(args.rounds if args.compare else 1):
             for name, tree in trees.items():
-                results[name].append(run(args.model, jobs, conc, batch, args.poll, tree))
+                results[name].append(run(args.model, jobs, conc, batch, args.poll, tree, args.readers))
         for name in trees:
             r = rows[(name, batch, conc)] = _mean(results[name])
             label = f"batch {batch} concurrency {conc:2}" + (f" [{name}]" if args.compare else "")
