@@ -100,18 +100,20 @@ def _hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def trace(model: Any, example: tuple[Any, ...] | dict[str, Any]) -> Callable[..., Any]:
-    """`model`'s forward as a TorchScript graph, which runs from start to end without the GIL; `example` is
-    its positional arguments, or its keyword arguments (then the graph is called with those keywords).
+def trace(model: Any, example: Inputs, check: Inputs) -> Callable[..., Any]:
+    """`model`'s forward as a TorchScript graph, which runs from start to end without the GIL. `example` and
+    `check` are two sets of its inputs of different shapes: positional arguments, or keyword arguments
+    (then the graph is called with those keywords).
 
     Classifiers run in the gateway's request and release threads, which share the interpreter with the
     server's other threads. An eager forward lets go of the GIL around each op and waits to get it back,
     up to a switch interval (5 ms) whenever another thread holds it. Measured with 1 torch thread, one
     prompt, next to a busy Python thread (alone in brackets): MiniLM 900 ms eager, 27 ms traced (10 ms);
     a BERT-base of Detoxify's size 1.5-1.8 s eager, 110 ms traced (75-82 ms).
-    Batch size and sequence length stay dynamic (shapes are read from the inputs); the tests compare each
-    traced model with its eager forward on shapes other than the example's. The model's weights stop
-    requiring gradients: a graph that ran once with autograd recording fails later under inference_mode.
+
+    A trace records the ops that ran on `example`: a shape or a branch the forward took in Python would be
+    fixed in the graph. So the graph must give the eager result on `check` too, or the model is refused
+    (ClassifierError): fail closed. The weights stop requiring gradients, so that no call records autograd.
     """
     import torch
 
@@ -119,8 +121,7 @@ def trace(model: Any, example: tuple[Any, ...] | dict[str, Any]) -> Callable[...
     with warnings.catch_warnings(), torch.no_grad():
         # torch.jit is deprecated in favour of torch.compile/export, which need a compiler or Python per op.
         warnings.simplefilter("ignore", FutureWarning)
-        # Library forwards (torch's multi-head attention in open_clip) assert weight shapes in Python, which
-        # the tracer warns it records as constants: they are, for a loaded model.
+        # The tracer warns where a forward reads a tensor in Python; the check below decides instead.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]
         if isinstance(example, dict):
             graph = torch.jit.trace(model, example_kwarg_inputs=example, check_trace=False)  # type: ignore[no-untyped-call]
@@ -128,8 +129,24 @@ def trace(model: Any, example: tuple[Any, ...] | dict[str, Any]) -> Callable[...
             graph = torch.jit.trace(model, example, check_trace=False)  # type: ignore[no-untyped-call]
     with torch.inference_mode():  # the executor profiles a graph's first run and optimises it on the second:
         for _ in range(2):  # both happen here (measured: 70 and 28 ms for MiniLM, then 11 ms), not on a request
-            graph(**example) if isinstance(example, dict) else graph(*example)
+            _call(graph, example)
+        traced, eager = _call(graph, check), _call(model, check)
+    for got, want in zip(_tensors(traced), _tensors(eager), strict=True):
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            raise ClassifierError(f"the traced graph of {type(model).__name__} differs from its eager forward on "
+                                  "inputs of another shape; refusing to serve it")
     return graph  # type: ignore[no-any-return]
+
+
+Inputs = tuple[Any, ...] | dict[str, Any]
+
+
+def _call(fn: Any, inputs: Inputs) -> Any:
+    return fn(**inputs) if isinstance(inputs, dict) else fn(*inputs)
+
+
+def _tensors(output: Any) -> list[Any]:
+    return list(output) if isinstance(output, tuple | list) else [output]
 
 
 # A prompt joins a batch whose longest prompt has at most this many times its tokens. Measured with MiniLM

@@ -30,8 +30,25 @@ class _LoadedClip:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.device = device
-        example = preprocess(Image.new("RGB", (64, 64))).unsqueeze(0).repeat(2, 1, 1, 1).to(device)
-        self.encode_image = trace(model.visual, (example,))  # open_clip's encode_image, as one graph
+        pixels = preprocess(Image.new("RGB", (64, 64), "red")).unsqueeze(0).to(device)
+        self.encode_image = trace(_image_embedding(model), (pixels.repeat(2, 1, 1, 1),),
+                                  check=(pixels.repeat(3, 1, 1, 1),))
+
+
+def _image_embedding(model: Any) -> Any:
+    """open_clip's `encode_image` as a module's forward, for tracing (CoCa's image tower, `model.visual`,
+    returns more than the embedding)."""
+    import torch
+
+    class ImageEmbedding(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.clip = model
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            return self.clip.encode_image(pixels)  # type: ignore[no-any-return]
+
+    return ImageEmbedding()
 
 
 _MODELS: dict[tuple[str, str, str], _LoadedClip] = {}

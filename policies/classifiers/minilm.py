@@ -164,7 +164,8 @@ class SentenceEncoder:
         self.tokenizer.padding_side = "right"  # `encode` cuts a group's padding off the end
         self.model = load_bert(model_dir, device)
         self.device = device
-        self.embed = trace(MeanPooled(self.model), self._tokens(["a traced example", "of two prompts"]))
+        self.embed = trace(MeanPooled(self.model), self._tokens(["a traced example", "of two prompts"]),
+                           check=self._tokens(["a third prompt, longer than the two it was traced on", "a", "b"]))
 
     def _tokens(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")

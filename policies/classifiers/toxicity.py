@@ -31,7 +31,8 @@ class _LoadedDetoxify:
         self.device = device
         self.max_tokens = int(getattr(model.config, "max_position_embeddings", 512))
         model.config.return_dict = False  # logits as a tuple's first item: what a traced graph can return
-        self.logits = trace(model, dict(self.tokens(["a traced example", "of two prompts"])))
+        self.logits = trace(model, dict(self.tokens(["a traced example", "of two prompts"])),
+                            check=dict(self.tokens(["a third prompt, longer than the two it was traced on", "a", "b"])))
 
     def tokens(self, texts: list[str]) -> Any:
         """The tokenizer's tensors (input_ids, attention_mask and, for BERT, token_type_ids) on the device."""

@@ -112,22 +112,35 @@ TINY_CLIP_CONFIG = {
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
+# CoCa: its image tower returns the pooled embedding and the image tokens; encode_image picks the first.
+TINY_COCA_CONFIG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16,
+                   "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+                 "embed_cls": True, "output_tokens": True},
+    "multimodal_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+                       "attn_pooler_heads": 2},
+    "custom_text": True,
+}
 
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models dir with a tiny random open_clip model: tiny/tinyclip.json + tiny/tinyclip.pt."""
+    """A models dir with tiny random open_clip models: tiny/tinyclip.json + tiny/tinyclip.pt, and the same
+    for a CoCa (tiny/tinycoca.*)."""
     import open_clip
     import torch
 
     root = tmp_path_factory.mktemp("clip-models")
     (root / "tiny").mkdir()
-    config = root / "tiny" / "tinyclip.json"
-    config.write_text(json.dumps(TINY_CLIP_CONFIG))
-    open_clip.add_model_config(config)
-    torch.manual_seed(0)
-    model = open_clip.create_model("tinyclip", pretrained=None)
-    torch.save(model.state_dict(), root / "tiny" / "tinyclip.pt")
+    for name, spec in (("tinyclip", TINY_CLIP_CONFIG), ("tinycoca", TINY_COCA_CONFIG)):
+        config = root / "tiny" / f"{name}.json"
+        config.write_text(json.dumps(spec))
+        open_clip.add_model_config(config)
+        torch.manual_seed(0)
+        model = open_clip.create_model(name, pretrained=None)
+        torch.save(model.state_dict(), root / "tiny" / f"{name}.pt")
     return root
 
 

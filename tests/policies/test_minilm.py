@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -58,10 +59,12 @@ def test_a_missing_weight_is_an_error_naming_it(tmp_path: Path) -> None:
         load_bert(tmp_path)
 
 
-def test_the_traced_embedding_runs_after_calls_outside_inference_mode() -> None:
+def test_the_traced_embedding_records_no_autograd_in_or_outside_inference_mode() -> None:
     encoder = SentenceEncoder(MODEL_DIR)
+    assert not any(parameter.requires_grad for parameter in encoder.model.parameters())
     batch = encoder.tokenizer(PROMPTS, padding=True, return_tensors="pt")
-    outside = [encoder.embed(batch["input_ids"], batch["attention_mask"]) for _ in range(2)]  # profiled runs
+    outside = [encoder.embed(batch["input_ids"], batch["attention_mask"]) for _ in range(2)]  # autograd mode
+    assert not any(embedding.requires_grad for embedding in outside)
     torch.testing.assert_close(encoder.encode(PROMPTS), outside[-1], atol=1e-6, rtol=0)  # under inference_mode
 
 
@@ -86,3 +89,14 @@ def test_one_long_prompt_does_not_pad_the_short_ones_and_changes_no_embedding() 
 
 def test_no_texts_give_no_embeddings() -> None:
     assert SentenceEncoder(MODEL_DIR).encode([]).shape == (0, 384)
+
+
+def test_a_tokenizer_configured_to_pad_on_the_left_gives_the_same_embeddings(tmp_path: Path) -> None:
+    for item in MODEL_DIR.iterdir():
+        if item.name != "tokenizer_config.json":
+            (tmp_path / item.name).symlink_to(item)
+    config = json.loads((MODEL_DIR / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+    texts = ["a corgi", "a red star", "a watercolor painting of a lighthouse"]  # one group: 2x padding at most
+    torch.testing.assert_close(SentenceEncoder(tmp_path).encode(texts), SentenceEncoder(MODEL_DIR).encode(texts),
+                               atol=1e-6, rtol=0)

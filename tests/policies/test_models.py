@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from policies.classifiers.base import ClassifierError, file_sha256
+from policies.classifiers.base import ClassifierError, file_sha256, trace
 from policies.classifiers.image_concepts import ImageConceptClassifier, load_clip
 from policies.classifiers.semantic import SemanticClassifier, load_minilm
 from policies.classifiers.toxicity import DetoxifyClassifier
@@ -115,19 +115,31 @@ def test_image_concept_fires_when_cosine_reaches_its_threshold(tiny_clip_dir: Pa
     assert screening.decision.action == "flag" and screening.decision.rule_ids == ["red_star"]
 
 
-@pytest.mark.parametrize("architecture", ["tinyclip (ViT)", "demo (ModifiedResNet)"])
-def test_the_traced_image_tower_equals_open_clips_eager_encode_image(architecture: str,
-                                                                     tiny_clip_dir: Path) -> None:
-    if architecture.startswith("demo"):  # the bundled model
+@pytest.mark.parametrize("architecture", ["tinyclip (ViT)", "tinycoca (CoCa)", "demo (ModifiedResNet)"])
+def test_the_traced_image_embedding_equals_open_clips_eager_encode_image(architecture: str,
+                                                                         tiny_clip_dir: Path) -> None:
+    name = architecture.split()[0]
+    if name == "demo":  # the bundled model
         spec, models_dir = ClipModel(architecture="clip_config", config="demo/clip_config.json",
                                      weights="demo/clip.pt"), REPO / "models"
     else:
-        spec, models_dir = clip_spec(), tiny_clip_dir
+        spec, models_dir = ClipModel(architecture=name, config=f"tiny/{name}.json", weights=f"tiny/{name}.pt"), \
+            tiny_clip_dir
     clip, _ = load_clip(spec, models_dir)  # traced on a batch of two
     for count in (1, 3):
         pixels = torch.rand(count, *clip.preprocess(Image.new("RGB", (8, 8))).shape)
         with torch.inference_mode():
             torch.testing.assert_close(clip.encode_image(pixels), clip.model.encode_image(pixels), atol=1e-5, rtol=0)
+
+
+def test_a_traced_graph_that_fixed_a_branch_taken_on_its_example_is_refused() -> None:
+    class DoublesLargeBatches(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 if x.shape[0] > 2 else x  # a Python branch: the trace keeps the one it took
+
+    with pytest.raises(ClassifierError, match="differs from its eager forward"):
+        trace(DoublesLargeBatches(), (torch.ones(2, 3),), check=(torch.ones(3, 3),))
+    assert trace(DoublesLargeBatches(), (torch.ones(3, 3),), check=(torch.ones(4, 3),)) is not None
 
 
 def test_clip_weights_with_a_different_pinned_hash_are_refused(tiny_clip_dir: Path) -> None:
