@@ -90,12 +90,16 @@ def run(model: str, jobs: int, concurrency: int, batch: int, poll_s: float = 0.0
                 one(0)  # warm: models and classifiers loaded
                 done_event = threading.Event()
                 listed = [0] * readers
+                failures: list[BaseException] = []
 
                 def read(i: int) -> None:
-                    with httpx.Client(base_url=base, headers=client.headers, timeout=600) as own:
-                        while not done_event.is_set():
-                            own.get("/v1/generations", params={"limit": 200}).raise_for_status()
-                            listed[i] += 1
+                    try:
+                        with httpx.Client(base_url=base, headers=client.headers, timeout=30) as own:
+                            while not done_event.is_set():
+                                own.get("/v1/generations", params={"limit": 200}).raise_for_status()
+                                listed[i] += 1
+                    except BaseException as exc:  # reported after the run: it would under-report the load
+                        failures.append(exc)
 
                 reader_threads = [threading.Thread(target=read, args=(i,)) for i in range(readers)]
                 cpu0, worker0 = _process_tree_cpu_s(server.pid), _worker_metrics(client)
@@ -105,11 +109,13 @@ def run(model: str, jobs: int, concurrency: int, batch: int, poll_s: float = 0.0
                 try:
                     with ThreadPoolExecutor(concurrency) as pool:
                         results = list(pool.map(one, range(1, jobs + 1)))
+                    wall = time.perf_counter() - t0
                 finally:
                     done_event.set()
                     for thread in reader_threads:
                         thread.join()
-                wall = time.perf_counter() - t0
+                if failures:
+                    raise RuntimeError(f"a reader failed during the run: {failures[0]!r}") from failures[0]
                 cpu1, worker1 = _process_tree_cpu_s(server.pid), _worker_metrics(client)
         finally:
             server.terminate()
@@ -192,7 +198,8 @@ def _line(label: str, r: dict[str, float]) -> str:
     if "cpu_per_image" in r:  # the gateway's processes cannot serve more than cores / cpu-per-image
         ceiling = (os.cpu_count() or 1) / r["cpu_per_image"]
         reached = 100 * r["throughput"] / ceiling
-        cpu = (f"\n    cpu {r['cpu_per_image'] * 1000:.0f} ms per image (gateway + sampler processes): "
+        cpu = (f"\n    cpu {r['cpu_per_image'] * 1000:.0f} ms per image (gateway + sampler processes"
+               f"{', serving the readers too' if r['lists_per_s'] else ''}): "
                f"at most {ceiling:.1f} images/s on {os.cpu_count()} cores, {reached:.0f}% reached")
     readers = ""
     if r["lists_per_s"]:
