@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from policies.classifiers.base import length_groups, trace
+from policies.classifiers.base import CHECK_TEXTS, TRACE_TEXTS, in_length_groups, trace
 
 
 @dataclass(frozen=True)
@@ -164,23 +164,16 @@ class SentenceEncoder:
         self.tokenizer.padding_side = "right"  # `encode` cuts a group's padding off the end
         self.model = load_bert(model_dir, device)
         self.device = device
-        self.embed = trace(MeanPooled(self.model), self._tokens(["a traced example", "of two prompts"]),
-                           check=self._tokens(["a third prompt, longer than the two it was traced on", "a", "b"]))
+        self.embed = trace(MeanPooled(self.model), self._tokens(TRACE_TEXTS), check=self._tokens(CHECK_TEXTS))
 
-    def _tokens(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+    def _tokens(self, texts: list[str]) -> dict[str, Tensor]:
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
-        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        return {name: batch[name].to(self.device) for name in ("input_ids", "attention_mask")}
 
     def encode(self, texts: list[str]) -> Tensor:
         """(len(texts), hidden) float32 embeddings on the CPU; texts of very different lengths are embedded
-        in separate batches (`length_groups`), so that one long prompt does not pad every short one to it."""
-        out = torch.empty(len(texts), self.model.config.hidden_size)
+        in separate batches (`in_length_groups`: a padded batch costs its longest text's length per row)."""
         if not texts:
-            return out
-        ids, mask = self._tokens(texts)
-        lengths = mask.sum(dim=1).tolist()
+            return torch.empty(0, self.model.config.hidden_size)
         with torch.inference_mode():
-            for group in length_groups(lengths):
-                longest = lengths[group[0]]  # right padding: the group's tokens are its first `longest` columns
-                out[group] = self.embed(ids[group, :longest], mask[group, :longest]).cpu()
-        return out
+            return in_length_groups(self.embed, self._tokens(texts))  # type: ignore[no-any-return]

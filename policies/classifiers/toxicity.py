@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from policies.classifiers.base import ClassifierError, file_sha256, length_groups, trace
+from policies.classifiers.base import CHECK_TEXTS, TRACE_TEXTS, ClassifierError, file_sha256, in_length_groups, trace
 from policies.schema import DetoxifyModel
 
 logger = logging.getLogger(__name__)
@@ -31,8 +31,7 @@ class _LoadedDetoxify:
         self.device = device
         self.max_tokens = int(getattr(model.config, "max_position_embeddings", 512))
         model.config.return_dict = False  # logits as a tuple's first item: what a traced graph can return
-        self.logits = trace(model, dict(self.tokens(["a traced example", "of two prompts"])),
-                            check=dict(self.tokens(["a third prompt, longer than the two it was traced on", "a", "b"])))
+        self.logits = trace(model, dict(self.tokens(TRACE_TEXTS)), check=dict(self.tokens(CHECK_TEXTS)))
 
     def tokens(self, texts: list[str]) -> Any:
         """The tokenizer's tensors (input_ids, attention_mask and, for BERT, token_type_ids) on the device."""
@@ -96,12 +95,10 @@ class DetoxifyClassifier:
         if not inputs:
             return []
         detox = self._detox
-        batch = detox.tokens(list(inputs))
-        lengths = batch["attention_mask"].sum(dim=1).tolist()
-        probs = torch.empty(len(inputs), len(detox.labels))
+
+        def probabilities(**batch: Any) -> Any:
+            return torch.sigmoid(detox.logits(**batch)[0])
+
         with torch.inference_mode():
-            for group in length_groups(lengths):  # a long prompt does not pad the short ones to its length
-                longest = lengths[group[0]]
-                tensors = {name: value[group, :longest] for name, value in batch.items()}
-                probs[group] = torch.sigmoid(detox.logits(**tensors)[0]).cpu()
+            probs = in_length_groups(probabilities, detox.tokens(list(inputs)))
         return [{label: round(p, 6) for label, p in zip(detox.labels, row, strict=True)} for row in probs.tolist()]

@@ -63,7 +63,8 @@ def test_the_traced_embedding_records_no_autograd_in_or_outside_inference_mode()
     encoder = SentenceEncoder(MODEL_DIR)
     assert not any(parameter.requires_grad for parameter in encoder.model.parameters())
     batch = encoder.tokenizer(PROMPTS, padding=True, return_tensors="pt")
-    outside = [encoder.embed(batch["input_ids"], batch["attention_mask"]) for _ in range(2)]  # autograd mode
+    outside = [encoder.embed(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+               for _ in range(2)]  # autograd mode
     assert not any(embedding.requires_grad for embedding in outside)
     torch.testing.assert_close(encoder.encode(PROMPTS), outside[-1], atol=1e-6, rtol=0)  # under inference_mode
 
@@ -79,7 +80,7 @@ def test_one_long_prompt_does_not_pad_the_short_ones_and_changes_no_embedding() 
     texts = ["a corgi", " ".join(PROMPTS * 3), "a red star", "a blue circle"]
     shapes: list[tuple[int, ...]] = []
     embed = encoder.embed
-    encoder.embed = lambda ids, mask: shapes.append(tuple(ids.shape)) or embed(ids, mask)  # type: ignore[method-assign]
+    encoder.embed = lambda **batch: shapes.append(tuple(batch["input_ids"].shape)) or embed(**batch)  # type: ignore[method-assign]
     together = encoder.encode(texts)
     lengths = [len(encoder.tokenizer(text)["input_ids"]) for text in texts]
     assert shapes == [(1, lengths[1]), (3, max(lengths[0], *lengths[2:]))]
