@@ -61,7 +61,8 @@ class EncoderLayer(nn.Module):
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias)  # (B, heads, T, head_dim)
         x = self.attention_norm(x + self.attention_out(attended.transpose(1, 2).reshape(batch, length, dim)))
-        return self.output_norm(x + self.down(F.gelu(self.up(x))))
+        out: Tensor = self.output_norm(x + self.down(F.gelu(self.up(x))))
+        return out
 
 
 class MiniLM(nn.Module):
@@ -87,12 +88,12 @@ class MiniLM(nn.Module):
         bias = bias.masked_fill(attention_mask == 0, float("-inf"))[:, None, None, :]  # (B, 1, 1, T)
         for layer in self.layers:
             x = layer(x, bias)
-        return x
+        return x  # type: ignore[no-any-return]
 
 
 def _official_keys(config: BertConfig) -> dict[str, tuple[str, ...]]:
     """Our parameter name -> the Hugging Face BERT keys it is made of (several are concatenated on dim 0)."""
-    keys = {
+    keys: dict[str, tuple[str, ...]] = {
         "word_embeddings.weight": ("embeddings.word_embeddings.weight",),
         "position_embeddings.weight": ("embeddings.position_embeddings.weight",),
         "token_type_embeddings.weight": ("embeddings.token_type_embeddings.weight",),

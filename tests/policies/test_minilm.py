@@ -33,8 +33,8 @@ def test_token_states_equal_the_transformers_bert_on_the_bundled_weights() -> No
 
 
 def test_the_traced_embedding_equals_the_eager_one_at_other_batch_sizes_and_lengths() -> None:
-    encoder = SentenceEncoder(MODEL_DIR)  # traced on a batch of two short prompts
-    eager = MeanPooled(encoder.model)
+    encoder = SentenceEncoder(MODEL_DIR)  # traced on a batch of two short prompts, with packed linears
+    eager = MeanPooled(load_bert(MODEL_DIR))
     for texts in (PROMPTS, PROMPTS[:1], [" ".join(PROMPTS * 4)], ["a"] * 5):
         batch = encoder.tokenizer(texts, padding=True, return_tensors="pt")
         with torch.inference_mode():

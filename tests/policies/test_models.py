@@ -6,9 +6,11 @@ import json
 import shutil
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from PIL import Image
+from transformers import BertConfig, BertForSequenceClassification
 
 from policies.classifiers.base import ClassifierError, file_sha256, trace
 from policies.classifiers.image_concepts import ImageConceptClassifier, load_clip
@@ -48,9 +50,10 @@ def test_detoxify_checkpoint_scores_every_label_offline(tiny_detoxify_dir: Path)
 def test_detoxify_scores_come_from_a_traced_graph_equal_to_the_eager_model(tiny_detoxify_dir: Path) -> None:
     classifier = DetoxifyClassifier(detox_spec(tiny_detoxify_dir), tiny_detoxify_dir)  # traced on two prompts
     texts = ["hi", "a much longer prompt, so that the others are padded to its length", "you are a wonderful person"]
-    detox = classifier._detox
-    with torch.inference_mode():
-        eager = torch.sigmoid(detox.model(**detox.tokens(texts))[0])
+    reference = BertForSequenceClassification(BertConfig.from_pretrained(tiny_detoxify_dir / "detox" / "bert"))
+    reference.load_state_dict(torch.load(tiny_detoxify_dir / "detox" / "tiny.ckpt")["state_dict"])
+    with torch.inference_mode():  # the unpacked, eager model
+        eager = torch.sigmoid(reference.eval()(**classifier._detox.tokens(texts)).logits)
     for i, (text, row) in enumerate(zip(texts, classifier.score(texts), strict=True)):
         assert list(row.values()) == pytest.approx(eager[i].tolist(), abs=1e-6)  # padded in a batch
         assert row == pytest.approx(classifier.score([text])[0], abs=1e-6)  # alone
@@ -126,10 +129,13 @@ def test_the_traced_image_embedding_equals_open_clips_eager_encode_image(archite
         spec, models_dir = ClipModel(architecture=name, config=f"tiny/{name}.json", weights=f"tiny/{name}.pt"), \
             tiny_clip_dir
     clip, _ = load_clip(spec, models_dir)  # traced on a batch of two
+    weights = str(models_dir / spec.weights)
+    reference, _, _ = open_clip.create_model_and_transforms(spec.architecture, pretrained=weights)
     for count in (1, 3):
         pixels = torch.rand(count, *clip.preprocess(Image.new("RGB", (8, 8))).shape)
-        with torch.inference_mode():
-            torch.testing.assert_close(clip.encode_image(pixels), clip.model.encode_image(pixels), atol=1e-5, rtol=0)
+        with torch.inference_mode():  # against the unpacked, eager model
+            torch.testing.assert_close(clip.encode_image(pixels), reference.eval().encode_image(pixels), atol=1e-5,
+                                       rtol=0)
 
 
 def test_a_traced_graph_that_fixed_a_branch_taken_on_its_example_is_refused() -> None:
