@@ -34,6 +34,7 @@ from generator.llamagen import (
 )
 from generator.llamagen.loading import CheckpointError, sha256_file
 from generator.llamagen.sampling import generate, make_generators
+from policies.classifiers.base import ClassifierError
 
 log = logging.getLogger(__name__)
 
@@ -572,7 +573,11 @@ class Registry:
                 )
             except (CheckpointError, ValueError, OSError) as exc:
                 raise RegistryError(f"{card.name}: cannot load checkpoints: {exc}") from exc
-            loaded = LoadedModel(card, device, gpt, vq, _text_encoder(card, device))
+            try:
+                text_encoder = _text_encoder(card, device)
+            except (ClassifierError, OSError) as exc:  # the bundled MiniLM could not be read or traced
+                raise RegistryError(f"{card.name}: cannot load the text encoder: {exc}") from exc
+            loaded = LoadedModel(card, device, gpt, vq, text_encoder)
             self._cache[key] = loaded
             log.info("loaded model %s (%s) on %s", card.name, card.content_hash, device)
             return loaded

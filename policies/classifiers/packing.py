@@ -41,19 +41,32 @@ def available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """An inference-only nn.Linear whose weight lives only as its packed copy (no second copy is kept)."""
+    """An inference-only nn.Linear whose weight lives only as its packed copy (no second copy is kept).
 
-    def __init__(self, linear: nn.Linear) -> None:
+    The packed copy is opaque: the module cannot be moved to another device or dtype, copied or saved.
+    """
+
+    def __init__(self, linear: nn.Linear, packed: Tensor) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        with torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous(), ROWS_HINT)
         self.register_buffer("packed", packed)
         self.packed: Tensor
         self.bias = linear.bias
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # the packed op has no backward
+            raise RuntimeError("PackedLinear is inference-only: it cannot compute gradients")
         return _packed_linear()(x, self.packed, self.bias)
+
+
+def _pack(weight: Tensor) -> Tensor | None:
+    """oneDNN's packed copy of a weight [out, in], or None where this build's oneDNN cannot make one."""
+    try:
+        with torch.no_grad():
+            packed: Tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), ROWS_HINT)
+            return packed
+    except RuntimeError:
+        return None
 
 
 def _packable(module: nn.Module) -> bool:
@@ -71,9 +84,9 @@ def pack_linears(model: nn.Module, run: Callable[[], object]) -> int:
     """
     if not available():
         return 0
-    called: dict[int, nn.Module] = {}
+    called: dict[int, nn.Linear] = {}
 
-    def note(module: nn.Module, args: object) -> None:  # a pre-hook that returns something replaces the input
+    def note(module: nn.Linear, args: object) -> None:  # a pre-hook that returns something replaces the input
         called[id(module)] = module
 
     hooks = [module.register_forward_pre_hook(note) for module in model.modules() if _packable(module)]
@@ -82,9 +95,15 @@ def pack_linears(model: nn.Module, run: Callable[[], object]) -> int:
     finally:
         for hook in hooks:
             hook.remove()
-    packed = {key: PackedLinear(module) for key, module in called.items()}  # type: ignore[arg-type]
+    replacements: dict[int, PackedLinear] = {}
+    for key, module in called.items():
+        packed = _pack(module.weight)
+        if packed is not None:
+            replacements[key] = PackedLinear(module, packed)
+    replaced: set[int] = set()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if id(child) in packed:
-                setattr(parent, name, packed[id(child)])
-    return len(packed)
+            if id(child) in replacements:
+                setattr(parent, name, replacements[id(child)])
+                replaced.add(id(child))
+    return len(replaced)  # a bare nn.Linear passed as `model` has no parent to be replaced in
