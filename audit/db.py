@@ -51,7 +51,10 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        # FULL: every commit reaches the disk before it returns, so an image released after its audit commit
+        # keeps that record through a power loss or OS crash (NORMAL, in WAL mode, can drop the last
+        # commits). It costs one fsync of the WAL per commit (0.2 ms here); group commit shares it.
+        cursor.execute("PRAGMA synchronous=FULL")
         cursor.close()
 
 
