@@ -14,16 +14,23 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import dashboard, metrics
-from gateway.errors import ApiError
+from gateway.errors import ApiError, ServiceUnavailable
 from gateway.routes import audit, generations, health, models, moderations, policies, provenance, review
 from gateway.settings import Settings, get_settings
 from gateway.state import build_state, close_state, warm_up
+from generator.artifacts import ArtifactError
 from generator.pipeline import freeze_heap
 
 log = logging.getLogger("gateway")
+
+# A database that cannot be reached or cannot answer in time: refused or lost connections, an exhausted pool,
+# a lock held too long. Other database errors are bugs and stay 500s.
+DATABASE_DOWN: tuple[type[Exception], ...] = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
               405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
               415: "unsupported_media_type", 422: "invalid_request", 429: "rate_limited",
@@ -111,6 +118,21 @@ def create_app(settings: Settings | None = None, state: Any = None) -> FastAPI:
         code = HTTP_CODES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), _rid(request),
                               headers=dict(exc.headers or {}))
+
+    @app.exception_handler(ArtifactError)
+    async def artifact_store_down(request: Request, exc: ArtifactError) -> JSONResponse:
+        log.warning("artifact store error: %s", exc, extra={"request_id": _rid(request)})
+        return error_response(503, ServiceUnavailable.code, f"the artifact store is unavailable: {exc}",
+                              _rid(request))
+
+    async def database_down(request: Request, exc: Exception) -> JSONResponse:
+        # The driver's text can hold SQL and the database's address: it goes to the log, not to the caller.
+        log.warning("database unavailable: %s", exc, extra={"request_id": _rid(request)})
+        return error_response(503, ServiceUnavailable.code, "the database is unavailable; see the gateway log",
+                              _rid(request))
+
+    for error in DATABASE_DOWN:
+        app.add_exception_handler(error, database_down)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -144,9 +144,14 @@ def _screen(state: GatewayState, text: str, context: Context) -> tuple[Any, list
     """Prompt and model screening under the active policy -> (runtime, screenings, strictest action)."""
     try:
         runtime = state.ctx.policies.runtime()
-        screenings = [runtime.screen_prompt(text, context).to_dict(), runtime.check_model(context).to_dict()]
+        screened = [runtime.screen_prompt(text, context), runtime.check_model(context)]
     except Exception as exc:  # a classifier that cannot run stops the request: fail closed
         raise ServiceUnavailable(f"prompt screening is unavailable: {exc}") from exc
+    for screening in screened:  # a classifier that failed on this prompt decided nothing about it: 503, not 400
+        fault = screening.fault()
+        if fault is not None:
+            raise ServiceUnavailable(f"prompt screening is unavailable: {fault}")
+    screenings = [screening.to_dict() for screening in screened]
     return runtime, screenings, strictest(s["decision"] for s in screenings)
 
 

@@ -21,7 +21,7 @@ from policies.classifiers.base import (
     UnavailableClassifier,
 )
 from policies.classifiers.lexical import LengthClassifier, LexicalClassifier
-from policies.decisions import Context, Decision, Stage, decide
+from policies.decisions import Context, Decision, Stage, decide, strictest
 from policies.loader import LoadedPolicy
 from policies.schema import STORAGE_ORDER, Policy
 
@@ -40,6 +40,18 @@ class Screening:
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.decision.stage, "decision": self.decision.to_dict(),
                 "results": [r.to_dict() for r in self.results]}
+
+    def fault(self) -> str | None:
+        """The classifier errors, when they and not the policy's rules on real scores made the decision: the
+        input could not be screened (the service is unavailable), rather than it broke the policy."""
+        failed = {result.name: result.error for result in self.results if result.error is not None}
+        if not failed:
+            return None
+        on_scores = [reason.action for reason in self.decision.reasons
+                     if not (reason.score is None and reason.classifier in failed)]
+        if strictest(on_scores) == self.decision.action:
+            return None
+        return "; ".join(f"classifier {name!r} failed: {error}" for name, error in failed.items())
 
 
 def text_classifier_names(policy: Policy) -> list[str]:

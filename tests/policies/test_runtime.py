@@ -57,6 +57,27 @@ def test_classifier_exception_becomes_a_recorded_error_and_blocks() -> None:
     assert screening.results[2].error == "RuntimeError: CUDA out of memory"
 
 
+def broken_semantic() -> PolicyRuntime:
+    def broken(text: str) -> dict[str, float]:
+        raise RuntimeError("CUDA out of memory")
+
+    return PolicyRuntime(policy(), Path("models"), classifiers={"semantic": FakeClassifier("semantic", broken)})
+
+
+def test_a_decision_made_by_a_classifier_error_is_a_fault_naming_the_classifier() -> None:
+    fault = broken_semantic().screen_prompt("a cat", CTX).fault()
+    assert fault == "classifier 'semantic' failed: RuntimeError: CUDA out of memory"
+
+
+def test_a_block_on_real_scores_is_the_policys_decision_even_when_another_classifier_failed() -> None:
+    screening = broken_semantic().screen_prompt("a naked man", CTX)  # the word list blocks it
+    assert screening.decision.action == "block" and screening.fault() is None
+
+
+def test_a_screening_without_classifier_errors_has_no_fault() -> None:
+    assert runtime().screen_prompt("a zombie stabbing a man", CTX).fault() is None
+
+
 def test_classifiers_are_built_once_per_revision() -> None:
     lexical_only = BASE_POLICY[:BASE_POLICY.index("  semantic:")]  # no MiniLM needed
     loaded = policy(lexical_only)

@@ -1,0 +1,80 @@
+"""Faults of the gateway's dependencies after a caller is authenticated: a 503 with the error body, never a 500
+(design.md: a required classifier, the database or the store being down stops the request and says why)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import event, select
+from sqlalchemy.exc import OperationalError
+
+from audit.models import Job
+from tests.conftest import LEXICAL_POLICY
+from tests.factories import RecordingDispatcher
+
+
+@pytest.fixture
+def gw(gateway_factory, tiny_models):
+    return gateway_factory(models_dir=tiny_models, default_model="tiny-c2i", policy_file=LEXICAL_POLICY)
+
+
+def error_of(response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"}, body
+    return body["error"]
+
+
+@pytest.fixture
+def broken_lexical(monkeypatch: pytest.MonkeyPatch) -> None:
+    from policies.classifiers.lexical import LexicalClassifier
+
+    def crash(self, inputs):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(LexicalClassifier, "score", crash)
+
+
+def test_a_prompt_classifier_that_crashes_gives_503_naming_it_and_queues_nothing(gw, broken_lexical) -> None:
+    key = gw.auth(gw.key("creator"))
+    response = gw.client.post("/v1/generations", headers=key, json={"model": "tiny-c2i", "class_id": 1})
+    assert response.status_code == 503, response.text
+    error = error_of(response)
+    assert error["code"] == "service_unavailable" and "classifier 'lexical' failed" in error["message"]
+    with gw.state.ctx.sessions() as session:
+        assert session.scalars(select(Job)).all() == []
+
+
+def test_moderation_with_a_crashed_classifier_gives_503_not_a_block(gw, broken_lexical) -> None:
+    response = gw.client.post("/v1/moderations", headers=gw.auth(gw.key("creator")),
+                              json={"model": "tiny-c2i", "prompt": "a cat"})
+    assert response.status_code == 503 and "classifier 'lexical' failed" in error_of(response)["message"]
+
+
+def test_an_image_the_artifact_store_cannot_return_gives_503(gw) -> None:
+    key = gw.key("creator")
+    job = gw.client.post("/v1/generations", headers=gw.auth(key), json={"model": "tiny-c2i", "class_id": 1}).json()
+    assert gw.wait(job["id"], key)["status"] == "completed"
+    (Path(gw.state.ctx.artifacts.root) / job["id"] / "0.png").unlink()  # the store lost it, or is unreachable
+    response = gw.client.get(f"/v1/generations/{job['id']}/images/0", headers=gw.auth(key))
+    assert response.status_code == 503 and "artifact store" in error_of(response)["message"]
+
+
+def test_a_database_that_goes_down_during_a_long_poll_gives_503_without_its_driver_text(gw) -> None:
+    gw.state.dispatcher = RecordingDispatcher()  # the job stays queued, so the poll waits
+    key = gw.auth(gw.key("creator"))
+    job = gw.client.post("/v1/generations", headers=key, json={"model": "tiny-c2i", "class_id": 1}).json()
+    down = threading.Event()
+
+    def refuse(*args: object) -> None:
+        if down.is_set():
+            raise OperationalError("SELECT", {}, Exception("could not connect to db.internal:5432"))
+
+    event.listen(gw.state.ctx.sessions.kw["bind"], "before_cursor_execute", refuse)
+    threading.Timer(0.3, down.set).start()
+    response = gw.client.get(f"/v1/generations/{job['id']}?wait=5", headers=key)  # authenticated before
+    down.clear()
+    assert response.status_code == 503, response.text
+    error = error_of(response)
+    assert error["message"] == "the database is unavailable; see the gateway log" and "5432" not in response.text
