@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import anyio
 from PIL import Image
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -295,10 +295,14 @@ def list_generations(*, session: Session, principal: Principal, status: str | No
 def image_bytes(*, state: GatewayState, session: Session, principal: Principal, job_id: str,
                 index: int) -> bytes:
     job = get_generation(session=session, principal=principal, job_id=job_id)
-    images = {int(i["index"]): i for i in job.images}
+    images = {int(i["index"]): i for i in job.images} if job.status == "completed" else {}
     if index not in images:
         raise NotFound(f"generation {job_id} has no released image {index}")
-    return state.ctx.artifacts.get(images[index]["uri"])
+    data = state.ctx.artifacts.get(images[index]["uri"])
+    if hashlib.sha256(data).hexdigest() != images[index]["sha256"]:  # only the audited bytes leave
+        raise ServiceUnavailable(f"the stored image {index} of generation {job_id} does not match its audit "
+                                 "record; it is withheld")
+    return data
 
 
 def moderate(*, state: GatewayState, principal: Principal, request: ModerationCreate,
@@ -337,10 +341,14 @@ def decide_review(*, state: GatewayState, principal: Principal, job_id: str, dec
     """Approve (resume generation or release) or reject (end) a parked job; every step is audited."""
     principal.require("reviewer")
     with state.ctx.sessions() as session, session.begin():
+        # Take the job out of review atomically: of two reviewers deciding at once, the second waits for the
+        # first's commit (row lock on PostgreSQL, write lock on SQLite) and then matches no row.
+        taken = session.execute(update(Job).where(Job.id == job_id, Job.status == "review")
+                                .values(updated_at=datetime.now(UTC)))
         job = session.get(Job, job_id)
         if job is None:
             raise NotFound(f"no generation {job_id}")
-        if job.status != "review":
+        if taken.rowcount != 1:  # type: ignore[attr-defined]
             raise InvalidRequest(f"generation {job_id} is {job.status}, not waiting for review")
         if job.key_id == principal.key_id:
             raise Forbidden("a requester cannot review its own generation")

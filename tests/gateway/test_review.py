@@ -80,3 +80,50 @@ def test_a_job_not_waiting_for_review_cannot_be_decided(gw) -> None:
     response = gw.client.post(f"/v1/review/{done['id']}", headers=gw.auth(gw.key("reviewer")),
                               json={"decision": "approve", "reason": "late approval"})
     assert response.status_code == 422
+
+
+def test_two_reviewers_deciding_at_once_commit_one_decision(c2i_state, monkeypatch) -> None:
+    import threading
+    import time
+
+    from sqlalchemy import select
+
+    from audit.models import AuditEvent, Job
+    from gateway import services
+    from gateway.auth import Principal
+    from gateway.errors import InvalidRequest
+    from gateway.schemas import GenerationCreate
+
+    state = c2i_state
+    job = services.submit_generation(state=state, principal=Principal(key_id="k-creator", role="creator",
+                                                                      team="design"),
+                                     request=GenerationCreate.model_validate({"model": "tiny-c2i", "class_id": 1}),
+                                     request_id="r")
+    with state.ctx.sessions() as session, session.begin():
+        session.get(Job, job.id).status = "review"
+    transition = services.transition
+    # The first reviewer holds its transaction open a while, so the second decides while it is in progress.
+    monkeypatch.setattr(services, "transition", lambda *args: (time.sleep(0.3), transition(*args))[1])
+    outcomes: dict[str, str] = {}
+
+    def decide(reviewer: str, decision: str) -> None:
+        try:
+            services.decide_review(state=state, principal=Principal(key_id=reviewer, role="reviewer", team="t"),
+                                   job_id=job.id, decision=decision, reason=f"{reviewer}: {decision}")
+            outcomes[reviewer] = decision
+        except InvalidRequest:
+            outcomes[reviewer] = "refused"
+
+    threads = [threading.Thread(target=decide, args=("rev-a", "approve")),
+               threading.Thread(target=decide, args=("rev-b", "reject"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes.values()).count("refused") == 1
+    with state.ctx.sessions() as session:
+        decided = session.scalars(select(AuditEvent).where(AuditEvent.job_id == job.id,
+                                                           AuditEvent.action == "review.decided")).all()
+        final = session.get(Job, job.id)
+    assert len(decided) == 1
+    assert final.status == ("queued" if decided[0].payload["decision"] == "approve" else "blocked")

@@ -78,3 +78,22 @@ def test_a_database_that_goes_down_during_a_long_poll_gives_503_without_its_driv
     assert response.status_code == 503, response.text
     error = error_of(response)
     assert error["message"] == "the database is unavailable; see the gateway log" and "5432" not in response.text
+
+
+def test_a_stored_image_that_differs_from_its_audit_record_is_withheld(gw) -> None:
+    key = gw.key("creator")
+    job = gw.client.post("/v1/generations", headers=gw.auth(key), json={"model": "tiny-c2i", "class_id": 1}).json()
+    assert gw.wait(job["id"], key)["status"] == "completed"
+    (Path(gw.state.ctx.artifacts.root) / job["id"] / "0.png").write_bytes(b"\x89PNG\r\n\x1a\nnot the audited image")
+    response = gw.client.get(f"/v1/generations/{job['id']}/images/0", headers=gw.auth(key))
+    assert response.status_code == 503 and "does not match its audit record" in error_of(response)["message"]
+
+
+def test_images_of_a_job_that_did_not_complete_are_neither_listed_nor_served(gw) -> None:
+    key = gw.key("creator")
+    job = gw.client.post("/v1/generations", headers=gw.auth(key), json={"model": "tiny-c2i", "class_id": 1}).json()
+    assert gw.wait(job["id"], key)["status"] == "completed"
+    with gw.state.ctx.sessions() as session, session.begin():  # e.g. a late rejection that raced the release
+        session.get(Job, job["id"]).status = "blocked"
+    assert gw.client.get(f"/v1/generations/{job['id']}", headers=gw.auth(key)).json()["images"] == []
+    assert gw.client.get(f"/v1/generations/{job['id']}/images/0", headers=gw.auth(key)).status_code == 404
