@@ -22,6 +22,8 @@ class ArtifactStore(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def delete(self, key: str) -> None: ...
+
 
 def _check_key(key: str) -> str:
     parts = key.split("/")
@@ -60,6 +62,12 @@ class FileStore:
     def exists(self, key: str) -> bool:
         return (self.root / _check_key(key)).is_file()
 
+    def delete(self, key: str) -> None:
+        try:
+            (self.root / _check_key(key)).unlink(missing_ok=True)
+        except OSError as exc:
+            raise ArtifactError(f"cannot delete artifact {key}: {exc}") from exc
+
 
 class S3Store:
     """Artifacts in an S3-compatible bucket (AWS S3, MinIO); endpoint and credentials from boto3's chain."""
@@ -95,6 +103,12 @@ class S3Store:
         except Exception:
             return False
         return True
+
+    def delete(self, key: str) -> None:
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:
+            raise ArtifactError(f"cannot delete artifact {key} from {self.url}: {exc}") from exc
 
 
 def open_store(url: str, s3_endpoint_url: str | None = None) -> ArtifactStore:

@@ -264,6 +264,8 @@ class _Release:
     screenings: list[Screening] = field(default_factory=list)
     released: list[dict[str, Any]] = field(default_factory=list)
     stored: list[tuple[str, bytes]] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)  # keys in the artifact store
+    recorded: bool = False  # its audit record is committed
     error: str | None = None
 
 
@@ -390,6 +392,8 @@ def _release(ctx: PipelineContext, run: SampledRun) -> None:
         for release in ready:
             _each([release], "audit", lambda one: _record(ctx, [one], card, stages, started))
     for release in releases:
+        if not release.recorded:
+            _withdraw(ctx, release)
         if release.error is not None:
             _fail(ctx, [release.job.id], release.error)
 
@@ -426,7 +430,7 @@ def _sign(ctx: PipelineContext, release: _Release, card: _CardFacts) -> None:
                 "com.llamagen-gateway.audit": {"event_id": event_id, "job_id": job.id},
             },
         )
-        key = f"{job.id}/{index}.png"
+        key = f"{job.id}/{index}-{event_id}.png"  # one key per release attempt: a late duplicate cannot overwrite
         release.stored.append((key, signed.data))
         release.released.append({"index": index, "sha256": hashlib.sha256(signed.data).hexdigest(),
                                  "pixel_sha256": pixel_sha256(image), "uri": key,
@@ -435,8 +439,20 @@ def _sign(ctx: PipelineContext, release: _Release, card: _CardFacts) -> None:
 
 
 def _store(ctx: PipelineContext, release: _Release) -> None:
-    for key, data in release.stored:  # written before the commit; keys are deterministic, so a retry overwrites
+    for key, data in release.stored:  # written before the commit; `_withdraw` removes them if it fails
         ctx.artifacts.put(key, data)
+        release.written.append(key)
+
+
+def _withdraw(ctx: PipelineContext, release: _Release) -> None:
+    """Delete what a release stored when its audit record was not committed (its commit failed, or another
+    delivery of the job was recorded first): no signed image stays in the store without its audit record."""
+    for key in release.written:
+        try:
+            ctx.artifacts.delete(key)
+        except Exception:  # the job already fails or is done; the object is unreferenced and is logged
+            log.exception("could not delete unaudited artifact %s of job %s", key, release.job.id)
+    release.written.clear()
 
 
 def _record(ctx: PipelineContext, releases: Sequence[_Release], card: _CardFacts, stages: dict[str, float],
@@ -445,16 +461,22 @@ def _record(ctx: PipelineContext, releases: Sequence[_Release], card: _CardFacts
     if not releases:
         return
     t_audit = time.perf_counter()
+    recorded: list[_Release] = []
 
     def work(session: Session) -> None:  # runs with the chain head locked: the job rows cannot change under us
+        recorded.clear()
         # Every row in one SELECT before any is changed: a get per job would flush the previous job's changes.
         locked = {row.id: row for row in session.scalars(
             select(Job).where(Job.id.in_([release.job.id for release in releases])).order_by(Job.id)
             .with_for_update())}
         events: list[NewEvent] = []
-        rows = [row for row in (_record_one(session, release, locked.get(release.job.id), card, stages, started,
-                                            ctx.device, events)
-                                for release in releases) if row is not None]
+        rows = []
+        for release in releases:
+            row = _record_one(session, release, locked.get(release.job.id), card, stages, started, ctx.device,
+                              events)
+            if row is not None:
+                rows.append(row)
+                recorded.append(release)
         append_many(session, events)  # one INSERT: every job's screening, released images and outcome
         # The audit stage's time (queueing for the audit log, events, job rows), recorded on the jobs after
         # their chain entries; a job's audit time adds what its request's audit transaction took.
@@ -465,6 +487,8 @@ def _record(ctx: PipelineContext, releases: Sequence[_Release], card: _CardFacts
                            "audit_s": round(request_audit_s + release_audit_s, 4)}
 
     ctx.commits.run(work)
+    for release in recorded:  # committed
+        release.recorded = True
 
 
 def _record_one(session: Session, release: _Release, row: Job | None, card: _CardFacts, stages: dict[str, float],

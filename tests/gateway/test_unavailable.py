@@ -20,6 +20,11 @@ def gw(gateway_factory, tiny_models):
     return gateway_factory(models_dir=tiny_models, default_model="tiny-c2i", policy_file=LEXICAL_POLICY)
 
 
+def stored(gw, job_id: str) -> Path:
+    (path,) = (Path(gw.state.ctx.artifacts.root) / job_id).glob("0-*.png")  # <job>/<index>-<event id>.png
+    return path
+
+
 def error_of(response) -> dict:
     body = response.json()
     assert set(body) == {"error"}, body
@@ -56,7 +61,7 @@ def test_an_image_the_artifact_store_cannot_return_gives_503(gw) -> None:
     key = gw.key("creator")
     job = gw.client.post("/v1/generations", headers=gw.auth(key), json={"model": "tiny-c2i", "class_id": 1}).json()
     assert gw.wait(job["id"], key)["status"] == "completed"
-    (Path(gw.state.ctx.artifacts.root) / job["id"] / "0.png").unlink()  # the store lost it, or is unreachable
+    stored(gw, job["id"]).unlink()  # the store lost it, or is unreachable
     response = gw.client.get(f"/v1/generations/{job['id']}/images/0", headers=gw.auth(key))
     assert response.status_code == 503 and "artifact store" in error_of(response)["message"]
 
@@ -84,7 +89,7 @@ def test_a_stored_image_that_differs_from_its_audit_record_is_withheld(gw) -> No
     key = gw.key("creator")
     job = gw.client.post("/v1/generations", headers=gw.auth(key), json={"model": "tiny-c2i", "class_id": 1}).json()
     assert gw.wait(job["id"], key)["status"] == "completed"
-    (Path(gw.state.ctx.artifacts.root) / job["id"] / "0.png").write_bytes(b"\x89PNG\r\n\x1a\nnot the audited image")
+    stored(gw, job["id"]).write_bytes(b"\x89PNG\r\n\x1a\nnot the audited image")
     response = gw.client.get(f"/v1/generations/{job['id']}/images/0", headers=gw.auth(key))
     assert response.status_code == 503 and "does not match its audit record" in error_of(response)["message"]
 

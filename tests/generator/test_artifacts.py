@@ -14,6 +14,14 @@ def test_file_store_round_trips_bytes(tmp_path) -> None:
     assert store.get("job/0.png") == b"\x89PNG data" and store.exists("job/0.png")
 
 
+def test_file_store_deletes_an_artifact_and_a_missing_one_quietly(tmp_path) -> None:
+    store = FileStore(tmp_path)
+    store.put("job/0.png", b"\x89PNG data")
+    store.delete("job/0.png")
+    store.delete("job/0.png")
+    assert not store.exists("job/0.png")
+
+
 @pytest.mark.parametrize("key", ["../escape.png", "/abs.png", "a//b.png", ""])
 def test_file_store_refuses_keys_that_leave_its_root(tmp_path, key: str) -> None:
     with pytest.raises(ArtifactError):
@@ -55,6 +63,8 @@ def test_s3_store_shares_artifacts_between_stores_on_different_hosts(s3_endpoint
     assert uri == "s3://artifacts/outputs/job/0.png"
     assert gateway_side.get("job/0.png") == b"\x89PNG signed" and gateway_side.exists("job/0.png")
     assert not gateway_side.exists("job/1.png")
+    gateway_side.delete("job/0.png")
+    assert not worker_side.exists("job/0.png")
 
 
 def test_s3_store_reports_a_missing_bucket_clearly(s3_endpoint) -> None:

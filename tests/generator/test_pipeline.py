@@ -160,3 +160,48 @@ def test_freeze_heap_spares_loaded_objects_from_collections_and_still_collects_n
         assert gc.collect() >= 1
     finally:
         gc.unfreeze()
+
+
+def test_a_release_whose_audit_commit_fails_leaves_no_signed_image_in_the_store(c2i_state, monkeypatch) -> None:
+    from pathlib import Path
+
+    from sqlalchemy.exc import OperationalError
+
+    from generator.pipeline import release_run, sample_jobs
+
+    ctx = c2i_state.ctx
+    commit = ctx.commits.run
+
+    def failing_release_commit(work):
+        if work.__qualname__.startswith("_record."):  # the release's audit unit; the request's went through
+            raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
+        return commit(work)
+
+    monkeypatch.setattr(ctx.commits, "run", failing_release_commit)
+    job_id = submit_c2i(c2i_state, class_id=1, seed=7)
+    for run in sample_jobs(ctx, [job_id])[1]:
+        release_run(ctx, run)
+    with ctx.sessions() as session:
+        assert session.get(Job, job_id).status == "failed"
+    assert list((Path(ctx.artifacts.root) / job_id).glob("*.png")) == []
+
+
+def test_a_late_duplicate_release_neither_overwrites_nor_adds_to_the_audited_image(c2i_state) -> None:
+    import hashlib
+    from pathlib import Path
+
+    from generator.pipeline import release_run, sample_jobs
+
+    ctx = c2i_state.ctx
+    job_id = submit_c2i(c2i_state, class_id=2, seed=11)
+    (late,) = sample_jobs(ctx, [job_id])[1]  # worker A sampled, then stalled past its lease
+    with ctx.sessions() as session, session.begin():
+        session.get(Job, job_id).updated_at = datetime.now(UTC) - timedelta(seconds=ctx.lease_s + 1)
+    for run in sample_jobs(ctx, [job_id])[1]:  # worker B takes the job over and releases it
+        release_run(ctx, run)
+    release_run(ctx, late)  # A catches up: its record is a no-op, and what it stored is withdrawn
+    with ctx.sessions() as session:
+        (image,) = session.get(Job, job_id).images
+    (stored,) = (Path(ctx.artifacts.root) / job_id).glob("*.png")
+    assert image["uri"] == f"{job_id}/{stored.name}"
+    assert hashlib.sha256(ctx.artifacts.get(image["uri"])).hexdigest() == image["sha256"]
