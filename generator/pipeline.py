@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 from prometheus_client import Counter, Histogram
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from audit.db import make_engine, make_session_factory
@@ -191,6 +191,11 @@ def _claim(ctx: PipelineContext, job_ids: Sequence[str]) -> tuple[list[str], lis
     groups: dict[tuple[Any, ...], list[str]] = {}
     now = datetime.now(UTC)
     with ctx.sessions() as session, session.begin():
+        connection = session.connection()
+        if connection.dialect.name == "sqlite" and job_ids:
+            # No row locks on SQLite (FOR UPDATE is ignored): a no-op UPDATE of the rows takes the database
+            # write lock before they are read, so two workers cannot both see a job queued and lease it.
+            connection.execute(update(Job).where(Job.id.in_(list(job_ids))).values(status=Job.status))
         for job_id in job_ids:
             job = session.get(Job, job_id, with_for_update=True)
             if job is None:

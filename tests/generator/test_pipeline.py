@@ -205,3 +205,23 @@ def test_a_late_duplicate_release_neither_overwrites_nor_adds_to_the_audited_ima
     (stored,) = (Path(ctx.artifacts.root) / job_id).glob("*.png")
     assert image["uri"] == f"{job_id}/{stored.name}"
     assert hashlib.sha256(ctx.artifacts.get(image["uri"])).hexdigest() == image["sha256"]
+
+
+def test_two_workers_claiming_one_job_at_once_lease_it_once(c2i_state, monkeypatch) -> None:
+    import threading
+    import time
+
+    import generator.pipeline as pipeline
+
+    job_id = submit_c2i(c2i_state, class_id=1, seed=1)
+    transition = pipeline.transition
+    # The first claimer holds its transaction open a while, so the second claims while it is in progress.
+    monkeypatch.setattr(pipeline, "transition", lambda *args: (time.sleep(0.3), transition(*args))[1])
+    claims: list[list[str]] = []
+    workers = [threading.Thread(target=lambda: claims.append(pipeline._claim(c2i_state.ctx, [job_id])[0]))
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert sorted(claims) == [[], [job_id]]
