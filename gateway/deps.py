@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -12,6 +13,8 @@ from gateway.auth import Principal, authenticate
 from gateway.errors import ServiceUnavailable, Unauthorized
 from gateway.services import GatewayState
 from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def get_state(request: Request) -> GatewayState:
@@ -55,7 +58,8 @@ def get_caller(request: Request, state: StateDep) -> Principal:
     except Unauthorized:
         raise
     except Exception as exc:  # the key store is the database: if it is down, say so (503), never 500
-        raise ServiceUnavailable(f"the database is unavailable: {exc}") from exc
+        log.warning("authentication could not read the key store: %s", exc)  # driver text: SQL, host, port
+        raise ServiceUnavailable(f"the database is unavailable ({type(exc).__name__}; see the gateway log)") from exc
     request.state.principal = principal
     return principal
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import logging
 import secrets
 import time
 import uuid
@@ -49,6 +50,8 @@ from policies.classifiers.base import UnavailableClassifier
 from policies.loader import LoadedPolicy, PolicyError, load_policy_text
 from policies.replay import HistoryItem, replay
 from policies.runtime import Context
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -219,7 +222,9 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
         try:
             state.ctx.commits.run(record)
         except Exception as exc:  # no audit record -> no generation
-            raise ServiceUnavailable(f"the audit log is unavailable, nothing was generated: {exc}") from exc
+            log.warning("request audit failed: %s", exc)
+            raise ServiceUnavailable("the audit log is unavailable, nothing was generated "
+                                     f"({type(exc).__name__}; see the gateway log)") from exc
     state.recorded_cards.add(card_hash)  # committed with this request (or before it)
     if job.status == "blocked":
         raise ContentPolicyViolation("the prompt was blocked by the content policy",
@@ -323,7 +328,8 @@ def moderate(*, state: GatewayState, principal: Principal, request: ModerationCr
                                      "screenings": screenings, "context": context.to_dict()})
             event_id = event.id
     except Exception as exc:
-        raise ServiceUnavailable(f"the audit log is unavailable: {exc}") from exc
+        log.warning("moderation audit failed: %s", exc)
+        raise ServiceUnavailable(f"the audit log is unavailable ({type(exc).__name__}; see the gateway log)") from exc
     return {"decision": {"action": action}, "classifiers": screenings, "policy_revision": runtime.revision,
             "audit_event_id": event_id}
 
