@@ -409,6 +409,9 @@ def _screen_outputs(ctx: PipelineContext, revision: str, group: list[_Release]) 
     sets = runtime.screen_image_sets([(r.output.images, r.context or Context()) for r in group])
     for release, screenings in zip(group, sets, strict=True):
         release.screenings = screenings
+        faults = [fault for screening in screenings if (fault := screening.fault()) is not None]
+        if faults:  # a classifier that failed decided nothing about these images: the job fails, saying why
+            release.error = f"output screening is unavailable: {faults[0]}"
 
 
 def _sign(ctx: PipelineContext, release: _Release, card: _CardFacts) -> None:

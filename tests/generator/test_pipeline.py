@@ -225,3 +225,28 @@ def test_two_workers_claiming_one_job_at_once_lease_it_once(c2i_state, monkeypat
     for worker in workers:
         worker.join()
     assert sorted(claims) == [[], [job_id]]
+
+
+def test_an_output_classifier_that_fails_fails_the_job_saying_so_and_releases_nothing(c2i_state, monkeypatch) -> None:
+    from policies.classifiers.base import ClassifierResult
+    from policies.decisions import Decision, Reason
+    from policies.runtime import Screening
+
+    runtime = c2i_state.ctx.policies.runtime()
+    error = "RuntimeError: CUDA error: device-side assert triggered"
+
+    def crashed(sets):  # what the runtime returns when the concept classifier raised: on_error blocks
+        reason = Reason("nudity", "image_concepts", "nudity", None, 0.3, "block",
+                        f"classifier error (fail closed): {error}")
+        screening = Screening(Decision("block", (reason,), runtime.revision, stage="output"),
+                              (ClassifierResult("image_concepts", "v1", {}, 1.0, error),))
+        return [[screening for _ in images] for images, _ in sets]
+
+    monkeypatch.setattr(runtime, "screen_image_sets", crashed)
+    job_id = submit_c2i(c2i_state, class_id=1, seed=2)
+    run_jobs(c2i_state.ctx, [job_id])
+    with c2i_state.ctx.sessions() as session:
+        job = session.get(Job, job_id)
+    assert job.status == "failed" and job.images == []
+    assert job.error == f"output screening is unavailable: classifier 'image_concepts' failed: {error}"
+    assert job_id not in {e.job_id for e in events(c2i_state, "image.released")}
