@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from gateway.settings import Settings
 from generator.pipeline import PipelineContext, SampledRun, release_run, sample_jobs
 
 log = logging.getLogger(__name__)
@@ -155,11 +156,13 @@ class LocalWorker:
 class CeleryDispatcher:
     """Distributed mode: send the job id to the `gpu` queue; any Celery worker runs it."""
 
-    def __init__(self, broker_url: str, backend_url: str | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         from generator.celery_app import make_celery
 
-        self._app = make_celery(broker_url, backend_url)
-        self._broker_url = broker_url
+        if not settings.broker_url:
+            raise ValueError("the distributed dispatcher needs a broker URL")
+        self._app = make_celery(settings)  # the given settings, not the environment's
+        self._broker_url = settings.broker_url
 
     def submit(self, job_id: str) -> None:
         from generator.celery_app import GPU_QUEUE, RUN_GENERATION

@@ -36,7 +36,7 @@ def build_state(settings: Settings, *, dispatcher: Dispatcher | None = None) -> 
                                      pending=intake.pending)
         else:
             assert settings.broker_url is not None
-            dispatcher = CeleryDispatcher(settings.broker_url, settings.result_backend_url)
+            dispatcher = CeleryDispatcher(settings)
     counter = MemoryCounter() if settings.embedded else RedisCounter(settings.broker_url or "")
     limits = Limits(counter, per_key_per_minute=settings.rate_limit_per_minute,
                     team_images_per_day=settings.team_quota_per_day)

@@ -13,18 +13,18 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
-from gateway.settings import get_settings
+from gateway.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 GPU_QUEUE = "gpu"
 RUN_GENERATION = "generator.run_generation"
 
 
-def make_celery(broker_url: str | None = None, backend_url: str | None = None) -> Celery:
-    settings = get_settings()
-    broker = broker_url or settings.broker_url or "memory://"
-    app = Celery("llamagen_gateway", broker=broker, backend=backend_url or settings.result_backend_url or None,
-                 include=["generator.tasks"])
+def make_celery(settings: Settings | None = None) -> Celery:
+    """The app for `settings` (the environment's when None: the worker's `celery -A` entry point)."""
+    settings = settings or get_settings()
+    app = Celery("llamagen_gateway", broker=settings.broker_url or "memory://",
+                 backend=settings.result_backend_url or None, include=["generator.tasks"])
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -46,7 +46,19 @@ def make_celery(broker_url: str | None = None, backend_url: str | None = None) -
     return app
 
 
-app = make_celery()
+_app: Celery | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """`app`: the worker's app (the `celery -A` entry point and the task decorators), built from the
+    environment's settings on first use. Importing this module reads no settings: the gateway's dispatcher
+    builds its own app from the settings it is given."""
+    global _app
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _app is None:
+        _app = make_celery()
+    return _app
 
 _context: Any = None
 

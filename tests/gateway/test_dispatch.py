@@ -121,3 +121,20 @@ def test_the_worker_samples_the_next_run_while_the_one_before_is_released(c2i_st
         first_release_may_end.set()
         worker.close()
     assert statuses(c2i_state, ids) == ["completed", "completed"]
+
+
+def test_the_celery_dispatcher_is_configured_by_the_settings_it_is_given_not_the_environment(
+    tmp_path, monkeypatch
+) -> None:
+    from gateway.dispatch import CeleryDispatcher
+    from tests.conftest import make_settings
+
+    monkeypatch.setenv("LLAMAGEN_GATEWAY_JOB_TIME_LIMIT_S", "42")
+    monkeypatch.setenv("LLAMAGEN_GATEWAY_ENV", "prod")  # invalid alone (no secrets): must not be read at all
+    settings = make_settings(tmp_path, broker_url="memory://", job_time_limit_s=900)
+    dispatcher = CeleryDispatcher(settings)
+    try:
+        assert dispatcher._app.conf.task_time_limit == 900
+        assert dispatcher._app.conf.broker_transport_options == {"visibility_timeout": 1800}
+    finally:
+        dispatcher.close()
