@@ -121,8 +121,9 @@ def create_app(settings: Settings | None = None, state: Any = None) -> FastAPI:
 
     @app.exception_handler(ArtifactError)
     async def artifact_store_down(request: Request, exc: ArtifactError) -> JSONResponse:
+        # Its text can name the store's endpoint: it goes to the log, not to the caller.
         log.warning("artifact store error: %s", exc, extra={"request_id": _rid(request)})
-        return error_response(503, ServiceUnavailable.code, f"the artifact store is unavailable: {exc}",
+        return error_response(503, ServiceUnavailable.code, "the artifact store cannot return it; see the gateway log",
                               _rid(request))
 
     async def database_down(request: Request, exc: Exception) -> JSONResponse:

@@ -297,14 +297,23 @@ def list_generations(*, session: Session, principal: Principal, status: str | No
     return list(rows), total
 
 
-def image_bytes(*, state: GatewayState, session: Session, principal: Principal, job_id: str,
-                index: int) -> bytes:
+def stored_image(*, state: GatewayState, session: Session, principal: Principal, job_id: str,
+                 index: int) -> bytes:
+    """The stored bytes of a released image, whatever they are (an auditor's view checks them itself)."""
     job = get_generation(session=session, principal=principal, job_id=job_id)
     images = {int(i["index"]): i for i in job.images} if job.status == "completed" else {}
     if index not in images:
         raise NotFound(f"generation {job_id} has no released image {index}")
-    data = state.ctx.artifacts.get(images[index]["uri"])
-    if hashlib.sha256(data).hexdigest() != images[index]["sha256"]:  # only the audited bytes leave
+    return state.ctx.artifacts.get(images[index]["uri"])
+
+
+def image_bytes(*, state: GatewayState, session: Session, principal: Principal, job_id: str,
+                index: int) -> bytes:
+    """A released image, only if its stored bytes are the ones its audit record names."""
+    data = stored_image(state=state, session=session, principal=principal, job_id=job_id, index=index)
+    job = get_generation(session=session, principal=principal, job_id=job_id)
+    recorded = next(i for i in job.images if int(i["index"]) == index)
+    if hashlib.sha256(data).hexdigest() != recorded["sha256"]:
         raise ServiceUnavailable(f"the stored image {index} of generation {job_id} does not match its audit "
                                  "record; it is withheld")
     return data

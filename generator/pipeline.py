@@ -396,9 +396,11 @@ def _release(ctx: PipelineContext, run: SampledRun) -> None:
         log.exception("recording jobs %s together failed; recording each alone", [r.job.id for r in ready])
         for release in ready:
             _each([release], "audit", lambda one: _record(ctx, [one], card, stages, started))
-    for release in releases:
+    audited = {id(release) for release in ready}  # their audit transactions ran
+    for release in releases:  # every release first: failing a job below needs the database, which may be down
         if not release.recorded:
-            _withdraw(ctx, release)
+            _withdraw(ctx, release, attempted=id(release) in audited)
+    for release in releases:
         if release.error is not None:
             _fail(ctx, [release.job.id], release.error)
 
@@ -452,10 +454,28 @@ def _store(ctx: PipelineContext, release: _Release) -> None:
         release.written.append(key)
 
 
-def _withdraw(ctx: PipelineContext, release: _Release) -> None:
-    """Delete what a release stored when its audit record was not committed (its commit failed, or another
-    delivery of the job was recorded first): no signed image stays in the store without its audit record."""
+def _withdraw(ctx: PipelineContext, release: _Release, attempted: bool) -> None:
+    """Delete what a release stored when its audit record was not committed (it failed before its audit, its
+    commit failed, or another delivery of the job was recorded first): no signed image stays in the store
+    without its audit record.
+
+    attempted: its audit transaction ran. A commit can fail after it took effect (a connection lost during
+    COMMIT), so the job's row is read first and the keys it references are kept; if it cannot be read, all are
+    kept and logged: an orphaned image is removable later, deleted audited evidence is not.
+    """
+    referenced: set[str] = set()
+    if attempted and release.written:
+        try:
+            with ctx.sessions() as session:
+                row = session.get(Job, release.job.id)
+                referenced = {str(image["uri"]) for image in (row.images if row is not None else [])}
+        except Exception:
+            log.exception("cannot tell whether the artifacts %s of job %s are audited; keeping them",
+                          release.written, release.job.id)
+            return
     for key in release.written:
+        if key in referenced:
+            continue
         try:
             ctx.artifacts.delete(key)
         except Exception:  # the job already fails or is done; the object is unreferenced and is logged

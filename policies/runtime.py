@@ -21,7 +21,7 @@ from policies.classifiers.base import (
     UnavailableClassifier,
 )
 from policies.classifiers.lexical import LengthClassifier, LexicalClassifier
-from policies.decisions import Context, Decision, Stage, decide, strictest
+from policies.decisions import Context, Decision, Stage, decide
 from policies.loader import LoadedPolicy
 from policies.schema import STORAGE_ORDER, Policy
 
@@ -42,14 +42,15 @@ class Screening:
                 "results": [r.to_dict() for r in self.results]}
 
     def fault(self) -> str | None:
-        """The classifier errors, when they and not the policy's rules on real scores made the decision: the
-        input could not be screened (the service is unavailable), rather than it broke the policy."""
+        """The classifier errors, when a rule blocked because its classifier failed and no rule blocked on real
+        scores: the input could not be screened (the service is unavailable), rather than it broke the
+        policy. A rule whose `on_error` is review or flag says itself what a failure does."""
         failed = {result.name: result.error for result in self.results if result.error is not None}
-        if not failed:
-            return None
+        from_errors = [reason.action for reason in self.decision.reasons
+                       if reason.score is None and reason.classifier in failed]
         on_scores = [reason.action for reason in self.decision.reasons
                      if not (reason.score is None and reason.classifier in failed)]
-        if strictest(on_scores) == self.decision.action:
+        if "block" not in from_errors or "block" in on_scores:
             return None
         return "; ".join(f"classifier {name!r} failed: {error}" for name, error in failed.items())
 

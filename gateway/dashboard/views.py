@@ -26,6 +26,7 @@ from gateway.dashboard.web import (
 )
 from gateway.deps import SessionDep, StateDep
 from gateway.errors import InvalidRequest, NotFound, Unauthorized
+from generator.artifacts import ArtifactError
 
 router = APIRouter(prefix=PREFIX, route_class=DashboardRoute, include_in_schema=False)
 WINDOWS = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30),
@@ -182,12 +183,17 @@ def audit_event(event_id: str, request: Request, state: StateDep, session: Sessi
     payload = detail.event["payload"] or {}
     provenance = None
     image_url = None
+    artifact_error = None
     if detail.event["action"] == "image.released" and detail.event["job_id"]:
         index = int(payload.get("index", 0))
-        data = services.image_bytes(state=state, session=session, principal=signed.principal,
-                                    job_id=detail.event["job_id"], index=index)
-        provenance = services.verify_provenance(state=state, data=data)
-        image_url = f"{PREFIX}/generations/{detail.event['job_id']}/images/{index}"
+        try:  # the stored bytes as they are: the provenance report says whether they match the record
+            data = services.stored_image(state=state, session=session, principal=signed.principal,
+                                         job_id=detail.event["job_id"], index=index)
+        except (ArtifactError, NotFound) as exc:
+            artifact_error = str(exc)
+        else:
+            provenance = services.verify_provenance(state=state, data=data)
+            image_url = f"{PREFIX}/generations/{detail.event['job_id']}/images/{index}"
     model_name = (detail.job.model if detail.job is not None else None) or payload.get("model")
     card = None
     if model_name:
@@ -196,7 +202,7 @@ def audit_event(event_id: str, request: Request, state: StateDep, session: Sessi
         except NotFound:
             card = None
     return render(request, "event.html", signed, detail=detail, payload=payload, provenance=provenance,
-                  image_url=image_url, card=card, rules=stats.fired_rules(payload))
+                  image_url=image_url, artifact_error=artifact_error, card=card, rules=stats.fired_rules(payload))
 
 
 @router.get("/generations/{job_id}/images/{index}")

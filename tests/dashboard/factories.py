@@ -87,7 +87,7 @@ def released_image(state: Any, *, team: str = "design", key_id: str = "creator00
         signed = state.ctx.signer.sign_png(
             png_bytes(), title=f"{job.id}-0.png", software_agent="llamagen-gateway/test (demo-shapes-t2i)",
             assertions={"com.llamagen-gateway.audit": {"event_id": event_id, "job_id": job.id}})
-        uri = f"{job.id}/0.png"
+        uri = f"{job.id}/0-{event_id}.png"  # as the pipeline stores it
         state.ctx.artifacts.put(uri, signed.data)
         digest = hashlib.sha256(signed.data).hexdigest()
         job.images = [{"index": 0, "sha256": digest, "uri": uri, "manifest_id": signed.manifest_id,

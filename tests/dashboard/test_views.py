@@ -151,6 +151,29 @@ def test_event_page_shows_the_image_with_a_provenance_badge(dash: Dashboard) -> 
     assert image.headers["content-type"] == "image/png"
 
 
+def test_event_page_of_a_tampered_image_shows_the_event_and_says_the_file_does_not_match(dash: Dashboard) -> None:
+    from pathlib import Path
+
+    job_id, event_id = factories.released_image(dash.state)
+    (stored,) = (Path(dash.state.ctx.artifacts.root) / job_id).glob("0-*.png")
+    stored.write_bytes(stored.read_bytes() + b"tampered")
+    dash.sign_in("auditor")
+    response = dash.client.get(f"/dashboard/audit/events/{event_id}")
+    assert response.status_code == 200 and "does NOT match the audit record" in response.text
+    assert dash.client.get(f"/dashboard/generations/{job_id}/images/0").status_code == 503  # withheld
+
+
+def test_event_page_of_an_image_the_store_lost_says_so(dash: Dashboard) -> None:
+    from pathlib import Path
+
+    job_id, event_id = factories.released_image(dash.state)
+    (stored,) = (Path(dash.state.ctx.artifacts.root) / job_id).glob("0-*.png")
+    stored.unlink()
+    dash.sign_in("auditor")
+    response = dash.client.get(f"/dashboard/audit/events/{event_id}")
+    assert response.status_code == 200 and "The stored image cannot be read" in response.text
+
+
 def test_reviewer_must_give_a_reason(dash: Dashboard) -> None:
     job_id = factories.park_for_review(dash.state)
     dash.sign_in("reviewer")

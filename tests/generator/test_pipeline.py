@@ -250,3 +250,49 @@ def test_an_output_classifier_that_fails_fails_the_job_saying_so_and_releases_no
     assert job.status == "failed" and job.images == []
     assert job.error == f"output screening is unavailable: classifier 'image_concepts' failed: {error}"
     assert job_id not in {e.job_id for e in events(c2i_state, "image.released")}
+
+
+def test_with_the_audit_log_down_no_job_of_a_run_leaves_a_signed_image_in_the_store(c2i_state, monkeypatch) -> None:
+    from pathlib import Path
+
+    from sqlalchemy.exc import OperationalError
+
+    ctx = c2i_state.ctx
+    ids = [submit_c2i(c2i_state, class_id=i, seed=i) for i in range(3)]
+
+    def down(work):
+        raise OperationalError("COMMIT", {}, Exception("could not connect to server"))
+
+    monkeypatch.setattr(ctx.commits, "run", down)
+    try:
+        run_jobs(ctx, ids)
+    except OperationalError:
+        pass  # failing the jobs needs the audit log too
+    assert list(Path(ctx.artifacts.root).glob("*/*.png")) == []
+
+
+def test_a_commit_reported_failed_after_it_took_effect_keeps_the_audited_image(c2i_state, monkeypatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from gateway import services
+    from gateway.auth import Principal
+
+    ctx = c2i_state.ctx
+    commit = ctx.commits.run
+    lost: list[bool] = []
+
+    def committed_then_lost(work):  # e.g. the connection drops while COMMIT's acknowledgement is on its way
+        result = commit(work)
+        if work.__qualname__.startswith("_record.") and not lost:
+            lost.append(True)
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+        return result
+
+    monkeypatch.setattr(ctx.commits, "run", committed_then_lost)
+    job_id = submit_c2i(c2i_state, class_id=1, seed=4)
+    run_jobs(ctx, [job_id])
+    with ctx.sessions() as session:
+        assert session.get(Job, job_id).status == "completed"
+        data = services.image_bytes(state=c2i_state, session=session, job_id=job_id, index=0,
+                                    principal=Principal(key_id="a", role="auditor", team="design"))
+    assert data.startswith(b"\x89PNG")

@@ -74,6 +74,17 @@ def test_a_block_on_real_scores_is_the_policys_decision_even_when_another_classi
     assert screening.decision.action == "block" and screening.fault() is None
 
 
+def test_a_rule_whose_on_error_is_review_decides_a_failure_itself_and_is_no_fault() -> None:
+    def broken(text: str) -> dict[str, float]:
+        raise RuntimeError("CUDA out of memory")
+
+    lenient = BASE_POLICY.replace("        action: review\n        threshold: 0.5",
+                                  "        action: review\n        on_error: review\n        threshold: 0.5")
+    rt = PolicyRuntime(policy(lenient), Path("models"), classifiers={"semantic": FakeClassifier("semantic", broken)})
+    screening = rt.screen_prompt("a cat", CTX)
+    assert screening.decision.action == "review" and screening.fault() is None
+
+
 def test_a_screening_without_classifier_errors_has_no_fault() -> None:
     assert runtime().screen_prompt("a zombie stabbing a man", CTX).fault() is None
 
