@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from audit.export import ExportFilters, iter_export
-from audit.log import NewEvent, append_event, append_many
+from audit.log import NewEvent, append_event, append_many, lock_chain_head
 from audit.models import AuditEvent, Job, ModelCardRecord
 from audit.privacy import commit_prompt
 from audit.provenance import ProvenanceError, verify_image
@@ -356,8 +356,10 @@ def decide_review(*, state: GatewayState, principal: Principal, job_id: str, dec
     """Approve (resume generation or release) or reject (end) a parked job; every step is audited."""
     principal.require("reviewer")
     with state.ctx.sessions() as session, session.begin():
-        # Take the job out of review atomically: of two reviewers deciding at once, the second waits for the
-        # first's commit (row lock on PostgreSQL, write lock on SQLite) and then matches no row.
+        # The chain head first, then the job: the order the worker's release takes them in, so that the two
+        # cannot deadlock. Then take the job out of review atomically: of two reviewers deciding at once, the
+        # second waits for the first's commit and then matches no row.
+        lock_chain_head(session)
         taken = session.execute(update(Job).where(Job.id == job_id, Job.status == "review")
                                 .values(updated_at=datetime.now(UTC)))
         job = session.get(Job, job_id)
