@@ -297,23 +297,32 @@ def list_generations(*, session: Session, principal: Principal, status: str | No
     return list(rows), total
 
 
+def released_images(job: Job) -> list[dict[str, Any]]:
+    """The images a job released: only a completed job released any (a row can hold the images of a run that
+    a later decision overruled)."""
+    return list(job.images) if job.status == "completed" else []
+
+
+def _released_image(session: Session, principal: Principal, job_id: str, index: int) -> dict[str, Any]:
+    job = get_generation(session=session, principal=principal, job_id=job_id)
+    for image in released_images(job):
+        if int(image["index"]) == index:
+            return image
+    raise NotFound(f"generation {job_id} has no released image {index}")
+
+
 def stored_image(*, state: GatewayState, session: Session, principal: Principal, job_id: str,
                  index: int) -> bytes:
     """The stored bytes of a released image, whatever they are (an auditor's view checks them itself)."""
-    job = get_generation(session=session, principal=principal, job_id=job_id)
-    images = {int(i["index"]): i for i in job.images} if job.status == "completed" else {}
-    if index not in images:
-        raise NotFound(f"generation {job_id} has no released image {index}")
-    return state.ctx.artifacts.get(images[index]["uri"])
+    return state.ctx.artifacts.get(_released_image(session, principal, job_id, index)["uri"])
 
 
 def image_bytes(*, state: GatewayState, session: Session, principal: Principal, job_id: str,
                 index: int) -> bytes:
     """A released image, only if its stored bytes are the ones its audit record names."""
-    data = stored_image(state=state, session=session, principal=principal, job_id=job_id, index=index)
-    job = get_generation(session=session, principal=principal, job_id=job_id)
-    recorded = next(i for i in job.images if int(i["index"]) == index)
-    if hashlib.sha256(data).hexdigest() != recorded["sha256"]:
+    image = _released_image(session, principal, job_id, index)
+    data = state.ctx.artifacts.get(image["uri"])
+    if hashlib.sha256(data).hexdigest() != image["sha256"]:
         raise ServiceUnavailable(f"the stored image {index} of generation {job_id} does not match its audit "
                                  "record; it is withheld")
     return data

@@ -46,11 +46,8 @@ class Screening:
         scores: the input could not be screened (the service is unavailable), rather than it broke the
         policy. A rule whose `on_error` is review or flag says itself what a failure does."""
         failed = {result.name: result.error for result in self.results if result.error is not None}
-        from_errors = [reason.action for reason in self.decision.reasons
-                       if reason.score is None and reason.classifier in failed]
-        on_scores = [reason.action for reason in self.decision.reasons
-                     if not (reason.score is None and reason.classifier in failed)]
-        if "block" not in from_errors or "block" in on_scores:
+        blocks = [reason for reason in self.decision.reasons if reason.action == "block"]
+        if not blocks or any(reason.score is not None or reason.classifier not in failed for reason in blocks):
             return None
         return "; ".join(f"classifier {name!r} failed: {error}" for name, error in failed.items())
 

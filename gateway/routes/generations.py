@@ -21,7 +21,7 @@ def to_public(job: Job, request: Request) -> GenerationPublic:
     images = [ImagePublic(index=i["index"], sha256=i["sha256"], manifest_id=i["manifest_id"],
                           audit_event_id=i["event_id"], width=i["width"], height=i["height"],
                           url=f"{base}/v1/generations/{job.id}/images/{i['index']}")
-              for i in (job.images if job.status == "completed" else [])]  # only a completed job released any
+              for i in services.released_images(job)]
     return GenerationPublic(id=job.id, status=cast(Status, job.status), model=job.model,
                             model_card_hash=job.model_card_hash,
                             team=job.team, task=job.task, prompt=job.prompt, class_id=job.class_id,
