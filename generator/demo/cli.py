@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,11 @@ import torch
 
 from generator.demo import config
 from generator.demo.config import DemoPaths
+from generator.demo.dataset import DatasetError
+from generator.demo.training import TrainingError
 from generator.llamagen import VQModel
+from generator.llamagen.loading import CheckpointError
+from generator.registry import RegistryError
 
 log = logging.getLogger("generator.demo")
 
@@ -182,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         step_args = args if args.command != "all" else argparse.Namespace(force=False, data=None, out=None)
         if step_args.force and name.startswith("train-"):
             _discard_run(paths.run_dir(name.removeprefix("train-")))
-        COMMANDS[name][1](paths, step_args)
+        try:
+            COMMANDS[name][1](paths, step_args)
+        except (DatasetError, TrainingError, CheckpointError, RegistryError, FileNotFoundError) as exc:
+            # Bad input (a folder, a file, a card): say which and stop, without a traceback.
+            print(f"{name}: error: {exc}", file=sys.stderr)
+            return 2
         log.info("%s done in %.0f s", name, time.perf_counter() - started)
     return 0

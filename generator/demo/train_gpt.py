@@ -24,7 +24,7 @@ from generator.demo.config import (
     T2I_SCHEDULE,
     TrainSchedule,
 )
-from generator.demo.dataset import ImageSet, load_image_set
+from generator.demo.dataset import DatasetError, ImageSet, load_image_set
 from generator.demo.train_vq import images_to_input
 from generator.demo.training import batch_indices, train
 from generator.llamagen import ModelArgs, Transformer, VQModel, build_gpt, save_checkpoint
@@ -97,7 +97,7 @@ def train_c2i(
     """Class-conditional GPT on (class id, VQ codes) pairs; the null class is args.num_classes."""
     data = load_image_set(data_dir)
     if data.class_ids is None:
-        raise ValueError(f"{data_dir}: c2i training needs a class id per image (class sub-folders)")
+        raise DatasetError(f"{data_dir}: c2i training needs a class id per image (class sub-folders)")
     args = args or demo_gpt_args("c2i", {"num_classes": len(data.class_names or [])} if data.class_names else None)
     codes = _load_tokens(vq, vq_path, data, run_dir / "tokens.npy")
     labels = torch.tensor(data.class_ids, dtype=torch.long)

@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 
 
+class TrainingError(ValueError):
+    """A run that cannot start or resume as asked (the message names the file)."""
+
+
 def lr_at(step: int, schedule: TrainSchedule) -> float:
     """Linear warm-up to `lr`, then cosine decay to a tenth of it at the last step."""
     if step < schedule.warmup:
@@ -82,7 +86,9 @@ def train(
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         stored = {k: state["schedule"].get(k) for k in schedule.trajectory()}
         if stored != schedule.trajectory():
-            raise ValueError(f"{state_path} was written by another schedule; delete it to start afresh")
+            raise TrainingError(
+                f"{state_path} was written by another schedule; delete it (or pass --force) to start afresh"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])

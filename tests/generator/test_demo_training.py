@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from generator.demo.config import TrainSchedule
-from generator.demo.training import STATE_FILE, lr_at, train
+from generator.demo.training import STATE_FILE, TrainingError, lr_at, train
 
 SCHEDULE = TrainSchedule(steps=6, batch_size=4, lr=0.1, warmup=2, checkpoint_every=1)
 
@@ -48,7 +48,7 @@ def test_stop_at_ends_training_early_and_records_the_step(tmp_path: Path) -> Non
 
 def test_resuming_with_another_schedule_is_refused(tmp_path: Path) -> None:
     _run(tmp_path, SCHEDULE)
-    with pytest.raises(ValueError, match="another schedule"):
+    with pytest.raises(TrainingError, match="another schedule"):
         _run(tmp_path, TrainSchedule(**{**SCHEDULE.__dict__, "lr": 0.5}))
 
 
@@ -65,3 +65,17 @@ def test_force_makes_a_training_step_start_afresh(tmp_path: Path, monkeypatch: p
     assert seen == [True]  # without --force the run resumes (or refuses another schedule)
     cli.main([*common, "--force"])
     assert seen == [True, False]
+
+
+def test_a_bad_training_folder_is_named_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from generator.demo import cli
+
+    missing = tmp_path / "no-such-folder"
+    code = cli.main(["--models-dir", str(tmp_path / "models"), "--work-dir", str(tmp_path), "train-vq",
+                     "--data", str(missing)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"train-vq: error: {missing}: not a directory" in err
+    assert "Traceback" not in err
