@@ -11,11 +11,12 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from generator.llamagen.layout import DecodeLayout, apply_layout, choose_decode_layout
 from generator.llamagen.model import ModelArgs, Task, Transformer
 from generator.llamagen.vq import VQArgs, VQModel, winograd_available
 
@@ -176,12 +177,15 @@ def load_gpt(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     downsample: int = 16,
+    layout: DecodeLayout | Literal["auto"] = "auto",
 ) -> Transformer:
     """Load a GPT checkpoint in eval mode.
 
     model: a preset (GPT-B ... GPT-7B, sized by task (default c2i) and image_size (default 256) with a
     /downsample tokenizer) or a ModelArgs. The image size is not stored in checkpoints: the 384-px models
     need image_size=384 and t2i stage 2 needs 512. dtype defaults to bf16 on capable CUDA, else float32.
+    layout: how float32 CPU weights are held for decode; "auto" times each layout here and keeps the
+    fastest (see generator/llamagen/layout.py).
     """
     args = resolve_gpt_args(model, image_size, task, downsample)
     dev = torch.device(device) if device is not None else default_device()
@@ -191,10 +195,12 @@ def load_gpt(
         gpt = Transformer(args)
     check_state_dict(gpt, state, source)
     _materialise(gpt, state, dev, dtype or default_dtype(dev))
-    gpt.use_streaming_layout()
-    gpt.fuse_gate_up()
-    gpt.pack_weights()
-    return gpt.eval()
+    gpt.eval()
+    if layout == "auto":
+        choose_decode_layout(gpt)
+    else:
+        apply_layout(gpt, layout)
+    return gpt
 
 
 def load_vq(

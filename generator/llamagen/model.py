@@ -315,6 +315,7 @@ class Transformer(nn.Module):
         self.rope_tables: Rope = rotary_tables(self.freqs_cis)  # (cos, sin) [P + grid**2, head_dim]
         self.max_batch_size = 0
         self.max_seq_length = 0
+        self.decode_layout = "plain"  # how the inference linears hold their weights (see layout.py)
 
     # ----- construction -------------------------------------------------------------------------------
     def initialize_weights(self) -> None:
@@ -344,13 +345,22 @@ class Transformer(nn.Module):
                 if w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous():
                     module.weight.data = w.data.t().contiguous().t()
 
+    def use_default_layout(self) -> None:
+        """Undo use_streaming_layout: every linear weight row-major [out, in] again, values unchanged."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and not module.weight.is_contiguous():
+                module.weight.data = module.weight.data.contiguous()
+
     def fuse_gate_up(self) -> None:
         """Run each feed-forward's w1 and w3 as one matmul at inference; state_dict is unchanged."""
         for layer in self.layers:
             layer.feed_forward.fuse_gate_up()
 
     def pack_weights(
-        self, rows_hint: int = packing.DECODE_ROWS_HINT, min_elements: int = packing.PACK_MIN_ELEMENTS
+        self,
+        rows_hint: int = packing.DECODE_ROWS_HINT,
+        min_elements: int = packing.PACK_MIN_ELEMENTS,
+        min_rows: int = 1,
     ) -> None:
         """Give the block linears and the output head a oneDNN-packed copy for inference matmuls.
 
@@ -358,7 +368,8 @@ class Transformer(nn.Module):
         faster than MKL on either plain layout. The packed copies double the CPU memory of those weights.
         Weights under `min_elements` stay plain: for them a packed call's fixed cost outweighs the gain.
         Parameters and state_dict are unchanged; a copy is ignored (plain F.linear) once its weight is
-        replaced or changed in place, or while gradients are enabled. Call after fuse_gate_up().
+        replaced or changed in place, or while gradients are enabled, and by matmuls of fewer than `min_rows`
+        rows. Call after fuse_gate_up().
         """
         linears: list[nn.Linear] = [self.output]
         for layer in self.layers:
@@ -367,9 +378,11 @@ class Transformer(nn.Module):
             if ff.w13 is None:
                 linears += [ff.w1, ff.w3]
             else:
-                ff.w13_packed = packing.pack(ff.w13, rows_hint, (ff.w1.weight, ff.w3.weight), min_elements)
+                ff.w13_packed = packing.pack(
+                    ff.w13, rows_hint, (ff.w1.weight, ff.w3.weight), min_elements, min_rows
+                )
         for linear in linears:
-            linear.packed_weight = packing.pack(linear.weight, rows_hint, min_elements=min_elements)
+            linear.packed_weight = packing.pack(linear.weight, rows_hint, min_elements=min_elements, min_rows=min_rows)
 
     @property
     def prefix_len(self) -> int:

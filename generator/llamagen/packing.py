@@ -41,6 +41,7 @@ class PackedWeight:
     source: Tensor  # keeps the packed storage alive, so its address cannot be reused by another tensor
     watched: tuple[Tensor, ...]  # the parameters that own the values (in-place updates bump _version)
     versions: tuple[int, ...]
+    min_rows: int = 1  # calls with fewer rows run the plain weight (faster there on some CPUs)
 
     def matches(self, weight: Tensor) -> bool:
         return weight.data_ptr() == self.source.data_ptr() and all(
@@ -53,12 +54,14 @@ def pack(
     rows_hint: int = DECODE_ROWS_HINT,
     watch: Sequence[Tensor] = (),
     min_elements: int = PACK_MIN_ELEMENTS,
+    min_rows: int = 1,
 ) -> PackedWeight | None:
     """Packed copy of a CPU float32 weight [out, in], or None where packing does not apply or does not pay.
 
     watch: the parameters whose in-place updates must invalidate the copy when they are not `weight`
     itself (a fused matrix whose halves are parameters set through `.data` keeps no shared version).
     min_elements: smaller weights stay plain (see PACK_MIN_ELEMENTS).
+    min_rows: matmuls of fewer rows (x's leading dimensions flattened) use the plain weight.
     """
     if weight.device.type != "cpu" or weight.dtype not in PACKED_DTYPES or not packing_available():
         return None
@@ -68,12 +71,22 @@ def pack(
     with torch.no_grad():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows_hint)
     return PackedWeight(
-        packed=packed, source=weight.detach(), watched=watched, versions=tuple(t._version for t in watched)
+        packed=packed,
+        source=weight.detach(),
+        watched=watched,
+        versions=tuple(t._version for t in watched),
+        min_rows=min_rows,
     )
 
 
 def linear(x: Tensor, weight: Tensor, packed: PackedWeight | None) -> Tensor:
-    """x @ weight.T, through the packed copy when it is current and no gradient is needed."""
-    if packed is None or torch.is_grad_enabled() or x.dtype != weight.dtype or not packed.matches(weight):
+    """x @ weight.T, through the packed copy when it is current, no gradient is needed and x has enough rows."""
+    if (
+        packed is None
+        or torch.is_grad_enabled()
+        or x.dtype != weight.dtype
+        or x.numel() < packed.min_rows * x.shape[-1]
+        or not packed.matches(weight)
+    ):
         return F.linear(x, weight)
     return torch.ops.mkldnn._linear_pointwise(x, packed.packed, None, "none", [], "")

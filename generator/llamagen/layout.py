@@ -1,0 +1,132 @@
+"""How CPU decode holds its float32 weights, chosen by timing decode steps on this machine.
+
+Decode multiplies a few rows by every weight, so it is bound by how fast the weights stream through the
+matmuls, and which layout streams fastest depends on the CPU and its BLAS paths, not on the model. GPT-B,
+one decode step at 2 threads (ms; 2 rows is batch 1 under CFG, 16 rows batch 8):
+
+| CPU | rows | plain [out, in] | streaming [in, out] | oneDNN packed |
+|---|---|---|---|---|
+| AMD EPYC (AVX-512) | 2 | slower | faster | fastest |
+| Intel Xeon (Sapphire Rapids) | 2 | 30.6 | 71.0 | 32.4 |
+| Intel Xeon (Sapphire Rapids) | 16 | 60.4 | 79.1 | 45.2 |
+
+So no fixed choice is right everywhere, nor for every batch size. `choose_decode_layout` times a few decode
+steps of each at 2 and at 16 rows, alternating them, and keeps: the faster plain layout, plus oneDNN-packed
+copies used from the row count at which they win (every call, calls of more than 2 rows, or none).
+
+Every choice computes the same products; they differ only in float32 summation order (about 1e-6
+relative). A process keeps its choice for the model's lifetime; processes on different machines (or under
+very different load) may choose differently, as cuDNN's benchmark mode does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from generator.llamagen import packing
+from generator.llamagen.model import Transformer, find_multiple
+
+log = logging.getLogger(__name__)
+
+Base = Literal["plain", "streaming"]
+BASES: tuple[Base, ...] = ("plain", "streaming")
+FEW_ROWS = packing.DECODE_ROWS_HINT  # batch 1 under CFG
+MANY_ROWS = 16  # batch 8 under CFG
+
+
+@dataclass(frozen=True)
+class DecodeLayout:
+    """A plain layout for the weights, and the row count from which matmuls use packed copies (None: never)."""
+
+    base: Base = "plain"
+    packed_from_rows: int | None = None
+
+    def __str__(self) -> str:
+        return self.base if self.packed_from_rows is None else f"{self.base}, packed from {self.packed_from_rows} rows"
+
+
+def apply_layout(model: Transformer, layout: DecodeLayout, min_elements: int = packing.PACK_MIN_ELEMENTS) -> None:
+    """Hold the model's inference linears in `layout`; values, shapes and state_dict are unchanged.
+
+    plain: nn.Linear's own [out, in] row-major weights. streaming: the transposed [in, out] matrix under an
+    [out, in] view (Transformer.use_streaming_layout). Packed copies (Transformer.pack_weights) of the
+    weights with at least `min_elements` serve matmuls of `packed_from_rows` rows or more. Gate and up
+    projections are fused in every layout. Only float32 CPU weights change layout.
+    """
+    if layout.base not in BASES:
+        raise ValueError(f"unknown layout {layout.base!r}; expected one of {', '.join(BASES)}")
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.packed_weight = None
+    for layer in model.layers:
+        layer.feed_forward.w13_packed = None
+    if layout.base == "streaming":
+        model.use_streaming_layout()
+    else:
+        model.use_default_layout()
+    model.fuse_gate_up()
+    if layout.packed_from_rows is not None:
+        model.pack_weights(min_elements=min_elements, min_rows=layout.packed_from_rows)
+    model.decode_layout = str(layout)
+
+
+@torch.inference_mode()
+def time_decode_step(model: Transformer, rows: int = FEW_ROWS, steps: int = 3) -> float:
+    """Fastest of `steps` single-token decode steps (seconds) for `rows` rows, after one warm-up step.
+
+    Runs on scratch caches that are cleared afterwards; the keys attended over are zeros (the time is the
+    weights', not the prefix's).
+    """
+    model.setup_caches(rows, find_multiple(steps + 1, 8))
+    tokens = torch.zeros(rows, 1, dtype=torch.long, device=model.tok_embeddings.weight.device)
+    best = float("inf")
+    try:
+        for i in range(steps + 1):
+            started = time.perf_counter()
+            model.decode(tokens, torch.tensor([i], device=tokens.device), kv_len=i + 1)
+            if i:
+                best = min(best, time.perf_counter() - started)
+    finally:
+        model.clear_caches()
+    return best
+
+
+def choose_decode_layout(
+    model: Transformer, rounds: int = 2, steps: int = 3
+) -> tuple[DecodeLayout, dict[str, dict[int, float]]]:
+    """Apply the fastest layout here; returns it and each candidate's best step (ms) by row count.
+
+    Candidates are timed in turn, `rounds` times, so a burst of load elsewhere does not fall on one only.
+    Models that are not float32 on CPU get the plain layout without timing.
+    """
+    weight = model.tok_embeddings.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        apply_layout(model, DecodeLayout())
+        return DecodeLayout(), {}
+    candidates = {base: DecodeLayout(base) for base in BASES}
+    if packing.packing_available():
+        candidates["packed"] = DecodeLayout("plain", packed_from_rows=1)
+    best = {name: dict.fromkeys((FEW_ROWS, MANY_ROWS), float("inf")) for name in candidates}
+    for _ in range(rounds):
+        for name, candidate in candidates.items():
+            apply_layout(model, candidate)
+            for rows in (FEW_ROWS, MANY_ROWS):
+                best[name][rows] = min(best[name][rows], time_decode_step(model, rows, steps))
+    base = min(BASES, key=lambda b: best[b][FEW_ROWS])
+    packed_from = None
+    if "packed" in best:
+        if best["packed"][FEW_ROWS] < best[base][FEW_ROWS]:
+            packed_from = 1
+        elif best["packed"][MANY_ROWS] < min(best[b][MANY_ROWS] for b in BASES):
+            packed_from = FEW_ROWS + 1
+    chosen = DecodeLayout(base, packed_from)
+    apply_layout(model, chosen)
+    timings = {name: {rows: round(s * 1e3, 3) for rows, s in by_rows.items()} for name, by_rows in best.items()}
+    log.info("CPU decode layout: %s (best step in ms by rows: %s)", chosen, timings)
+    return chosen, timings

@@ -1,0 +1,97 @@
+"""CPU decode weight layouts: every layout computes the same model, and the timed choice keeps the fastest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from generator.llamagen import load_gpt, save_checkpoint
+from generator.llamagen.layout import DecodeLayout, apply_layout, choose_decode_layout
+from generator.llamagen.packing import linear, pack
+from tests.generator.conftest import tiny_args, tiny_gpt
+
+COND, TOKENS = torch.tensor([2, 5]), torch.randint(0, 64, (2, 15), generator=torch.Generator().manual_seed(0))
+LAYOUTS = [
+    DecodeLayout("plain"),
+    DecodeLayout("streaming"),
+    DecodeLayout("plain", packed_from_rows=1),
+    DecodeLayout("streaming", packed_from_rows=3),
+]
+
+
+def _weights_contiguous(model: torch.nn.Module) -> list[bool]:
+    return [m.weight.is_contiguous() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_every_layout_gives_the_plain_models_logits_tokens_and_state(layout: DecodeLayout) -> None:
+    plain, model = tiny_gpt("c2i"), tiny_gpt("c2i")
+    apply_layout(model, layout, min_elements=0)  # pack even the tiny weights
+    assert model.decode_layout == str(layout)
+    assert torch.allclose(model.forward_logits(COND, TOKENS), plain.forward_logits(COND, TOKENS), atol=1e-5)
+    kwargs = dict(cfg_scale=4.0, top_k=20, seed=[3, 4])
+    assert torch.equal(model.generate(COND, 16, **kwargs), plain.generate(COND, 16, **kwargs))
+    a, b = plain.state_dict(), model.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_packed_copies_serve_only_calls_with_enough_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = torch.randn(96, 64)
+    packed = pack(w, min_elements=0, min_rows=3)
+    calls: list[int] = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def counting(x: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(x.numel() // x.shape[-1])
+        return real(x, *args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting)
+    with torch.inference_mode():
+        for rows in (1, 2, 3, 16):
+            out = linear(torch.randn(rows, 64), w, packed)
+            assert out.shape == (rows, 96)
+        linear(torch.randn(1, 2, 64), w, packed)  # 2 rows over two leading dimensions
+    assert calls == [3, 16]
+
+
+def test_layouts_can_be_switched_back_and_forth_without_changing_a_value() -> None:
+    plain, model = tiny_gpt("c2i"), tiny_gpt("c2i")
+    for layout in (LAYOUTS[1], LAYOUTS[2], LAYOUTS[3], LAYOUTS[0]):
+        apply_layout(model, layout, min_elements=0)
+    assert all(_weights_contiguous(model))
+    assert all(getattr(m, "packed_weight", None) is None for m in model.modules())
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values(), strict=True))
+    apply_layout(model, DecodeLayout("streaming"))
+    assert not any(_weights_contiguous(model))
+
+
+def test_an_unknown_layout_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown layout 'columnar'"):
+        apply_layout(tiny_gpt("c2i"), DecodeLayout("columnar"))  # type: ignore[arg-type]
+
+
+def test_the_timed_choice_is_applied_and_leaves_no_scratch_cache() -> None:
+    model = tiny_gpt("c2i")
+    chosen, timings = choose_decode_layout(model, rounds=1, steps=2)
+    assert model.decode_layout == str(chosen)
+    assert {"plain", "streaming"} <= set(timings) <= {"plain", "streaming", "packed"}
+    assert all(set(by_rows) == {2, 16} and min(by_rows.values()) > 0 for by_rows in timings.values())
+    assert timings[chosen.base][2] == min(timings[b][2] for b in ("plain", "streaming"))
+    assert model.max_seq_length == 0 and model.layers[0].attention.kv_cache is None
+
+
+def test_models_that_are_not_float32_on_cpu_stay_plain_untimed() -> None:
+    model = tiny_gpt("c2i").to(torch.bfloat16)
+    assert choose_decode_layout(model) == (DecodeLayout(), {})
+    assert all(_weights_contiguous(model))
+
+
+def test_load_gpt_takes_a_fixed_layout_or_times_them(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(tiny_gpt("c2i"), path)
+    assert load_gpt(path, model=tiny_args(), device="cpu", layout=DecodeLayout()).decode_layout == "plain"
+    streaming = load_gpt(path, model=tiny_args(), device="cpu", layout=DecodeLayout("streaming"))
+    assert streaming.decode_layout == "streaming" and not any(_weights_contiguous(streaming))
+    assert load_gpt(path, model=tiny_args(), device="cpu").decode_layout.split(",")[0] in ("plain", "streaming")
