@@ -165,8 +165,8 @@ class FeedForward(nn.Module):
         """The fused matrix while w1/w3 still live in it (a .to() or assign-load replaces them) and no
         gradient is needed (the fused tensor is not a parameter)."""
         w13 = self.w13
-        if w13 is None or torch.is_grad_enabled():
-            return None
+        if w13 is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None  # a compiled graph runs the parameters themselves (inductor lays them out)
         hidden = self.w1.weight.shape[0]
         if self.w1.weight.data_ptr() != w13.data_ptr() or self.w3.weight.data_ptr() != w13[hidden:].data_ptr():
             return None

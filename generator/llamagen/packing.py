@@ -83,6 +83,7 @@ def linear(x: Tensor, weight: Tensor, packed: PackedWeight | None) -> Tensor:
     """x @ weight.T, through the packed copy when it is current, no gradient is needed and x has enough rows."""
     if (
         packed is None
+        or torch.compiler.is_compiling()
         or torch.is_grad_enabled()
         or x.dtype != weight.dtype
         or x.numel() < packed.min_rows * x.shape[-1]

@@ -177,10 +177,14 @@ def _eager_decode(model: Transformer) -> DecodeFn:
 
 
 def _static_decode(model: Transformer, plan: DecodePlan) -> DecodeFn:
-    """Fixed-shape decode over the whole cache, compiled once per model with CUDA graphs."""
+    """Fixed-shape decode over the whole cache, compiled once per model: CUDA graphs on CUDA; on CPU,
+    inductor with frozen weights (it packs them for oneDNN itself and fuses the small element-wise ops)."""
     compiled = getattr(model, "_compiled_decode_static", None)
     if compiled is None:
-        compiled = torch.compile(model.decode_static, mode="reduce-overhead", fullgraph=True)
+        if plan.positions.device.type == "cuda":
+            compiled = torch.compile(model.decode_static, mode="reduce-overhead", fullgraph=True)
+        else:
+            compiled = torch.compile(model.decode_static, fullgraph=True, options={"freezing": True})
         model._compiled_decode_static = compiled
     key_ok = plan.key_ok
     if key_ok is None:
@@ -206,14 +210,12 @@ def generate(
 
     cond: class ids [B] (c2i) or caption features [B, caption_len, caption_dim] (t2i, with emb_mask [B, P]
     of 1 for real caption rows; None means all rows are real). Under CFG the batch runs as [cond; null].
-    generators: one shared by the batch or one per row (see make_generators). compile: the static,
-    CUDA-graph decode path (CUDA only).
+    generators: one shared by the batch or one per row (see make_generators). compile: the static
+    decode path, compiled on first use per cache length (CUDA graphs on CUDA, inductor on CPU).
     """
     if not 1 <= max_new_tokens <= model.args.block_size:
         raise ValueError(f"max_new_tokens must be in [1, {model.args.block_size}], got {max_new_tokens}")
     device = model.tok_embeddings.weight.device
-    if compile and device.type != "cuda":
-        raise ValueError(f"the compiled decode path needs a CUDA device, the model is on {device}")
     cond = cond.to(device)
     B, P = cond.shape[0], model.prefix_len
     if model.args.task == "t2i":
