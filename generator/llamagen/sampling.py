@@ -178,7 +178,11 @@ def _eager_decode(model: Transformer) -> DecodeFn:
 
 def _static_decode(model: Transformer, plan: DecodePlan) -> DecodeFn:
     """Fixed-shape decode over the whole cache, compiled once per model: CUDA graphs on CUDA; on CPU,
-    inductor with frozen weights (it packs them for oneDNN itself and fuses the small element-wise ops)."""
+    inductor with frozen weights (it packs them for oneDNN itself and fuses the small element-wise ops).
+
+    On CPU it pays at batch 1 only: GPT-B fp32 under CFG (2 rows), 2 threads, Xeon: 25.6 ms/step against
+    27.6 eager; at batch 8 (16 rows) 156 ms against the eager packed matmuls' 62. Compiling takes ~30 s.
+    """
     compiled = getattr(model, "_compiled_decode_static", None)
     if compiled is None:
         if plan.positions.device.type == "cuda":
