@@ -206,7 +206,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
-    parser.add_argument("--compile", action="store_true", help="compiled static decode (CUDA graphs; inductor on CPU, where it pays at batch 1 only)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compiled static decode (CUDA graphs; inductor on CPU, where it pays at batch 1 only)",
+    )
     parser.add_argument("--skip-vq", action="store_true")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per configuration (best kept)")
     parser.add_argument(
