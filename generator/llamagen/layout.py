@@ -38,6 +38,9 @@ Base = Literal["plain", "streaming"]
 BASES: tuple[Base, ...] = ("plain", "streaming")
 FEW_ROWS = packing.DECODE_ROWS_HINT  # batch 1 under CFG
 MANY_ROWS = 16  # batch 8 under CFG
+# A model whose decode step takes longer than this is timed once per candidate and row count: choosing then
+# costs about 3 x 2 of its steps rather than 3 x 2 x 2 x 4 (GPT-B takes about 2 s either way).
+SLOW_STEP_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -102,8 +105,9 @@ def choose_decode_layout(
 ) -> tuple[DecodeLayout, dict[str, dict[int, float]]]:
     """Apply the fastest layout here; returns it and each candidate's best step (ms) by row count.
 
-    Candidates are timed in turn, `rounds` times, so a burst of load elsewhere does not fall on one only.
-    Models that are not float32 on CPU get the plain layout without timing.
+    Candidates are timed in turn, `rounds` times, so a burst of load elsewhere does not fall on one only;
+    models whose step is slower than SLOW_STEP_S get one round of one step. Models that are not float32 on
+    CPU get the plain layout without timing.
     """
     weight = model.tok_embeddings.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
@@ -112,6 +116,8 @@ def choose_decode_layout(
     candidates = {base: DecodeLayout(base) for base in BASES}
     if packing.packing_available():
         candidates["packed"] = DecodeLayout("plain", packed_from_rows=1)
+    if time_decode_step(model, FEW_ROWS, steps=1) > SLOW_STEP_S:
+        rounds, steps = 1, 1
     best = {name: dict.fromkeys((FEW_ROWS, MANY_ROWS), float("inf")) for name in candidates}
     for _ in range(rounds):
         for name, candidate in candidates.items():

@@ -9,7 +9,7 @@ import torch
 
 from generator.llamagen import load_gpt, save_checkpoint
 from generator.llamagen.layout import DecodeLayout, apply_layout, choose_decode_layout
-from generator.llamagen.packing import linear, pack
+from generator.llamagen.packing import linear, pack, packing_available
 from tests.generator.conftest import tiny_args, tiny_gpt
 
 COND, TOKENS = torch.tensor([2, 5]), torch.randint(0, 64, (2, 15), generator=torch.Generator().manual_seed(0))
@@ -95,3 +95,20 @@ def test_load_gpt_takes_a_fixed_layout_or_times_them(tmp_path: Path) -> None:
     streaming = load_gpt(path, model=tiny_args(), device="cpu", layout=DecodeLayout("streaming"))
     assert streaming.decode_layout == "streaming" and not any(_weights_contiguous(streaming))
     assert load_gpt(path, model=tiny_args(), device="cpu").decode_layout.split(",")[0] in ("plain", "streaming")
+
+
+def test_a_slow_model_is_timed_once_per_candidate(monkeypatch: pytest.MonkeyPatch) -> None:
+    from generator.llamagen import layout
+
+    calls: list[tuple[int, int]] = []
+
+    def slow_step(model: object, rows: int = 2, steps: int = 3) -> float:
+        calls.append((rows, steps))
+        return 0.5 if rows == 2 else 1.0
+
+    monkeypatch.setattr(layout, "time_decode_step", slow_step)
+    chosen, _ = choose_decode_layout(tiny_gpt("c2i"))
+    assert chosen.base == "plain"  # a tie keeps the first candidate
+    assert calls[0] == (2, 1) and all(steps == 1 for _, steps in calls)
+    candidates = 3 if packing_available() else 2
+    assert len(calls) == 1 + 2 * candidates  # the probe, then each candidate once at 2 and at 16 rows
