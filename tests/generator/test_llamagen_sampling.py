@@ -247,6 +247,16 @@ def test_compiled_static_decode_on_cpu_gives_the_eager_tokens(captions: tuple[to
             assert torch.equal(compiled, eager)
 
 
+def test_compiled_cpu_decode_follows_weights_loaded_after_it_was_compiled() -> None:
+    model, cond = tiny_gpt("c2i", seed=0), torch.tensor([1, 2])
+    model.generate(cond, 16, cfg_scale=3.0, top_k=1, compile=True)  # compiled with seed-0 weights frozen in
+    for seed, assign in ((1, False), (2, True)):  # copied into the same tensors, then new tensors
+        other = tiny_gpt("c2i", seed=seed)
+        model.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=assign)
+        expected = other.generate(cond, 16, cfg_scale=3.0, top_k=1)
+        assert torch.equal(model.generate(cond, 16, cfg_scale=3.0, top_k=1, compile=True), expected)
+
+
 def test_head_dim_100_as_in_gpt_3b_decodes_like_full_recomputation() -> None:
     model = tiny_gpt(dim=200, n_head=2)  # head_dim 100: 25 rotary frequencies per axis
     ids = model.generate(torch.tensor([3]), 16, cfg_scale=1.0, top_k=1)
