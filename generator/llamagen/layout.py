@@ -51,7 +51,9 @@ class DecodeLayout:
     packed_from_rows: int | None = None
 
     def __str__(self) -> str:
-        return self.base if self.packed_from_rows is None else f"{self.base}, packed from {self.packed_from_rows} rows"
+        if self.packed_from_rows is None:
+            return self.base
+        return f"{self.base}, packed from {self.packed_from_rows} row{'s' if self.packed_from_rows > 1 else ''}"
 
 
 def apply_layout(model: Transformer, layout: DecodeLayout, min_elements: int = packing.PACK_MIN_ELEMENTS) -> None:
@@ -105,6 +107,7 @@ def choose_decode_layout(
 ) -> tuple[DecodeLayout, dict[str, dict[int, float]]]:
     """Apply the fastest layout here; returns it and each candidate's best step (ms) by row count.
 
+    Packed copies are a candidate only where some weight is big enough to pack (PACK_MIN_ELEMENTS).
     Candidates are timed in turn, `rounds` times, so a burst of load elsewhere does not fall on one only;
     models whose step is slower than SLOW_STEP_S get one round of one step. Models that are not float32 on
     CPU get the plain layout without timing.
@@ -114,7 +117,10 @@ def choose_decode_layout(
         apply_layout(model, DecodeLayout())
         return DecodeLayout(), {}
     candidates = {base: DecodeLayout(base) for base in BASES}
-    if packing.packing_available():
+    big_enough = any(
+        m.weight.numel() >= packing.PACK_MIN_ELEMENTS for m in model.modules() if isinstance(m, nn.Linear)
+    )
+    if packing.packing_available() and big_enough:  # small models would only time plain weights twice
         candidates["packed"] = DecodeLayout("plain", packed_from_rows=1)
     if time_decode_step(model, FEW_ROWS, steps=1) > SLOW_STEP_S:
         rounds, steps = 1, 1

@@ -76,7 +76,8 @@ def test_the_timed_choice_is_applied_and_leaves_no_scratch_cache() -> None:
     model = tiny_gpt("c2i")
     chosen, timings = choose_decode_layout(model, rounds=1, steps=2)
     assert model.decode_layout == str(chosen)
-    assert {"plain", "streaming"} <= set(timings) <= {"plain", "streaming", "packed"}
+    assert set(timings) == {"plain", "streaming"}  # no weight is big enough to pack: packing is not a candidate
+    assert chosen.packed_from_rows is None
     assert all(set(by_rows) == {2, 16} and min(by_rows.values()) > 0 for by_rows in timings.values())
     assert timings[chosen.base][2] == min(timings[b][2] for b in ("plain", "streaming"))
     assert model.max_seq_length == 0 and model.layers[0].attention.kv_cache is None
@@ -110,5 +111,18 @@ def test_a_slow_model_is_timed_once_per_candidate(monkeypatch: pytest.MonkeyPatc
     chosen, _ = choose_decode_layout(tiny_gpt("c2i"))
     assert chosen.base == "plain"  # a tie keeps the first candidate
     assert calls[0] == (2, 1) and all(steps == 1 for _, steps in calls)
-    candidates = 3 if packing_available() else 2
-    assert len(calls) == 1 + 2 * candidates  # the probe, then each candidate once at 2 and at 16 rows
+    assert len(calls) == 1 + 2 * 2  # the probe, then plain and streaming once each at 2 and at 16 rows
+
+
+@pytest.mark.skipif(not packing_available(), reason="this PyTorch build has no oneDNN packed linears")
+def test_packing_is_a_candidate_once_a_weight_is_big_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    from generator.llamagen import packing
+
+    monkeypatch.setattr(packing, "PACK_MIN_ELEMENTS", 0)
+    _, timings = choose_decode_layout(tiny_gpt("c2i"), rounds=1, steps=1)
+    assert set(timings) == {"plain", "streaming", "packed"}
+
+
+def test_the_layout_reads_as_a_phrase() -> None:
+    assert str(DecodeLayout("plain", packed_from_rows=1)) == "plain, packed from 1 row"
+    assert str(DecodeLayout("streaming", packed_from_rows=3)) == "streaming, packed from 3 rows"
