@@ -30,7 +30,7 @@ def configure_runtime(num_threads: int | None = None, allow_tf32: bool = True) -
     On cores shared with other work, use fewer threads than cores: every decode matmul is an OpenMP
     fork/join that waits for its slowest thread, so a descheduled thread stalls the step (GPT-B batch-1
     decode, 2 busy cores: about 375 ms/step with 2 threads, 90-140 with 1). MKL_DYNAMIC=FALSE made no
-    measurable difference, and the CPU decode matmuls now run in oneDNN (Transformer.pack_weights).
+    measurable difference; which library runs the CPU decode matmuls is now timed at load (layout.py).
     OMP_WAIT_POLICY=PASSIVE halved the 2-thread step but is read when torch loads OpenMP, before this runs.
     """
     if num_threads is not None:

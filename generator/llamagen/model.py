@@ -334,9 +334,10 @@ class Transformer(nn.Module):
     def use_streaming_layout(self) -> None:
         """Keep float32 CPU linear weights transposed in memory; shapes, values and state_dict are unchanged.
 
-        Decode multiplies a few rows by every weight, so it is bound by how fast the weights stream. MKL's
-        small-M sgemm reads a row-major [in, out] matrix about twice as fast as nn.Linear's [out, in] one;
-        the weight becomes the [out, in]-shaped transpose view of that matrix. bf16 (oneDNN) and CUDA
+        Decode multiplies a few rows by every weight, so it is bound by how fast the weights stream. On the
+        AMD EPYC, MKL's small-M sgemm read a row-major [in, out] matrix about twice as fast as nn.Linear's
+        [out, in] one (on a Xeon it was 2.3x slower: layout.py times both); the weight becomes the
+        [out, in]-shaped transpose view of that matrix. bf16 (oneDNN) and CUDA
         kernels prefer the default layout, so they are left alone.
         """
         for module in self.modules():
@@ -364,8 +365,9 @@ class Transformer(nn.Module):
     ) -> None:
         """Give the block linears and the output head a oneDNN-packed copy for inference matmuls.
 
-        Decode streams every weight once per step for a couple of rows; oneDNN's packed layout streams
-        faster than MKL on either plain layout. The packed copies double the CPU memory of those weights.
+        Decode streams every weight once per step for a few rows; on some CPUs oneDNN's packed layout streams
+        faster than MKL on either plain layout (layout.py times it). The packed copies double the CPU memory
+        of those weights.
         Weights under `min_elements` stay plain: for them a packed call's fixed cost outweighs the gain.
         Parameters and state_dict are unchanged; a copy is ignored (plain F.linear) once its weight is
         replaced or changed in place, or while gradients are enabled, and by matmuls of fewer than `min_rows`

@@ -16,9 +16,10 @@ from torch import Tensor
 # Any row count works with any packing, and a row's result does not depend on the other rows.
 DECODE_ROWS_HINT = 2
 # Smallest weight (elements) worth packing. A packed matmul costs about 35 us per call before any work on the
-# 2-core CPU, so small weights run faster plain (1 thread, 1 row: 192x192 7 us against 33, 1024x192 28 us
+# 2-core AMD EPYC, so small weights run faster plain (1 thread, 1 row: 192x192 7 us against 33, 1024x192 28 us
 # against 51; at 2 rows 1024x192 is even, at 48 us). From about 0.6M elements (768x768, GPT-B's smallest)
-# packing wins at 2+ rows, 1.3-3x on the larger ones. The demo models' weights all fall below the line.
+# packing won there at 2+ rows, 1.3-3x on the larger ones; on a Xeon it wins only from more rows, so
+# layout.py times it. The demo models' weights all fall below the line.
 PACK_MIN_ELEMENTS = 1 << 19
 # float32 only: oneDNN's bf16 packing needs AVX512-BF16 or AVX-NE-CONVERT, and bf16 linears already run
 # through oneDNN with its own per-call weight handling.

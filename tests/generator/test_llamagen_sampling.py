@@ -249,7 +249,7 @@ def test_compiled_static_decode_on_cpu_gives_the_eager_tokens(captions: tuple[to
 
 def test_compiled_cpu_decode_follows_weights_loaded_after_it_was_compiled() -> None:
     model, cond = tiny_gpt("c2i", seed=0), torch.tensor([1, 2])
-    model.generate(cond, 16, cfg_scale=3.0, top_k=1, compile=True)  # compiled with seed-0 weights frozen in
+    model.generate(cond, 16, cfg_scale=3.0, top_k=1, compile=True)  # compiled with the seed-0 weights
     for seed, assign in ((1, False), (2, True)):  # copied into the same tensors, then new tensors
         other = tiny_gpt("c2i", seed=seed)
         model.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=assign)
