@@ -39,7 +39,8 @@ BASES: tuple[Base, ...] = ("plain", "streaming")
 FEW_ROWS = packing.DECODE_ROWS_HINT  # batch 1 under CFG
 MANY_ROWS = 16  # batch 8 under CFG
 # A model whose decode step takes longer than this is timed once per candidate and row count: choosing then
-# costs about 3 x 2 of its steps rather than 3 x 2 x 2 x 4 (GPT-B takes about 2 s either way).
+# costs about 3 x 2 of its steps, plus switching layouts, rather than 3 x 2 x 2 x 4. GPT-B (steps of 25-60
+# ms) takes 6.1-6.3 s to choose on the 2-core Xeon, mostly copying and packing its 390 MB of weights.
 SLOW_STEP_S = 0.2
 
 
