@@ -21,6 +21,7 @@ from generator.llamagen.rope import precompute_freqs_cis_2d, rotary_tables, rota
 Rope = tuple[Tensor, Tensor]  # (cos, sin) rotary tables [L, head_dim] for the positions being run
 
 Task = Literal["c2i", "t2i"]
+PrefixRotary = Literal["zero", "identity"]
 
 # Official GPT_models table (gpt.py): name -> (n_layer, n_head, dim).
 GPT_PRESETS: dict[str, tuple[int, int, int]] = {
@@ -66,6 +67,10 @@ class ModelArgs:
     cls_token_num: int = 1  # prefix length P: 1 for c2i, 120 for the official t2i models
     block_size: int = 256  # number of image tokens, a perfect square (grid side ** 2)
     task: Task = "c2i"
+    # Rotary rows of the prefix. "zero" is the official table: prefix q and k become 0, so every image token
+    # weighs the class or caption tokens equally (a content-blind mean). "identity" (cos 1, sin 0) leaves
+    # them unrotated, so attention can pick caption words by content; official checkpoints need "zero".
+    prefix_rotary: PrefixRotary = "zero"
 
     # Derived in __post_init__.
     head_dim: int = field(init=False)
@@ -75,6 +80,8 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if self.task not in ("c2i", "t2i"):
             raise ValueError(f"task must be 'c2i' or 't2i', got {self.task!r}")
+        if self.prefix_rotary not in ("zero", "identity"):
+            raise ValueError(f"prefix_rotary must be 'zero' or 'identity', got {self.prefix_rotary!r}")
         if self.dim % self.n_head != 0:
             raise ValueError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
         if self.n_head % self.kv_heads != 0:
@@ -311,7 +318,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # Plain attribute, not a buffer: absent from state_dict and kept in float32 under .to(bf16).
-        self.freqs_cis = precompute_freqs_cis_2d(args.grid_size, args.head_dim, args.rope_base, args.cls_token_num)
+        self.freqs_cis = precompute_freqs_cis_2d(
+            args.grid_size, args.head_dim, args.rope_base, args.cls_token_num, prefix=args.prefix_rotary
+        )
         self.rope_tables: Rope = rotary_tables(self.freqs_cis)  # (cos, sin) [P + grid**2, head_dim]
         self.max_batch_size = 0
         self.max_seq_length = 0

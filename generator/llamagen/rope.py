@@ -8,8 +8,13 @@ import torch
 from torch import Tensor
 
 
-def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float, cls_token_num: int) -> Tensor:
-    """Rotary table [P + grid**2, head_dim // 2, 2] (cos, sin) in float32; the P prefix rows are zeros."""
+def precompute_freqs_cis_2d(
+    grid_size: int, head_dim: int, base: float, cls_token_num: int, prefix: str = "zero"
+) -> Tensor:
+    """Rotary table [P + grid**2, head_dim // 2, 2] (cos, sin) in float32.
+
+    The P prefix rows are zeros (official; prefix q and k vanish) or, with prefix="identity", cos 1 and sin 0.
+    """
     half = head_dim // 2
     freqs = 1.0 / (base ** (torch.arange(0, half, 2, device="cpu")[: half // 2].float() / half))  # (k,)
     t = torch.arange(grid_size, device="cpu", dtype=torch.float32)
@@ -22,8 +27,10 @@ def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float, cls_toke
         dim=-1,
     )  # (grid, grid, half)
     table = torch.stack([torch.cos(grid), torch.sin(grid)], dim=-1).flatten(0, 1)  # (grid**2, half, 2)
-    prefix = torch.zeros(cls_token_num, half, 2, device="cpu")
-    return torch.cat([prefix, table], dim=0)
+    rows = torch.zeros(cls_token_num, half, 2, device="cpu")
+    if prefix == "identity":
+        rows[..., 0] = 1.0
+    return torch.cat([rows, table], dim=0)
 
 
 def rotary_tables(freqs_cis: Tensor) -> tuple[Tensor, Tensor]:

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +37,11 @@ class VQArgs:
     num_res_blocks: int = 2
     dropout_p: float = 0.0
     norm_groups: int = OFFICIAL_NORM_GROUPS
+    encoder_context: Literal["global", "patch"] = "global"
 
     def __post_init__(self) -> None:
+        if self.encoder_context not in ("global", "patch"):
+            raise ValueError(f"encoder_context must be 'global' or 'patch'; got {self.encoder_context!r}")
         if self.norm_groups < 1:
             raise ValueError(f"norm_groups must be at least 1; got {self.norm_groups}")
         channels = [self.ch * m for m in self.ch_mult] + [self.ch]
@@ -69,7 +72,27 @@ VQ_PRESETS: dict[str, VQArgs] = {
 }
 
 
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
+class PositionNorm(nn.Module):
+    """Normalise each position over its channels (statistics never mix positions); GroupNorm's parameters."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight[:, None, None] + self.bias[:, None, None]
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
+def _norm(channels: int, groups: int, local: bool = False) -> nn.Module:
+    if local:
+        return PositionNorm(channels)
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
@@ -107,11 +130,12 @@ class ResnetBlock(nn.Module):
         dropout_p: float = 0.0,
         winograd: bool = False,
         groups: int = OFFICIAL_NORM_GROUPS,
+        local: bool = False,
     ) -> None:
         super().__init__()
-        self.norm1 = _norm(in_channels, groups)
+        self.norm1 = _norm(in_channels, groups, local)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels, groups)
+        self.norm2 = _norm(out_channels, groups, local)
         self.dropout = nn.Dropout(dropout_p)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -128,9 +152,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the h*w positions, scale c**-0.5."""
 
-    def __init__(self, channels: int, groups: int = OFFICIAL_NORM_GROUPS) -> None:
+    def __init__(self, channels: int, groups: int = OFFICIAL_NORM_GROUPS, local: bool = False) -> None:
         super().__init__()
-        self.norm = _norm(channels, groups)
+        self.norm = _norm(channels, groups, local)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -247,12 +271,12 @@ class Level(nn.Module):
         return x
 
 
-def _mid(channels: int, dropout_p: float, groups: int) -> nn.ModuleList:
+def _mid(channels: int, dropout_p: float, groups: int, local: bool = False) -> nn.ModuleList:
     return nn.ModuleList(
         [
-            ResnetBlock(channels, channels, dropout_p, groups=groups),
-            AttnBlock(channels, groups),
-            ResnetBlock(channels, channels, dropout_p, groups=groups),
+            ResnetBlock(channels, channels, dropout_p, groups=groups, local=local),
+            AttnBlock(channels, groups, local),
+            ResnetBlock(channels, channels, dropout_p, groups=groups, local=local),
         ]
     )
 
@@ -262,25 +286,37 @@ class Encoder(nn.Module):
         super().__init__()
         n = len(args.ch_mult)
         in_mult = (1, *args.ch_mult)
+        self.patch = args.downsample if args.encoder_context == "patch" else None
+        local = self.patch is not None
         self.conv_in = nn.Conv2d(3, args.ch, 3, padding=1)
         self.conv_blocks = nn.ModuleList()
         for i in range(n):
             level = Level()
             block_in, block_out = args.ch * in_mult[i], args.ch * args.ch_mult[i]
             for _ in range(args.num_res_blocks):
-                level.res.append(ResnetBlock(block_in, block_out, args.dropout_p, groups=args.norm_groups))
+                level.res.append(ResnetBlock(block_in, block_out, args.dropout_p, groups=args.norm_groups, local=local))
                 block_in = block_out
                 if i == n - 1:
-                    level.attn.append(AttnBlock(block_in, args.norm_groups))  # attention only at the last level
+                    level.attn.append(AttnBlock(block_in, args.norm_groups, local))  # only at the last level
             if i != n - 1:
                 level.downsample = Downsample(block_in)
             self.conv_blocks.append(level)
         top = args.ch * args.ch_mult[-1]
-        self.mid = _mid(top, args.dropout_p, args.norm_groups)
-        self.norm_out = _norm(top, args.norm_groups)
+        self.mid = _mid(top, args.dropout_p, args.norm_groups, local)
+        self.norm_out = _norm(top, args.norm_groups, local)
         self.conv_out = nn.Conv2d(top, args.z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.patch is not None:  # every code's patch on its own: [B, 3, H, W] -> [B*h*w, 3, p, p]
+            B, C, H, W = x.shape
+            p = self.patch
+            patches = x.unfold(2, p, p).unfold(3, p, p)  # (B, 3, h, w, p, p)
+            h, w = patches.shape[2:4]
+            z = self._run(patches.permute(0, 2, 3, 1, 4, 5).reshape(B * h * w, C, p, p))  # (B*h*w, z, 1, 1)
+            return z.view(B, h, w, -1).permute(0, 3, 1, 2)
+        return self._run(x)
+
+    def _run(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
         for level in self.conv_blocks:
             h = level(h)
@@ -378,7 +414,7 @@ class VQModel(nn.Module):
     def initialize_weights(self) -> None:
         """PyTorch default init for convs and norms; codebook uniform(-1/N, 1/N), then normalised."""
         for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.GroupNorm)):
+            if isinstance(module, (nn.Conv2d, nn.GroupNorm, PositionNorm)):
                 module.reset_parameters()
         n = self.args.codebook_size
         nn.init.uniform_(self.quantize.embedding.weight, -1.0 / n, 1.0 / n)

@@ -10,7 +10,7 @@ import torch
 
 from generator.llamagen import ModelArgs, Transformer
 from generator.llamagen.rope import apply_rotary_emb, precompute_freqs_cis_2d
-from tests.generator.conftest import tiny_args, tiny_gpt
+from tests.generator.conftest import CAPTION_LEN, tiny_args, tiny_gpt
 
 KEYS_DIR = Path("/work/shared/docs/llamagen-keys")
 GPT_LISTINGS = sorted(KEYS_DIR.glob("GPT-*.tsv")) if KEYS_DIR.is_dir() else []
@@ -63,6 +63,42 @@ def test_rotary_prefix_rows_are_zero_and_first_image_token_is_identity() -> None
     assert table.shape == (3 + 16, 8, 2)
     assert torch.count_nonzero(table[:3]) == 0
     assert torch.equal(table[3, :, 0], torch.ones(8)) and torch.equal(table[3, :, 1], torch.zeros(8))
+
+
+def test_identity_prefix_rows_leave_the_prefix_unrotated_and_the_image_rows_unchanged() -> None:
+    official = precompute_freqs_cis_2d(grid_size=4, head_dim=16, base=10000.0, cls_token_num=3)
+    table = precompute_freqs_cis_2d(grid_size=4, head_dim=16, base=10000.0, cls_token_num=3, prefix="identity")
+    assert torch.equal(table[:3, :, 0], torch.ones(3, 8)) and torch.count_nonzero(table[:3, :, 1]) == 0
+    assert torch.equal(table[3:], official[3:])
+
+
+def test_prefix_rotary_defaults_to_the_official_zero_rows_and_refuses_unknown_values() -> None:
+    assert tiny_args("t2i").prefix_rotary == "zero"
+    assert torch.count_nonzero(tiny_gpt("t2i").freqs_cis[: tiny_args("t2i").cls_token_num]) == 0
+    with pytest.raises(ValueError, match="prefix_rotary"):
+        tiny_args("t2i", prefix_rotary="ones")
+
+
+def caption_attention(model: Transformer, emb: torch.Tensor) -> torch.Tensor:
+    """First layer's attention weights [heads, P] of the first image token over the caption tokens."""
+    attention = model.layers[0].attention
+    seen: list[tuple] = []
+    hook = attention.register_forward_pre_hook(lambda module, inputs: seen.append(inputs) and None)
+    model.forward_logits(emb, torch.zeros(1, 1, dtype=torch.long))
+    hook.remove()
+    x, rope = seen[0][:2]  # normed input [1, P + 1, D] and its rotary tables
+    with torch.inference_mode():
+        q, k, _ = attention._qkv(x, rope)  # [1, H, P + 1, d]
+    P = model.prefix_len
+    return (q[0, :, P] @ k[0, :, :P].transpose(-1, -2)).softmax(-1)
+
+
+def test_zero_prefix_rows_weigh_every_caption_token_alike_and_identity_rows_attend_by_content() -> None:
+    torch.manual_seed(0)
+    emb = torch.randn(1, CAPTION_LEN, tiny_args("t2i").caption_dim)
+    uniform = torch.full((2, CAPTION_LEN), 1.0 / CAPTION_LEN)
+    assert torch.allclose(caption_attention(tiny_gpt("t2i"), emb), uniform)
+    assert not torch.allclose(caption_attention(tiny_gpt("t2i", prefix_rotary="identity"), emb), uniform, atol=1e-3)
 
 
 def test_rotary_first_half_turns_with_row_and_second_half_with_column() -> None:

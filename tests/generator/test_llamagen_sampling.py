@@ -79,6 +79,15 @@ def test_t2i_cached_greedy_decode_equals_teacher_forced_argmax(
     assert torch.equal(t2i_model.forward_logits(emb, ids[:, :-1], mask).argmax(-1), ids)
 
 
+def test_t2i_with_unrotated_caption_tokens_decodes_like_full_recomputation(
+    captions: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    model, (emb, mask) = tiny_gpt("t2i", prefix_rotary="identity"), captions
+    params = SamplingParams(cfg_scale=3.0, top_k=10)
+    ids = model.generate(emb[:1], 12, cfg_scale=3.0, top_k=10, seed=4, emb_mask=mask[:1])
+    assert torch.equal(ids, reference_generate(model, emb[:1], 12, params, seed=4, emb_mask=mask[:1]))
+
+
 def test_sampled_tokens_equal_full_recompute_reference_with_official_cfg(c2i_model: Transformer) -> None:
     params = SamplingParams(cfg_scale=4.0, top_k=20, top_p=0.95, temperature=0.9)
     ids = c2i_model.generate(torch.tensor([2]), 16, cfg_scale=4.0, top_k=20, top_p=0.95, temperature=0.9, seed=11)

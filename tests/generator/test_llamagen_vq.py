@@ -99,6 +99,53 @@ def test_a_narrow_tokenizer_may_use_fewer_norm_groups_with_the_same_state_dict()
         VQArgs(norm_groups=0)
 
 
+PATCH_VQ = VQArgs(
+    codebook_size=64, codebook_embed_dim=4, ch=32, ch_mult=(1, 2, 2), z_channels=32, encoder_context="patch"
+)
+
+
+def test_patch_encoder_gives_each_code_from_its_own_patch_alone() -> None:
+    torch.manual_seed(0)
+    vq = build_vq(PATCH_VQ, "cpu").eval()
+    images = torch.rand(2, 3, 16, 24) * 2 - 1  # a 4x6 grid of 4x4 patches
+    changed = images.clone()
+    changed[:, :, 8:] = torch.rand(2, 3, 8, 24) * 2 - 1  # the lower two rows of patches only
+    with torch.inference_mode():
+        grid, grid_changed = vq.encoder(images), vq.encoder(changed)
+        alone = vq.encoder(images[:, :, 4:8, 12:16])  # patch (row 1, column 3) by itself
+    assert torch.equal(grid[:, :, :2], grid_changed[:, :, :2])
+    assert not torch.allclose(grid[:, :, 2:], grid_changed[:, :, 2:])
+    assert torch.allclose(alone[:, :, 0, 0], grid[:, :, 1, 3], atol=1e-6)
+    assert torch.equal(vq.encode(images)[:, :12], vq.encode(changed)[:, :12])
+
+
+def test_whole_image_encoder_codes_depend_on_the_rest_of_the_image() -> None:
+    torch.manual_seed(0)
+    vq = build_vq(VQArgs(**{**PATCH_VQ.__dict__, "encoder_context": "global"}), "cpu").eval()
+    images = torch.rand(1, 3, 16, 16) * 2 - 1
+    changed = images.clone()
+    changed[:, :, 8:] = 0.0
+    with torch.inference_mode():
+        assert not torch.allclose(vq.encoder(images)[:, :, :2], vq.encoder(changed)[:, :, :2])
+
+
+def test_patch_encoder_keeps_the_official_state_dict_and_refuses_unknown_contexts() -> None:
+    official = build_vq(VQArgs(**{**PATCH_VQ.__dict__, "encoder_context": "global"}), "cpu")
+    patch = build_vq(PATCH_VQ, "cpu")
+    assert {k: v.shape for k, v in patch.state_dict().items()} == {k: v.shape for k, v in official.state_dict().items()}
+    with pytest.raises(ValueError, match="encoder_context"):
+        VQArgs(encoder_context="local")  # type: ignore[arg-type]
+
+
+def test_patch_encoder_keeps_the_colour_of_a_flat_patch() -> None:
+    torch.manual_seed(0)
+    vq = build_vq(PATCH_VQ, "cpu").eval()
+    red, blue = torch.full((1, 3, 4, 4), -1.0), torch.full((1, 3, 4, 4), -1.0)
+    red[:, 0], blue[:, 2] = 1.0, 1.0
+    with torch.inference_mode():
+        assert not torch.allclose(vq.encoder(red), vq.encoder(blue), atol=1e-3)
+
+
 def test_presets_downsample_by_16_and_8() -> None:
     assert (VQArgs.from_name("VQ-16").downsample, VQArgs.from_name("VQ-8").downsample) == (16, 8)
 
