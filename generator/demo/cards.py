@@ -51,6 +51,13 @@ def _vq_inputs() -> str:
     return "whole 64 px images" if config.VQ_CROP is None else f"code-aligned {config.VQ_CROP} px crops"
 
 
+def _encoder_note(vq_args: dict[str, Any]) -> str:
+    if vq_args.get("encoder_context") != "patch":
+        return ""
+    side = 2 ** (len(vq_args["ch_mult"]) - 1)
+    return f"; each code is encoded from its own {side}x{side} px patch (encoder_context: patch)"
+
+
 def _training_note(record: dict[str, Any]) -> str:
     return f"{record.get('steps')} steps, batch {record.get('batch_size')}, seed {record.get('seed')}"
 
@@ -63,7 +70,8 @@ def demo_card(task: str, paths: DemoPaths, metrics: dict[str, Metric] | None = N
         "stage": "tokenizer",
         "dataset": _shapes_dataset(_manifest(paths, "t2i")),
         "notes": f"VQ: {_training_note(vq_record)}; {_vq_inputs()}, L1 + L2 loss; "
-        f"{config.VQ_AE_WARMUP} autoencoder warm-up steps, then a k-means codebook",
+        f"{config.VQ_AE_WARMUP} autoencoder warm-up steps, then a k-means codebook"
+        + _encoder_note(vq_record["args"]),
     }
     if task == "c2i":
         stage = {
@@ -89,7 +97,7 @@ def demo_card(task: str, paths: DemoPaths, metrics: dict[str, Metric] | None = N
     gpt_args = {k: v for k, v in gpt_record["args"].items() if k != "task"}
     card: dict[str, Any] = {
         "name": f"demo-shapes-{task}",
-        "version": "1.0",
+        "version": "1.1",
         "task": task,
         "architecture": {"gpt": gpt_args, "vq": dict(vq_record["args"]), "image_size": shapes.IMAGE_SIZE},
         "checkpoints": {"gpt": gpt_ref, "vq": vq_ref},

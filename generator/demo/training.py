@@ -110,7 +110,9 @@ def train(
         lr = lr_at(step, schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = loss_fn(step, generator)
+        # bf16 autocast: matmuls in bfloat16 (float32 master weights, optimizer and loss reductions).
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=schedule.bf16):
+            loss = loss_fn(step, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:

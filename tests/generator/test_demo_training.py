@@ -52,6 +52,23 @@ def test_resuming_with_another_schedule_is_refused(tmp_path: Path) -> None:
         _run(tmp_path, TrainSchedule(**{**SCHEDULE.__dict__, "lr": 0.5}))
 
 
+def test_a_bf16_schedule_runs_its_matmuls_in_bfloat16_and_cannot_resume_a_float32_run(tmp_path: Path) -> None:
+    seen: list[torch.dtype] = []
+    model = nn.Linear(3, 1)
+
+    def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
+        out = model(torch.randn(4, 3, generator=generator))
+        seen.append(out.dtype)
+        return (out.float() - 1).pow(2).mean()
+
+    bf16 = TrainSchedule(**{**SCHEDULE.__dict__, "bf16": True})
+    train(name="t", run_dir=tmp_path / "bf16", model=model, schedule=bf16, seed=1, loss_fn=loss_fn)
+    assert set(seen) == {torch.bfloat16} and model.weight.dtype == torch.float32
+    _run(tmp_path / "fp32", SCHEDULE)
+    with pytest.raises(TrainingError, match="another schedule"):
+        _run(tmp_path / "fp32", bf16)
+
+
 def test_force_makes_a_training_step_start_afresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from generator.demo import cli
 
