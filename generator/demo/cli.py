@@ -44,13 +44,17 @@ def _cmd_train_vq(paths: DemoPaths, args: argparse.Namespace) -> None:
 
 
 def _load_demo_vq(paths: DemoPaths) -> VQModel:
+    """The trained tokenizer, built from the arguments stored beside its weights (config ones if absent)."""
     from generator.demo.train_vq import demo_vq_args
-    from generator.llamagen import load_vq
+    from generator.llamagen import VQArgs, load_vq
+    from generator.llamagen.loading import read_checkpoint
 
     path = paths.model_file("vq")
     if not path.is_file():
         raise SystemExit(f"{path} is missing: run `python -m generator.demo train-vq` first")
-    return load_vq(path, model=demo_vq_args(), device="cpu")
+    stored = read_checkpoint(path).get("args")
+    args = VQArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}) if stored else None
+    return load_vq(path, model=args or demo_vq_args(), device="cpu")
 
 
 def _cmd_train_c2i(paths: DemoPaths, args: argparse.Namespace) -> None:

@@ -96,3 +96,16 @@ def test_a_bad_training_folder_is_named_without_a_traceback(
     err = capsys.readouterr().err
     assert f"train-vq: error: {missing}: not a directory" in err
     assert "Traceback" not in err
+
+
+def test_gpt_training_loads_the_tokenizer_with_the_arguments_stored_beside_its_weights(tmp_path: Path) -> None:
+    from generator.demo import cli
+    from generator.demo.config import DemoPaths
+    from generator.demo.train_vq import _plain
+    from generator.llamagen import VQArgs, build_vq, save_checkpoint
+
+    args = VQArgs(codebook_size=32, codebook_embed_dim=4, ch=32, ch_mult=(1, 2), z_channels=32)  # not the config's
+    paths = DemoPaths(models_dir=tmp_path / "models", work_dir=tmp_path / "work")
+    paths.model_file("vq").parent.mkdir(parents=True)
+    save_checkpoint(build_vq(args, "cpu"), paths.model_file("vq"), args=_plain(args))
+    assert cli._load_demo_vq(paths).args == args
