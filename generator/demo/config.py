@@ -110,8 +110,9 @@ CLIP_SCHEDULE = TrainSchedule(steps=2000, batch_size=64, lr=1e-3, warmup=25, wei
 # Greedy decoding (top_k 1) without guidance (cfg_scale 1) gave the demo models their most faithful images
 # (held-out, 2026-12-02, earlier tokenizer): c2i 1.0 (also 1.0 at cfg 2 with top_k 0, 0.54 at cfg 4), t2i
 # 0.37 (0.25 at top_k 0, 0.02 at cfg 4). With the first patch tokenizer (1600 steps) t2i gave 0.395 greedy,
-# 0.33 at cfg 2 and 0.005 at cfg 4. The t2i model draws one shape right; with two or three it often binds a colour, shape or
-# size to the wrong place (the first token of each shape, which only the caption decides, is where it errs).
+# 0.33 at cfg 2 and 0.005 at cfg 4. The t2i model draws one shape right; with two it often binds a colour,
+# shape or size to the wrong place (the first token of each shape, which only the caption decides, is where
+# it errs).
 SAMPLING_DEFAULTS: dict[str, float | int] = {"cfg_scale": 1.0, "top_k": 1, "top_p": 1.0, "temperature": 1.0}
 
 
