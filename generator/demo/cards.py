@@ -97,7 +97,7 @@ def demo_card(task: str, paths: DemoPaths, metrics: dict[str, Metric] | None = N
     gpt_args = {k: v for k, v in gpt_record["args"].items() if k != "task"}
     card: dict[str, Any] = {
         "name": f"demo-shapes-{task}",
-        "version": "1.1",
+        "version": "1.2",
         "task": task,
         "architecture": {"gpt": gpt_args, "vq": dict(vq_record["args"]), "image_size": shapes.IMAGE_SIZE},
         "checkpoints": {"gpt": gpt_ref, "vq": vq_ref},
