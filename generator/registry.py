@@ -415,7 +415,7 @@ def _vq_args(card: ModelCard) -> VQArgs:
     try:
         if isinstance(spec, str):
             return VQArgs.from_name(spec)
-        return VQArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
+        return VQArgs.from_dict(spec)
     except (TypeError, ValueError) as exc:
         raise RegistryError(f"{card.name}: architecture.vq: {exc}") from exc
 

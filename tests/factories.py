@@ -28,7 +28,7 @@ def write_tiny_model(models_dir: Path, name: str, task: str, seed: int = 0) -> P
         gpt_spec.update(caption_dim=384, cls_token_num=8, caption_len=8)
         text_encoder = {"kind": "minilm", "max_len": 8}
     gpt = build_gpt(ModelArgs(task=task, **gpt_spec), task, device="cpu")
-    vq = build_vq(VQArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_VQ.items()}), device="cpu")
+    vq = build_vq(VQArgs.from_dict(TINY_VQ), device="cpu")
     with torch.no_grad():  # the official head starts at zero, which would make every token equally likely
         gpt.output.weight.normal_(0, 0.5)
     weights = models_dir / "tiny"

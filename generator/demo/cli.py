@@ -53,8 +53,7 @@ def _load_demo_vq(paths: DemoPaths) -> VQModel:
     if not path.is_file():
         raise SystemExit(f"{path} is missing: run `python -m generator.demo train-vq` first")
     stored = read_checkpoint(path).get("args")
-    args = VQArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}) if stored else None
-    return load_vq(path, model=args or demo_vq_args(), device="cpu")
+    return load_vq(path, model=VQArgs.from_dict(stored) if stored else demo_vq_args(), device="cpu")
 
 
 def _cmd_train_c2i(paths: DemoPaths, args: argparse.Namespace) -> None:

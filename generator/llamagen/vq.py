@@ -60,6 +60,11 @@ class VQArgs:
         return 2 ** (len(self.ch_mult) - 1)
 
     @classmethod
+    def from_dict(cls, values: dict[str, object]) -> VQArgs:
+        """From stored arguments (a card or a checkpoint record), where ch_mult may be a list."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})  # type: ignore[arg-type]
+
+    @classmethod
     def from_name(cls, name: str) -> VQArgs:
         if name not in VQ_PRESETS:
             raise ValueError(f"unknown VQ preset {name!r}; known: {', '.join(VQ_PRESETS)}")
