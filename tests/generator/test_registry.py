@@ -166,6 +166,24 @@ def test_t2i_card_without_text_encoder_is_rejected(tmp_path: Path) -> None:
         read_card(path)
 
 
+@pytest.mark.parametrize(
+    ("text_encoder", "message"),
+    [
+        ({"kind": "minilm", "max_len": 24, "layers": 7}, "less than or equal to 6"),
+        ({"kind": "t5", "path": "t5", "max_len": 120, "layers": 2}, "minilm encoder only"),
+    ],
+)
+def test_text_encoder_layers_must_exist_and_belong_to_minilm(
+    tmp_path: Path, text_encoder: dict[str, Any], message: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    data = card_data(None, None, task="t2i", class_names=None)
+    data["architecture"]["text_encoder"] = text_encoder
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RegistryError, match=message):
+        read_card(path)
+
+
 def test_duplicate_card_names_are_an_error(models_dir: Path) -> None:
     (models_dir / "copy.yaml").write_text((models_dir / "tiny-c2i.yaml").read_text())
     with pytest.raises(RegistryError, match="'tiny-c2i' is also used"):

