@@ -97,7 +97,7 @@ def demo_card(task: str, paths: DemoPaths, metrics: dict[str, Metric] | None = N
     gpt_args = {k: v for k, v in gpt_record["args"].items() if k != "task"}
     card: dict[str, Any] = {
         "name": f"demo-shapes-{task}",
-        "version": "1.2",
+        "version": "1.3",
         "task": task,
         "architecture": {"gpt": gpt_args, "vq": dict(vq_record["args"]), "image_size": shapes.IMAGE_SIZE},
         "checkpoints": {"gpt": gpt_ref, "vq": vq_ref},
@@ -112,7 +112,9 @@ def demo_card(task: str, paths: DemoPaths, metrics: dict[str, Metric] | None = N
         card["class_names"] = list(shapes.CLASS_NAMES)
     else:
         max_len = int(gpt_args["cls_token_num"])
-        card["architecture"]["text_encoder"] = {"kind": "minilm", "path": None, "max_len": max_len}
+        trained_with = gpt_record.get("text_encoder") or {}  # absent in weights saved before it was recorded
+        card["architecture"]["text_encoder"] = {"kind": "minilm", "path": None, "max_len": max_len,
+                                                "layers": trained_with.get("layers")}
         card["advisories"].append(MINILM_NOTE)
     return ModelCard.model_validate(card)
 
