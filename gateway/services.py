@@ -143,19 +143,34 @@ def _params(state: GatewayState, request: GenerationCreate, card: Any) -> dict[s
     }
 
 
-def _screen(state: GatewayState, text: str, context: Context) -> tuple[Any, list[dict[str, Any]], str]:
+def _screen(state: GatewayState, text: str, context: Context, *, principal: Principal,
+            request_id: str) -> tuple[Any, list[dict[str, Any]], str]:
     """Prompt and model screening under the active policy -> (runtime, screenings, strictest action)."""
     try:
         runtime = state.ctx.policies.runtime()
         screened = [runtime.screen_prompt(text, context), runtime.check_model(context)]
+        # A classifier that failed on this prompt decided nothing about it: 503, not 400.
+        fault = next((f for f in (s.fault() for s in screened) if f is not None), None)
     except Exception as exc:  # a classifier that cannot run stops the request: fail closed
-        raise ServiceUnavailable(f"prompt screening is unavailable: {exc}") from exc
-    for screening in screened:  # a classifier that failed on this prompt decided nothing about it: 503, not 400
-        fault = screening.fault()
-        if fault is not None:
-            raise ServiceUnavailable(f"prompt screening is unavailable: {fault}")
+        fault = str(exc)
+    if fault is not None:
+        reason = f"prompt screening is unavailable: {fault}"
+        _audit_unscreened(state, principal, request_id, context, text, reason)
+        raise ServiceUnavailable(reason)
     screenings = [screening.to_dict() for screening in screened]
     return runtime, screenings, strictest(s["decision"] for s in screenings)
+
+
+def _audit_unscreened(state: GatewayState, principal: Principal, request_id: str, context: Context, text: str,
+                      reason: str) -> None:
+    """Record a request refused because screening could not run (best effort: the database may be the fault)."""
+    try:
+        with state.ctx.sessions() as session, session.begin():
+            append_event(session, action="prompt.unscreened", key_id=principal.key_id, team=principal.team,
+                         payload={"request_id": request_id, "model": context.model, "reason": reason,
+                                  "prompt_sha256": hashlib.sha256(text.encode()).hexdigest()})
+    except Exception as exc:
+        log.warning("could not audit the unscreened request %s: %s", request_id, exc)
 
 
 def submit_generation(*, state: GatewayState, principal: Principal, request: GenerationCreate,
@@ -172,7 +187,7 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
     context = _context(principal, card)
     with state.intake.admitting():  # until its job is recorded: queued (below), parked or refused
         t0 = time.perf_counter()
-        runtime, screenings, action = _screen(state, text, context)
+        runtime, screenings, action = _screen(state, text, context, principal=principal, request_id=request_id)
         screening_s = time.perf_counter() - t0
         metrics.observe_decision("prompt", action, principal.team, card.name)
         metrics.STAGE_SECONDS.labels("prompt_screening").observe(screening_s)
@@ -335,7 +350,7 @@ def moderate(*, state: GatewayState, principal: Principal, request: ModerationCr
     state.limits.check(key_id=principal.key_id, team=principal.team)
     card = _card(state, request.model)
     context = _context(principal, card)
-    runtime, screenings, action = _screen(state, request.prompt, context)
+    runtime, screenings, action = _screen(state, request.prompt, context, principal=principal, request_id=request_id)
     try:
         with state.ctx.sessions() as session, session.begin():
             stored_prompt = commit_prompt(session, request.prompt, runtime.prompt_storage(context))

@@ -57,6 +57,23 @@ def test_moderation_with_a_crashed_classifier_gives_503_not_a_block(gw, broken_l
     assert response.status_code == 503 and "classifier 'lexical' failed" in error_of(response)["message"]
 
 
+@pytest.mark.parametrize(("path", "body"), [("/v1/generations", {"model": "tiny-c2i", "class_id": 1}),
+                                            ("/v1/moderations", {"model": "tiny-c2i", "prompt": "a red cat"})])
+def test_a_request_refused_because_screening_crashed_is_audited_with_the_reason(gw, broken_lexical, path: str,
+                                                                               body: dict) -> None:
+    creator = gw.key("creator")
+    response = gw.client.post(path, headers=gw.auth(creator), json=body)
+    assert response.status_code == 503
+    auditor = gw.auth(gw.key("auditor"))
+    (event,) = gw.client.get("/v1/audit/events", params={"action": "prompt.unscreened"}, headers=auditor).json()["data"]
+    assert event["team"] == "design" and event["key_id"] and creator not in str(event)  # the key's id, not the key
+    payload = event["payload"]
+    assert payload["request_id"] == response.headers["x-request-id"] and payload["model"] == "tiny-c2i"
+    assert "classifier 'lexical' failed" in payload["reason"]
+    assert "prompt" not in payload and len(payload["prompt_sha256"]) == 64  # the text itself is not stored
+    assert gw.client.get("/v1/audit/verify", headers=auditor).json()["ok"]
+
+
 def test_an_image_the_artifact_store_cannot_return_gives_503(gw) -> None:
     key = gw.key("creator")
     job = gw.client.post("/v1/generations", headers=gw.auth(key), json={"model": "tiny-c2i", "class_id": 1}).json()
