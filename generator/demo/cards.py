@@ -111,10 +111,9 @@ def demo_card(task: str, paths: DemoPaths, metrics: dict[str, Metric] | None = N
     if task == "c2i":
         card["class_names"] = list(shapes.CLASS_NAMES)
     else:
-        max_len = int(gpt_args["cls_token_num"])
-        trained_with = gpt_record.get("text_encoder") or {}  # absent in weights saved before it was recorded
-        card["architecture"]["text_encoder"] = {"kind": "minilm", "path": None, "max_len": max_len,
-                                                "layers": trained_with.get("layers")}
+        # The encoder training used, as recorded beside the weights; older weights did not record it (all layers).
+        trained_with = gpt_record.get("text_encoder") or {"kind": "minilm", "max_len": int(gpt_args["caption_len"])}
+        card["architecture"]["text_encoder"] = {"path": None, "layers": None, **trained_with}
         card["advisories"].append(MINILM_NOTE)
     return ModelCard.model_validate(card)
 

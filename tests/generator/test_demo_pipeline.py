@@ -106,6 +106,25 @@ def test_t2i_card_encodes_captions_with_the_minilm_layers_its_training_used(fami
     assert model.text_encoder is not None and model.text_encoder.layers == MINILM_LAYERS  # type: ignore[attr-defined]
 
 
+def test_t2i_weights_saved_before_the_encoder_was_recorded_get_a_card_with_all_minilm_layers(
+    family: DemoPaths, tmp_path: Path
+) -> None:
+    import shutil
+
+    from generator.demo.cards import demo_card
+    from generator.llamagen.loading import read_checkpoint
+
+    old = DemoPaths(models_dir=tmp_path / "models", work_dir=family.work_dir)
+    shutil.copytree(family.models_dir, old.models_dir)
+    record = read_checkpoint(old.model_file("t2i"))
+    del record["text_encoder"]
+    rewritten = old.model_file("t2i").with_suffix(".new")  # not in place: the record's tensors map the old file
+    torch.save(record, rewritten)
+    rewritten.replace(old.model_file("t2i"))
+    encoder = demo_card("t2i", old).architecture.text_encoder
+    assert encoder is not None and (encoder.kind, encoder.max_len, encoder.layers) == ("minilm", 24, None)
+
+
 def test_registry_serves_the_trained_t2i_model_as_64px_images(family: DemoPaths) -> None:
     model = Registry(family.models_dir).load("demo-shapes-t2i", "cpu")
     (out,) = model.generate([GenRequest(prompt="a large red circle on a white background", seed=1, num_images=2)])
