@@ -34,6 +34,8 @@ def check(path: str) -> str | None:
                     return f"{path} is a filtered export: only a full export proves the chain"
             elif kind == "checkpoint":
                 checkpoints[record["seq"]] = record["head_hash"]
+            elif kind == "error":
+                return f"line {number}: the export was cut short: {record.get('message')}"
             elif kind == "event":
                 body = record["body"]
                 if body["seq"] != expected:
@@ -46,6 +48,8 @@ def check(path: str) -> str | None:
                 if checkpoints.get(expected, digest) != digest:
                     return f"seq {expected}: a checkpoint signs a different hash"
                 prev, expected = digest, expected + 1
+            else:
+                return f"line {number}: unknown record type {kind!r}"
     last = expected - 1
     beyond = [seq for seq in checkpoints if seq > last]
     if beyond:

@@ -328,6 +328,8 @@ def _event_or_fail(record: Mapping[str, Any] | None, source: str, number: int) -
         where = f"{source} line {number}"
         if kind == "checkpoint":
             raise ExportFileError(f"{where}: a checkpoint after the events (not written by this version)")
+        if kind == "error":
+            raise ExportFileError(f"{where}: the export was cut short: {record.get('message')}")
         raise ExportFileError(f"{where}: unknown record type {kind!r}")
     return _slow_link(record)
 

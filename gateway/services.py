@@ -20,7 +20,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from audit.export import ExportFilters, iter_export
+from audit.export import ExportFilters, cut_short_line, iter_export
 from audit.log import NewEvent, append_event, append_many, lock_chain_head
 from audit.models import AuditEvent, Job, ModelCardRecord
 from audit.privacy import commit_prompt
@@ -514,15 +514,38 @@ def list_events(*, session: Session, principal: Principal, action: str | None, t
 
 def export_events(*, state: GatewayState, principal: Principal, fmt: Literal["jsonl", "csv"], action: str | None,
                   team: str | None, since: datetime | None, until: datetime | None) -> Iterator[str]:
-    """A generator of text chunks that owns its own session (the response streams after the handler)."""
+    """A generator of text chunks that owns its own session (the response streams after the handler).
+
+    The database is asked once here, so that one that cannot start the export gives the caller a 503, not a
+    200 with an empty body. A fault after that ends a JSONL export with an error line (`cut_short_line`, which
+    the verifiers report) and, in both formats, ends the response without its last chunk, so the client sees
+    the transfer fail rather than a complete file.
+    """
     principal.require("auditor")
     filters = ExportFilters(action=action, team=team, since=since, until=until)
+    session = state.ctx.sessions()
+    try:
+        session.scalar(select(func.max(AuditEvent.seq)))
+    except BaseException:
+        session.close()
+        raise
 
-    def chunks() -> Iterator[str]:
-        with state.ctx.sessions() as session:
+    def stream() -> Iterator[str]:
+        try:
             yield from iter_export(session, fmt=fmt, filters=filters)
+        except Exception as exc:
+            log.error("audit export cut short: %s", exc)
+            if fmt == "jsonl":
+                yield cut_short_line("the server could not read the rest of the audit log; see the gateway log")
+            raise ExportCutShort("the audit export was cut short; see the error above") from exc
+        finally:
+            session.close()
 
-    return chunks()
+    return stream()
+
+
+class ExportCutShort(RuntimeError):
+    """Raised into the server once a streamed export has failed, to end the response without its last chunk."""
 
 
 def verify_audit(*, state: GatewayState, session: Session, principal: Principal) -> dict[str, Any]:

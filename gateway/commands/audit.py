@@ -128,25 +128,38 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from audit.export import ExportFilters, iter_export
+    """Stream the export to stdout, or into `--output` through a temporary sibling renamed at the end: an export
+    the database failed part-way leaves no file that could pass for a whole one (on stdout, a JSONL export
+    ends with the error line the verifiers report)."""
+    from audit.export import ExportFilters, cut_short_line, iter_export
 
     filters = ExportFilters(since=args.since, until=args.until, team=args.team, action=args.action,
                             job_id=args.job_id)
+    partial = None if args.output is None else args.output.with_name(f".{args.output.name}.partial")
     try:
         with open_session(get_settings()) as session:
             chunks = iter_export(session, args.format, filters)
-            if args.output is None:
-                for chunk in chunks:
-                    sys.stdout.write(chunk)
+            if partial is None:
+                try:
+                    for chunk in chunks:
+                        sys.stdout.write(chunk)
+                except SQLAlchemyError:
+                    if args.format == "jsonl":
+                        sys.stdout.write(cut_short_line("the audit database failed part-way; see stderr"))
+                    raise
             else:
-                with args.output.open("w", encoding="utf-8", newline="") as out:
+                with partial.open("w", encoding="utf-8", newline="") as out:
                     for chunk in chunks:
                         out.write(chunk)
+                partial.replace(args.output)
                 print(f"wrote {args.output}", file=sys.stderr)
     except SQLAlchemyError as exc:
         return fail(f"cannot read the audit database: {exc}", FAILED)
     except OSError as exc:
         return fail(f"cannot write {args.output}: {exc.strerror or exc}")
+    finally:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
     return OK
 
 

@@ -271,3 +271,44 @@ def test_provenance_verify_of_a_missing_file_is_a_plain_error(
 ) -> None:
     assert run("provenance", "verify", str(tmp_path / "missing.png")) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+@pytest.fixture
+def checkpoints_unreadable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database fails once the export has begun: a chunk per line, the header out, then the checkpoints
+    query fails as a lost connection would."""
+    from sqlalchemy.exc import OperationalError
+
+    import audit.export
+
+    def lost(session: Any) -> Iterator[dict[str, Any]]:
+        raise OperationalError("SELECT", {}, Exception("server closed the connection unexpectedly"))
+        yield {}
+
+    monkeypatch.setattr(audit.export, "BATCH", 1)
+    monkeypatch.setattr(audit.export, "iter_checkpoint_records", lost)
+
+
+def test_an_export_to_a_file_the_database_fails_part_way_leaves_the_earlier_file_alone(
+    sessions: Any, tmp_path: Path, checkpoints_unreadable: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    append(sessions, 2)
+    out = tmp_path / "audit.jsonl"
+    out.write_text("yesterday's export\n")
+    assert run("audit", "export", "-o", str(out)) == 1
+    assert "cannot read the audit database: " in capsys.readouterr().err
+    assert out.read_text() == "yesterday's export\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "audit.jsonl", "var"]
+
+
+def test_a_jsonl_export_to_standard_output_the_database_fails_part_way_ends_in_an_error_line(
+    sessions: Any, tmp_path: Path, checkpoints_unreadable: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    append(sessions, 2)
+    assert run("audit", "export") == 1
+    captured = capsys.readouterr()
+    (tmp_path / "cut.jsonl").write_text(captured.out)
+    assert json.loads(captured.out.splitlines()[-1]) == {
+        "type": "error", "message": "the audit database failed part-way; see stderr"}
+    assert run("audit", "verify", "--export", str(tmp_path / "cut.jsonl")) != 0
+    assert "cut.jsonl line 2: the export was cut short: the audit database failed" in capsys.readouterr().err

@@ -16,12 +16,12 @@ import pytest
 from sqlalchemy import text
 
 from audit.chain import canonical_json
-from audit.export import ExportError, ExportFilters, iter_export, write_evidence_pack
+from audit.export import OFFLINE_VERIFIER, ExportError, ExportFilters, cut_short_line, iter_export, write_evidence_pack
 from audit.log import append_event
 from audit.models import ModelCardRecord, PolicyRevision
 from audit.privacy import commit_prompt
 from audit.provenance import DevCA
-from audit.verify import verify_export
+from audit.verify import ExportFileError, verify_export
 
 NOW = datetime.now(UTC)
 
@@ -203,3 +203,22 @@ def test_standalone_verifier_reports_an_altered_event(sessions: Any, tmp_path: P
     events.write_text(events.read_text().replace('"seed":2', '"seed":3'))
     result = run_offline_verifier(directory)
     assert result.returncode == 1 and "seq 2: hash does not match" in result.stderr
+
+
+def test_an_export_the_server_cut_short_is_reported_by_both_verifiers(sessions: Any, tmp_path: Path) -> None:
+    complete = export(sessions)
+    cut = complete.splitlines(keepends=True)[:-1]  # the last event never came
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(cut) + cut_short_line("the server could not read the rest of the audit log"))
+    (tmp_path / "verify_chain.py").write_text(OFFLINE_VERIFIER.read_text())
+    with pytest.raises(ExportFileError, match="events.jsonl line 4: the export was cut short: the server could"):
+        verify_export(path)
+    result = run_offline_verifier(tmp_path)
+    assert result.returncode == 1 and "line 4: the export was cut short" in result.stderr
+
+
+def test_the_standalone_verifier_refuses_a_record_type_it_does_not_know(sessions: Any, tmp_path: Path) -> None:
+    (tmp_path / "events.jsonl").write_text(export(sessions) + '{"type":"note","text":"trust me"}\n')
+    (tmp_path / "verify_chain.py").write_text(OFFLINE_VERIFIER.read_text())
+    result = run_offline_verifier(tmp_path)
+    assert result.returncode == 1 and "line 5: unknown record type 'note'" in result.stderr

@@ -119,3 +119,60 @@ def test_images_of_a_job_that_did_not_complete_are_neither_listed_nor_served(gw)
         session.get(Job, job["id"]).status = "blocked"
     assert gw.client.get(f"/v1/generations/{job['id']}", headers=gw.auth(key)).json()["images"] == []
     assert gw.client.get(f"/v1/generations/{job['id']}/images/0", headers=gw.auth(key)).status_code == 404
+
+
+def _database_goes_down_after_auth(gw, after_statements: int = 0) -> threading.Event:
+    """From the next request on, every statement past the caller's key lookup (and `after_statements` more)
+    fails as a lost connection would."""
+    down = threading.Event()
+    seen = [0]
+
+    def refuse(conn, cursor, statement: str, *args: object) -> None:
+        if not down.is_set() or "api_keys" in statement:
+            return
+        seen[0] += 1
+        if seen[0] > after_statements:
+            raise OperationalError(statement, {}, Exception("could not connect to db.internal:5432"))
+
+    event.listen(gw.state.ctx.sessions.kw["bind"], "before_cursor_execute", refuse)
+    down.set()
+    return down
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_an_export_the_database_cannot_start_gives_503_not_an_empty_stream(gw, fmt: str) -> None:
+    key = gw.auth(gw.key("auditor"))
+    down = _database_goes_down_after_auth(gw)
+    response = gw.client.get(f"/v1/audit/export?format={fmt}", headers=key)
+    down.clear()
+    assert response.status_code == 503, response.text
+    assert error_of(response)["message"] == "the database is unavailable; see the gateway log"
+    assert "5432" not in response.text
+
+
+def test_an_export_the_database_fails_midway_ends_in_an_error_line_and_a_failed_transfer(
+        gw, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import audit.export
+    from audit.verify import ExportFileError, verify_export
+    from gateway import services
+    from gateway.auth import Principal
+
+    gw.state.dispatcher = RecordingDispatcher()  # the jobs stay queued: no worker touches the database
+    for class_id in range(3):  # a few jobs: their events to export
+        gw.client.post("/v1/generations", headers=gw.auth(gw.key("creator")), json={"model": "tiny-c2i",
+                                                                                 "class_id": class_id})
+    monkeypatch.setattr(audit.export, "BATCH", 1)  # a chunk per line, so the stream has begun when it fails
+    down = _database_goes_down_after_auth(gw, after_statements=1)  # the check passes, the checkpoints fail
+    chunks: list[str] = []
+    with pytest.raises(services.ExportCutShort):
+        for chunk in services.export_events(state=gw.state, principal=Principal("k", "auditor", "org"),
+                                            fmt="jsonl", action=None, team=None, since=None, until=None):
+            chunks.append(chunk)
+    down.clear()
+    assert len(chunks) == 2 and chunks[-1] == audit.export.cut_short_line(
+        "the server could not read the rest of the audit log; see the gateway log")
+    assert "5432" not in "".join(chunks)
+    path = tmp_path / "cut.jsonl"
+    path.write_text("".join(chunks))
+    with pytest.raises(ExportFileError, match="the export was cut short"):
+        verify_export(path)
