@@ -105,8 +105,22 @@ class S3Store:
         return True
 
     def delete(self, key: str) -> None:
+        """Remove the object with every stored version of it: the store deletes only images that were never
+        audited, and in a versioned bucket a plain delete would keep them as a noncurrent version behind a
+        delete marker. An unversioned bucket lists its one version as "null", which deletes the object."""
+        full = self._key(key)
         try:
-            self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+            pages = self._client.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=full)
+            versions = [{"Key": full, "VersionId": entry["VersionId"]} for page in pages
+                        for entry in (*page.get("Versions", ()), *page.get("DeleteMarkers", ()))
+                        if entry["Key"] == full]
+            for start in range(0, len(versions), 1000):  # the most one request may delete
+                answer = self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": versions[start:start + 1000], "Quiet": True})
+                if answer.get("Errors"):
+                    first = answer["Errors"][0]
+                    raise ArtifactError(f"{first.get('Code')}: {first.get('Message')} "
+                                        f"(version {first.get('VersionId')})")
         except Exception as exc:
             raise ArtifactError(f"cannot delete artifact {key} from {self.url}: {exc}") from exc
 

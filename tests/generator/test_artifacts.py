@@ -71,3 +71,20 @@ def test_s3_store_reports_a_missing_bucket_clearly(s3_endpoint) -> None:
     store = open_store("s3://no-such-bucket/x", s3_endpoint_url=s3_endpoint)
     with pytest.raises(ArtifactError, match="cannot store"):
         store.put("a.png", b"x")
+
+
+def test_s3_store_delete_leaves_no_version_behind_in_a_versioned_bucket(s3_endpoint) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.put_bucket_versioning(Bucket="artifacts", VersioningConfiguration={"Status": "Enabled"})
+    store = open_store("s3://artifacts/outputs", s3_endpoint_url=s3_endpoint)
+    store.put("job/0.png", b"\x89PNG first try")
+    store.put("job/0.png", b"\x89PNG unaudited")
+    store.put("job/0.png.bak", b"another key that shares the prefix")
+    store.delete("job/0.png")
+    listed = client.list_object_versions(Bucket="artifacts", Prefix="outputs/job/")
+    left = [(v["Key"], "version") for v in listed.get("Versions", [])] + [
+        (m["Key"], "delete marker") for m in listed.get("DeleteMarkers", [])]
+    assert left == [("outputs/job/0.png.bak", "version")]
+    store.delete("job/0.png")  # nothing left: quietly done
