@@ -58,8 +58,9 @@ def _encoder_note(vq_args: dict[str, Any]) -> str:
     return f"; each code is encoded from its own {side}x{side} px patch (encoder_context: patch)"
 
 
-def _training_note(record: dict[str, Any]) -> str:
-    return f"{record.get('steps')} steps, batch {record.get('batch_size')}, seed {record.get('seed')}"
+def _training_note(record: dict[str, Any], schedule: config.TrainSchedule) -> str:
+    precision = "bf16 autocast over float32 weights" if schedule.bf16 else "float32"
+    return f"{record.get('steps')} steps, batch {record.get('batch_size')}, seed {record.get('seed')}, {precision}"
 
 
 def demo_card(task: str, paths: DemoPaths, metrics: dict[str, Metric] | None = None) -> ModelCard:
@@ -69,7 +70,7 @@ def demo_card(task: str, paths: DemoPaths, metrics: dict[str, Metric] | None = N
     tokenizer_stage = {
         "stage": "tokenizer",
         "dataset": _shapes_dataset(_manifest(paths, "t2i")),
-        "notes": f"VQ: {_training_note(vq_record)}; {_vq_inputs()}, L1 + L2 loss; "
+        "notes": f"VQ: {_training_note(vq_record, config.VQ_SCHEDULE)}; {_vq_inputs()}, L1 + L2 loss; "
         f"{config.VQ_AE_WARMUP} autoencoder warm-up steps, then a k-means codebook"
         + _encoder_note(vq_record["args"]),
     }
@@ -77,7 +78,8 @@ def demo_card(task: str, paths: DemoPaths, metrics: dict[str, Metric] | None = N
         stage = {
             "stage": "c2i",
             "dataset": _shapes_dataset(_manifest(paths, "c2i")),
-            "notes": f"one shape per image, class id = shape x colour; {_training_note(gpt_record)}",
+            "notes": "one shape per image, class id = shape x colour; "
+            + _training_note(gpt_record, config.C2I_SCHEDULE),
         }
         use = (
             "Demonstrates the governed gateway end to end without downloads: a class id (shape and colour) "
@@ -88,7 +90,7 @@ def demo_card(task: str, paths: DemoPaths, metrics: dict[str, Metric] | None = N
             "stage": "t2i",
             "dataset": _shapes_dataset(_manifest(paths, "t2i")),
             "notes": "captions name 1-3 shapes with colour, size, relative position and background; "
-            + _training_note(gpt_record),
+            + _training_note(gpt_record, config.T2I_SCHEDULE),
         }
         use = (
             "Demonstrates the governed gateway end to end without downloads: a caption in the shapes "

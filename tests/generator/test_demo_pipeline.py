@@ -95,6 +95,13 @@ def test_demo_lineage_names_the_programmatic_dataset_generator_and_seed(family: 
     assert stage.dataset.seed == 5 and stage.dataset.resolution == 64 and stage.dataset.size == 24
 
 
+def test_demo_lineage_says_in_which_precision_each_stage_trained(family: DemoPaths) -> None:
+    t2i = Registry(family.models_dir).get("demo-shapes-t2i").lineage
+    c2i = Registry(family.models_dir).get("demo-shapes-c2i").lineage
+    assert t2i[-1].notes.endswith("bf16 autocast over float32 weights")  # T2I_SCHEDULE.bf16
+    assert c2i[-1].notes.endswith(", float32") and "float32;" in t2i[0].notes  # the GPT and the tokenizer
+
+
 def test_t2i_card_encodes_captions_with_the_minilm_layers_its_training_used(family: DemoPaths) -> None:
     from generator.llamagen.loading import read_checkpoint
 
