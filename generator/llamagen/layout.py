@@ -10,9 +10,13 @@ one decode step at 2 threads (ms; 2 rows is batch 1 under CFG, 16 rows batch 8):
 | Intel Xeon (Sapphire Rapids) | 2 | 30.6 | 71.0 | 32.4 |
 | Intel Xeon (Sapphire Rapids) | 16 | 60.4 | 79.1 | 45.2 |
 
-So no fixed choice is right everywhere, nor for every batch size. `choose_decode_layout` times a few decode
-steps of each at 2 and at 16 rows, alternating them, and keeps: the faster plain layout, plus oneDNN-packed
-copies used from the row count at which they win (every call, calls of more than 2 rows, or none).
+So no fixed choice is right everywhere, nor for every batch size. A fourth candidate is our own kernel
+(gemv.c, where a C compiler could build it), which reads each row-major weight row once for every row of
+x: on the AMD EPYC, GPT-B's linears at 2 rows took 11-18 ms with it against 18-30 ms oneDNN-packed, timed
+in the same runs; at 16 rows oneDNN was faster. `choose_decode_layout` times a few decode steps of each at
+2 and at 16 rows, alternating them, and keeps: the faster plain layout, gemv.c for calls of up to 2 or 16
+rows where it wins at 2, plus oneDNN-packed copies used from the row count at which they win (every call,
+calls of more than 2 rows, or none).
 
 Every choice computes the same products; they differ only in float32 summation order (about 1e-6
 relative). A process keeps its choice for the model's lifetime; processes on different machines (or under
@@ -29,7 +33,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from generator.llamagen import packing
+from generator.llamagen import gemv, packing
 from generator.llamagen.model import Transformer, find_multiple
 
 log = logging.getLogger(__name__)
@@ -44,17 +48,26 @@ MANY_ROWS = 16  # batch 8 under CFG
 SLOW_STEP_S = 0.2
 
 
+def _rows(n: int) -> str:
+    return f"{n} row{'s' if n > 1 else ''}"
+
+
 @dataclass(frozen=True)
 class DecodeLayout:
-    """A plain layout for the weights, and the row count from which matmuls use packed copies (None: never)."""
+    """A plain layout for the weights, the row count up to which matmuls run gemv.c (None: never; needs the
+    plain base), and the row count from which the others use packed copies (None: never)."""
 
     base: Base = "plain"
     packed_from_rows: int | None = None
+    native_up_to_rows: int | None = None
 
     def __str__(self) -> str:
-        if self.packed_from_rows is None:
-            return self.base
-        return f"{self.base}, packed from {self.packed_from_rows} row{'s' if self.packed_from_rows > 1 else ''}"
+        parts = [self.base]
+        if self.native_up_to_rows is not None:
+            parts.append(f"gemv.c up to {_rows(self.native_up_to_rows)}")
+        if self.packed_from_rows is not None:
+            parts.append(f"packed from {_rows(self.packed_from_rows)}")
+        return ", ".join(parts)
 
 
 def apply_layout(model: Transformer, layout: DecodeLayout, min_elements: int = packing.PACK_MIN_ELEMENTS) -> None:
@@ -67,6 +80,9 @@ def apply_layout(model: Transformer, layout: DecodeLayout, min_elements: int = p
     """
     if layout.base not in BASES:
         raise ValueError(f"unknown layout {layout.base!r}; expected one of {', '.join(BASES)}")
+    if layout.native_up_to_rows is not None and layout.base != "plain":
+        raise ValueError("gemv.c reads row-major weights: it needs the plain base layout")
+    model.use_native_gemv(0)
     for module in model.modules():
         if isinstance(module, nn.Linear):
             module.packed_weight = None
@@ -79,6 +95,8 @@ def apply_layout(model: Transformer, layout: DecodeLayout, min_elements: int = p
     model.fuse_gate_up()
     if layout.packed_from_rows is not None:
         model.pack_weights(min_elements=min_elements, min_rows=layout.packed_from_rows)
+    if layout.native_up_to_rows is not None:
+        model.use_native_gemv(layout.native_up_to_rows)
     model.decode_layout = str(layout)
 
 
@@ -123,6 +141,8 @@ def choose_decode_layout(
     )
     if packing.packing_available() and big_enough:  # small models would only time plain weights twice
         candidates["packed"] = DecodeLayout("plain", packed_from_rows=1)
+    if gemv.available():
+        candidates["gemv.c"] = DecodeLayout("plain", native_up_to_rows=MANY_ROWS)
     if time_decode_step(model, FEW_ROWS, steps=1) > SLOW_STEP_S:
         rounds, steps = 1, 1
     best = {name: dict.fromkeys((FEW_ROWS, MANY_ROWS), float("inf")) for name in candidates}
@@ -131,6 +151,23 @@ def choose_decode_layout(
             apply_layout(model, candidate)
             for rows in (FEW_ROWS, MANY_ROWS):
                 best[name][rows] = min(best[name][rows], time_decode_step(model, rows, steps))
+    chosen = _combine(best)
+    apply_layout(model, chosen)
+    timings = {name: {rows: round(s * 1e3, 3) for rows, s in by_rows.items()} for name, by_rows in best.items()}
+    log.info("CPU decode layout: %s (best step in ms by rows: %s)", chosen, timings)
+    return chosen, timings
+
+
+def _combine(best: dict[str, dict[int, float]]) -> DecodeLayout:
+    """The layout that runs each row count with the candidate that was fastest at it (at 2 rows and at 16)."""
+    native_up_to = None
+    if "gemv.c" in best and best["gemv.c"][FEW_ROWS] < min(t[FEW_ROWS] for n, t in best.items() if n != "gemv.c"):
+        native_up_to = MANY_ROWS if min(best, key=lambda n: best[n][MANY_ROWS]) == "gemv.c" else FEW_ROWS
+    if native_up_to == MANY_ROWS:
+        return DecodeLayout("plain", native_up_to_rows=MANY_ROWS)
+    if native_up_to == FEW_ROWS:  # gemv.c needs the plain base; past 2 rows, packed copies where they win
+        packed_wins = "packed" in best and best["packed"][MANY_ROWS] < best["plain"][MANY_ROWS]
+        return DecodeLayout("plain", FEW_ROWS + 1 if packed_wins else None, FEW_ROWS)
     base = min(BASES, key=lambda b: best[b][FEW_ROWS])
     packed_from = None
     if "packed" in best:
@@ -138,8 +175,4 @@ def choose_decode_layout(
             packed_from = 1
         elif best["packed"][MANY_ROWS] < min(best[b][MANY_ROWS] for b in BASES):
             packed_from = FEW_ROWS + 1
-    chosen = DecodeLayout(base, packed_from)
-    apply_layout(model, chosen)
-    timings = {name: {rows: round(s * 1e3, 3) for rows, s in by_rows.items()} for name, by_rows in best.items()}
-    log.info("CPU decode layout: %s (best step in ms by rows: %s)", chosen, timings)
-    return chosen, timings
+    return DecodeLayout(base, packed_from)

@@ -138,8 +138,9 @@ class RMSNorm(nn.Module):
 
 
 def _linear(x: Tensor, layer: nn.Linear) -> Tensor:
-    """layer(x) for the bias-free linears, through its packed weight when pack_weights() made one."""
-    return packing.linear(x, layer.weight, getattr(layer, "packed_weight", None))
+    """layer(x) for the bias-free linears, through gemv.c or its packed weight where the layout says so."""
+    return packing.linear(x, layer.weight, getattr(layer, "packed_weight", None),
+                          getattr(layer, "native_max_rows", 0))
 
 
 class FeedForward(nn.Module):
@@ -152,6 +153,7 @@ class FeedForward(nn.Module):
         # [2 * hidden, dim] with w1.weight and w3.weight as its two halves (views), set by fuse_gate_up().
         self.w13: Tensor | None = None
         self.w13_packed: packing.PackedWeight | None = None  # set by Transformer.pack_weights()
+        self.native_max_rows = 0  # set by Transformer.use_native_gemv()
 
     def fuse_gate_up(self) -> None:
         """Store w1 and w3 as the halves of one matrix, so inference runs one matmul for both.
@@ -184,7 +186,7 @@ class FeedForward(nn.Module):
         if w13 is None:
             h = self.w2(F.silu(self.w1(x)) * self.w3(x))
         else:
-            gate, up = packing.linear(x, w13, self.w13_packed).chunk(2, dim=-1)  # (B, L, hidden) each
+            gate, up = packing.linear(x, w13, self.w13_packed, self.native_max_rows).chunk(2, dim=-1)  # (B, L, hidden)
             h = _linear(F.silu(gate) * up, self.w2)
         return F.dropout(h, self.dropout_p, training=True) if train and self.dropout_p > 0 else h
 
@@ -394,6 +396,13 @@ class Transformer(nn.Module):
                 )
         for linear in linears:
             linear.packed_weight = packing.pack(linear.weight, rows_hint, min_elements=min_elements, min_rows=min_rows)
+
+    def use_native_gemv(self, max_rows: int) -> None:
+        """Run inference matmuls of at most `max_rows` rows through gemv.c (0: never). It reads the row-major
+        weights themselves (no copy); a transposed (streaming) weight falls back to the other paths."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | FeedForward):
+                module.native_max_rows = max_rows
 
     @property
     def prefix_len(self) -> int:

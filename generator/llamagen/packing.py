@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from generator.llamagen import gemv
+
 # Rows per matmul the packing is tuned for: batch-1 decode under CFG runs 2 rows (cond and null).
 # Any row count works with any packing, and a row's result does not depend on the other rows.
 DECODE_ROWS_HINT = 2
@@ -80,8 +82,11 @@ def pack(
     )
 
 
-def linear(x: Tensor, weight: Tensor, packed: PackedWeight | None) -> Tensor:
-    """x @ weight.T, through the packed copy when it is current, no gradient is needed and x has enough rows."""
+def linear(x: Tensor, weight: Tensor, packed: PackedWeight | None, native_max_rows: int = 0) -> Tensor:
+    """x @ weight.T: through gemv.c for calls of at most `native_max_rows` rows, else through the packed copy
+    when it is current, no gradient is needed and x has enough rows, else F.linear."""
+    if native_max_rows and x.numel() <= native_max_rows * x.shape[-1] and gemv.usable(x, weight):
+        return gemv.linear(x, weight)
     if (
         packed is None
         or torch.compiler.is_compiling()

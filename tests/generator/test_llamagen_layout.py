@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from generator.llamagen import load_gpt, save_checkpoint
+from generator.llamagen import gemv, load_gpt, save_checkpoint
 from generator.llamagen.layout import DecodeLayout, apply_layout, choose_decode_layout
 from generator.llamagen.packing import linear, pack, packing_available
 from tests.generator.conftest import tiny_args, tiny_gpt
@@ -18,7 +18,10 @@ LAYOUTS = [
     DecodeLayout("streaming"),
     DecodeLayout("plain", packed_from_rows=1),
     DecodeLayout("streaming", packed_from_rows=3),
+    DecodeLayout("plain", native_up_to_rows=16),
+    DecodeLayout("plain", packed_from_rows=3, native_up_to_rows=2),
 ]
+CANDIDATES = {"plain", "streaming"} | ({"gemv.c"} if gemv.available() else set())
 
 
 def _weights_contiguous(model: torch.nn.Module) -> list[bool]:
@@ -76,10 +79,14 @@ def test_the_timed_choice_is_applied_and_leaves_no_scratch_cache() -> None:
     model = tiny_gpt("c2i")
     chosen, timings = choose_decode_layout(model, rounds=1, steps=2)
     assert model.decode_layout == str(chosen)
-    assert set(timings) == {"plain", "streaming"}  # no weight is big enough to pack: packing is not a candidate
+    assert set(timings) == CANDIDATES  # no weight is big enough to pack: packing is not a candidate
     assert chosen.packed_from_rows is None
     assert all(set(by_rows) == {2, 16} and min(by_rows.values()) > 0 for by_rows in timings.values())
-    assert timings[chosen.base][2] == min(timings[b][2] for b in ("plain", "streaming"))
+    fastest = min(timings, key=lambda name: timings[name][2])
+    if fastest == "gemv.c":
+        assert chosen.base == "plain" and chosen.native_up_to_rows in (2, 16)
+    else:
+        assert chosen.base == fastest and chosen.native_up_to_rows is None
     assert model.max_seq_length == 0 and model.layers[0].attention.kv_cache is None
 
 
@@ -111,7 +118,7 @@ def test_a_slow_model_is_timed_once_per_candidate(monkeypatch: pytest.MonkeyPatc
     chosen, _ = choose_decode_layout(tiny_gpt("c2i"))
     assert chosen.base == "plain"  # a tie keeps the first candidate
     assert calls[0] == (2, 1) and all(steps == 1 for _, steps in calls)
-    assert len(calls) == 1 + 2 * 2  # the probe, then plain and streaming once each at 2 and at 16 rows
+    assert len(calls) == 1 + len(CANDIDATES) * 2  # the probe, then each candidate once at 2 and at 16 rows
 
 
 @pytest.mark.skipif(not packing_available(), reason="this PyTorch build has no oneDNN packed linears")
@@ -120,9 +127,28 @@ def test_packing_is_a_candidate_once_a_weight_is_big_enough(monkeypatch: pytest.
 
     monkeypatch.setattr(packing, "PACK_MIN_ELEMENTS", 0)
     _, timings = choose_decode_layout(tiny_gpt("c2i"), rounds=1, steps=1)
-    assert set(timings) == {"plain", "streaming", "packed"}
+    assert set(timings) == CANDIDATES | {"packed"}
 
 
 def test_the_layout_reads_as_a_phrase() -> None:
     assert str(DecodeLayout("plain", packed_from_rows=1)) == "plain, packed from 1 row"
     assert str(DecodeLayout("streaming", packed_from_rows=3)) == "streaming, packed from 3 rows"
+    assert str(DecodeLayout("plain", 3, native_up_to_rows=2)) == "plain, gemv.c up to 2 rows, packed from 3 rows"
+
+
+def test_gemv_c_needs_the_plain_base_layout() -> None:
+    with pytest.raises(ValueError, match="gemv.c reads row-major weights"):
+        apply_layout(tiny_gpt("c2i"), DecodeLayout("streaming", native_up_to_rows=2))
+
+
+@pytest.mark.parametrize(("timings", "expected"), [
+    ({"plain": (3, 9), "streaming": (4, 9), "packed": (5, 6), "gemv.c": (1, 8)}, DecodeLayout("plain", 3, 2)),
+    ({"plain": (3, 9), "streaming": (4, 9), "gemv.c": (1, 8)}, DecodeLayout("plain", native_up_to_rows=16)),
+    ({"plain": (3, 7), "streaming": (4, 9), "gemv.c": (1, 8)}, DecodeLayout("plain", native_up_to_rows=2)),
+    ({"plain": (3, 9), "streaming": (2, 9), "packed": (5, 6), "gemv.c": (4, 5)}, DecodeLayout("streaming", 3)),
+], ids=["gemv.c at 2 rows, packed past", "gemv.c everywhere", "gemv.c at 2 rows, plain past", "gemv.c slower"])
+def test_the_choice_runs_each_row_count_with_its_fastest_candidate(
+        timings: dict[str, tuple[float, float]], expected: DecodeLayout) -> None:
+    from generator.llamagen.layout import _combine
+
+    assert _combine({name: {2: few, 16: many} for name, (few, many) in timings.items()}) == expected
