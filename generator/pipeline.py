@@ -33,7 +33,9 @@ from audit.models import AuditEvent, Job, JobTransition
 from audit.provenance import ProvenanceSigner, ensure_dev_ca, load_signer
 from generator.artifacts import ArtifactStore, open_store
 from generator.governance import PolicyStore
-from generator.registry import GenRequest, ModelCard, Registry, sampling_params
+from generator.llamagen import gemv
+from generator.llamagen.layout import DecodeLayout, apply_layout
+from generator.registry import GenRequest, LoadedModel, ModelCard, Registry, sampling_params
 from generator.sampler import LocalSampler, Sampler, SamplerProcess, torch_threads
 from policies.runtime import Context, Screening
 
@@ -539,7 +541,7 @@ def _record_one(session: Session, release: _Release, row: Job | None, card: _Car
                                  "model": card.name, "model_card_hash": card.content_hash,
                                  "checkpoints": card.checkpoints, "seed": row.params["seed"],
                                  "params": row.params, "policy_revision": row.policy_revision,
-                                 "torch_threads": output.torch_threads})
+                                 "torch_threads": output.torch_threads, "decode_layout": output.decode_layout})
                for item in released]
     decisions = dict(row.decisions)
     decisions["output"] = {"action": worst, "images": output_decisions}
@@ -581,14 +583,35 @@ def reproduce_event(session: Session, event_id: str, settings: Any) -> dict[str,
     if job.prompt is None and job.task == "t2i":
         raise PipelineError("the prompt text of this job was erased; the image cannot be regenerated")
     params = model.sampling_params(payload["params"])
-    threads = torch.get_num_threads()
+    threads, layout = torch.get_num_threads(), model.gpt.decode_layout
+    recorded = _recorded_layout(payload, model)
     torch.set_num_threads(int(payload.get("torch_threads") or threads))  # as the worker ran (older events: ours)
     try:
+        if recorded is not None:
+            apply_layout(model.gpt, recorded)
         output = model.generate([gen_request(job)], params)[0]
     finally:
         torch.set_num_threads(threads)
+        if recorded is not None:
+            apply_layout(model.gpt, DecodeLayout.parse(layout))
     image = output.images[int(payload["index"])]
     digest = pixel_sha256(image)
     return {"event_id": event_id, "recorded_pixel_sha256": payload["pixel_sha256"],
             "regenerated_pixel_sha256": digest, "match": digest == payload["pixel_sha256"],
-            "device": model.device}
+            "device": model.device, "decode_layout": output.decode_layout}
+
+
+def _recorded_layout(payload: dict[str, Any], model: LoadedModel) -> DecodeLayout | None:
+    """The decode layout the worker sampled with, where this process can run it too (older events and other
+    devices: None, this process's own layout)."""
+    text = payload.get("decode_layout")
+    if not text or text == model.gpt.decode_layout:
+        return None
+    weight = model.gpt.tok_embeddings.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return None  # layouts are a CPU float32 matter; elsewhere the model runs as it is
+    layout = DecodeLayout.parse(text)
+    if layout.native_up_to_rows is not None and not gemv.available():
+        raise PipelineError(f"the image was sampled with gemv.c ({text}), which cannot be built here "
+                            "(no C compiler): it cannot be regenerated bit for bit")
+    return layout

@@ -287,6 +287,9 @@ class GenOutput:
     # `audit reproduce` regenerates with the same count (it is recorded with each released image).
     torch_threads: int
     decode_seconds: float  # how long the whole run spent decoding codes to pixels (part of device_seconds)
+    # How the GPT held its weights for decode (layout.py): each layout sums in its own order, so `audit
+    # reproduce` regenerates with the recorded one, not with what its own timing would choose.
+    decode_layout: str = "plain"
 
 
 class SamplingOptions(Protocol):
@@ -404,7 +407,7 @@ class LoadedModel:
         for request in requests:
             n = request.num_images
             outputs.append(GenOutput(images[start : start + n], n * n_tokens, elapsed * n / len(seeds),
-                                     torch.get_num_threads(), decode_s))
+                                     torch.get_num_threads(), decode_s, self.gpt.decode_layout))
             start += n
         return outputs
 

@@ -246,6 +246,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     print(f"event {result['event_id']}")
     print(f"  recorded pixel digest:    {result['recorded_pixel_sha256']}")
     print(f"  regenerated pixel digest: {result['regenerated_pixel_sha256']}")
+    if result.get("decode_layout"):
+        print(f"  decode layout:            {result['decode_layout']}")
     if result["match"]:
         print(f"MATCH: the image was regenerated bit for bit on {result.get('device', 'this device')}")
         return OK

@@ -61,6 +61,23 @@ class DecodeLayout:
     packed_from_rows: int | None = None
     native_up_to_rows: int | None = None
 
+    @classmethod
+    def parse(cls, text: str) -> DecodeLayout:
+        """The layout `str(layout)` names (as recorded with each released image)."""
+        base, *parts = [part.strip() for part in text.split(",")]
+        fields: dict[str, int] = {}
+        for part in parts:
+            words = part.split()
+            if len(words) == 4 and words[:2] == ["packed", "from"] and words[2].isdigit():
+                fields["packed_from_rows"] = int(words[2])
+            elif len(words) == 5 and words[:3] == ["gemv.c", "up", "to"] and words[3].isdigit():
+                fields["native_up_to_rows"] = int(words[3])
+            else:
+                raise ValueError(f"unknown decode layout {text!r}")
+        if base not in BASES:
+            raise ValueError(f"unknown decode layout {text!r}")
+        return cls(base, **fields)  # type: ignore[arg-type]
+
     def __str__(self) -> str:
         parts = [self.base]
         if self.native_up_to_rows is not None:

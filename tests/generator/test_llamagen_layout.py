@@ -152,3 +152,14 @@ def test_the_choice_runs_each_row_count_with_its_fastest_candidate(
     from generator.llamagen.layout import _combine
 
     assert _combine({name: {2: few, 16: many} for name, (few, many) in timings.items()}) == expected
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_a_recorded_layout_reads_back_as_itself(layout: DecodeLayout) -> None:
+    assert DecodeLayout.parse(str(layout)) == layout
+
+
+@pytest.mark.parametrize("text", ["columnar", "plain, packed from many rows", "plain, zipped"])
+def test_an_unknown_recorded_layout_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="unknown decode layout"):
+        DecodeLayout.parse(text)

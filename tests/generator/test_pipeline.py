@@ -78,6 +78,30 @@ def test_a_released_image_is_reproduced_bit_for_bit(c2i_state) -> None:
     assert report["match"], report
 
 
+def test_reproduction_samples_with_the_decode_layout_the_image_was_released_with(c2i_state, monkeypatch) -> None:
+    from generator.llamagen.layout import DecodeLayout, apply_layout
+
+    model = c2i_state.ctx.registry.load("tiny-c2i", "cpu")
+    apply_layout(model.gpt, DecodeLayout("streaming"))  # what the worker's timing chose
+    job_id = submit_c2i(c2i_state, class_id=2, seed=7)
+    run_jobs(c2i_state.ctx, [job_id])
+    event = next(e for e in events(c2i_state, "image.released") if e.job_id == job_id)
+    assert event.payload["decode_layout"] == "streaming"
+    apply_layout(model.gpt, DecodeLayout("plain"))  # what this process's timing chose
+    layouts: list[str] = []
+    original = model.generate
+
+    def spy(requests, params=None):
+        layouts.append(model.gpt.decode_layout)
+        return original(requests, params)
+
+    monkeypatch.setattr(model, "generate", spy)
+    with c2i_state.ctx.sessions() as session:
+        report = reproduce_event(session, event.id, c2i_state.settings)
+    assert report["match"] and report["decode_layout"] == "streaming" and layouts == ["streaming"]
+    assert model.gpt.decode_layout == "plain"  # this process's own layout is back
+
+
 def test_a_model_fault_fails_the_job_with_its_reason_and_audits_it(c2i_state, monkeypatch) -> None:
     model = c2i_state.ctx.registry.load("tiny-c2i", "cpu")
 
