@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, le=256, description="CPU threads per torch call in a served embedded "
                                "gateway; 0: half the cores (the sampler and the screening classifiers "
                                "run side by side)")
+    decode_layout: str = Field("auto", description="how CPU float32 GPT weights are held for decode: auto times "
+                               "each layout at load and keeps the fastest; or pin one, e.g. 'plain', 'streaming, "
+                               "packed from 3 rows', 'plain, gemv.c up to 16 rows' (generator/llamagen/layout.py)")
     sampler_process: bool = Field(True, description="embedded mode: sample in a child process, so that sampling "
                                   "never waits for the GIL behind request threads (false: in a worker thread)")
     worker_batch_size: int = Field(8, ge=1, le=64, description="dynamic batching: jobs per sampling run")
@@ -59,6 +62,15 @@ class Settings(BaseSettings):
     session_secret: SecretStr = Field(SecretStr("dev"), description="signs dashboard session cookies")
     log_json: bool = True
     uses_dev_ca: bool = Field(False, description="set when the development CA stands in for the org chain")
+
+    @field_validator("decode_layout")
+    @classmethod
+    def _known_layout(cls, value: str) -> str:
+        if value != "auto":
+            from generator.llamagen.layout import DecodeLayout
+
+            DecodeLayout.parse(value)  # ValueError: pydantic names the setting
+        return value
 
     @field_validator("data_dir", "models_dir")
     @classmethod

@@ -112,9 +112,9 @@ def build_context(settings: Any) -> PipelineContext:
     engine = make_engine(settings.database_url)
     sessions = make_session_factory(engine)
     device = resolve_device(settings.device)
-    registry = Registry(settings.models_dir)
+    registry = Registry(settings.models_dir, settings.decode_layout)
     sampler: Sampler = (
-        SamplerProcess(settings.models_dir, device, torch_threads(settings.torch_threads))
+        SamplerProcess(settings.models_dir, device, torch_threads(settings.torch_threads), settings.decode_layout)
         if settings.embedded and settings.sampler_process
         else LocalSampler(registry, device)
     )

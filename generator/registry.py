@@ -32,6 +32,7 @@ from generator.llamagen import (
     load_vq,
     to_uint8,
 )
+from generator.llamagen.layout import DecodeLayout
 from generator.llamagen.loading import CheckpointError, sha256_file
 from generator.llamagen.sampling import generate, make_generators
 from policies.classifiers.base import ClassifierError
@@ -481,12 +482,15 @@ class _Listing:
 class Registry:
     """The cards under one models directory (searched recursively), by name."""
 
-    _cache: dict[tuple[str, str, str], LoadedModel] = {}
+    _cache: dict[tuple[str, str, str, str], LoadedModel] = {}
     _parsed: dict[tuple[str, int, int, str], ModelCard] = {}
     _cache_lock = threading.Lock()
 
-    def __init__(self, models_dir: Path | str) -> None:
+    def __init__(self, models_dir: Path | str, decode_layout: str = "auto") -> None:
+        """decode_layout: "auto" (time the CPU decode layouts at load) or a layout to pin (layout.py's phrase)."""
         self.models_dir = Path(models_dir)
+        self.decode_layout = decode_layout
+        self._layout = "auto" if decode_layout == "auto" else DecodeLayout.parse(decode_layout)
         self._listing: _Listing | None = None
 
     def cards(self) -> list[ModelCard]:
@@ -566,7 +570,7 @@ class Registry:
     def load(self, name: str, device: str = "cpu") -> LoadedModel:
         """Load (once per process, per card content and device) the model a card describes."""
         card = self.get(name)
-        key = (str(self.models_dir.resolve()), card.content_hash, device)
+        key = (str(self.models_dir.resolve()), card.content_hash, device, self.decode_layout)
         with self._cache_lock:
             if key in self._cache:
                 return self._cache[key]
@@ -582,6 +586,7 @@ class Registry:
                     task=card.task,
                     device=device,
                     downsample=vq_args.downsample,
+                    layout=self._layout,
                 )
             except (CheckpointError, ValueError, OSError) as exc:
                 raise RegistryError(f"{card.name}: cannot load checkpoints: {exc}") from exc

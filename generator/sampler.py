@@ -88,8 +88,8 @@ class SamplerProcess:
     """Samples in a child process (spawned, so it shares no threads or locks with this one), one run at a
     time; a child that died is replaced (see `_call`)."""
 
-    def __init__(self, models_dir: Path, device: str, threads: int) -> None:
-        self._args = (Path(models_dir), device, threads)
+    def __init__(self, models_dir: Path, device: str, threads: int, decode_layout: str = "auto") -> None:
+        self._args = (Path(models_dir), device, threads, decode_layout)
         self._lock = threading.Lock()
         self._process: Any = None  # multiprocessing's SpawnProcess
         self._conn: Connection | None = None
@@ -163,12 +163,12 @@ class SamplerProcess:
         self._loaded = []
 
 
-def serve(conn: Connection, models_dir: Path, device: str, threads: int) -> None:
+def serve(conn: Connection, models_dir: Path, device: str, threads: int, decode_layout: str = "auto") -> None:
     """The sampler process: load and run models as asked until told to stop (None) or the parent is gone."""
     from generator.llamagen import configure_runtime
 
     configure_runtime(num_threads=threads)  # as a worker process would (threads; TF32 on CUDA)
-    registry = Registry(models_dir)
+    registry = Registry(models_dir, decode_layout)
     while True:
         try:
             message = conn.recv()

@@ -357,3 +357,27 @@ def test_missing_t5_folder_is_reported_with_the_card_field(t5_models_dir: Path) 
     shutil.rmtree(t5_models_dir / "weights" / "t5")
     with pytest.raises(RegistryError, match="T5 text encoder folder .* not found"):
         Registry(t5_models_dir).load("tiny-t2i")
+
+
+def test_a_registry_with_a_pinned_decode_layout_loads_its_models_in_it_untimed(
+        tiny_models, monkeypatch: pytest.MonkeyPatch) -> None:
+    from generator.llamagen import layout
+
+    def untimed(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a pinned layout is not timed")
+
+    monkeypatch.setattr(layout, "choose_decode_layout", untimed)
+    monkeypatch.setattr("generator.llamagen.loading.choose_decode_layout", untimed)
+    model = Registry(tiny_models, "streaming, packed from 3 rows").load("tiny-c2i", "cpu")
+    assert model.gpt.decode_layout == "streaming, packed from 3 rows"
+    assert Registry(tiny_models, "plain").load("tiny-c2i", "cpu").gpt.decode_layout == "plain"  # its own entry
+
+
+def test_an_unknown_decode_layout_setting_is_refused_naming_it(tmp_path) -> None:
+    from pydantic import ValidationError
+
+    from tests.conftest import make_settings
+
+    with pytest.raises(ValidationError, match="decode_layout[\\s\\S]*unknown decode layout 'columnar'"):
+        make_settings(tmp_path / "var", decode_layout="columnar")
+    assert make_settings(tmp_path / "var", decode_layout="plain, gemv.c up to 2 rows").decode_layout.startswith("plain")

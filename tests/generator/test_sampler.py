@@ -37,6 +37,16 @@ def test_the_sampler_process_draws_the_images_of_sampling_in_process(process: Sa
     assert {"name": "demo-shapes-t2i", "version": card.version, "device": "cpu"} in process.loaded()
 
 
+def test_a_pinned_decode_layout_reaches_the_sampler_process_and_its_outputs() -> None:
+    sampler = SamplerProcess(DEMO_MODELS, "cpu", torch.get_num_threads(), "streaming")
+    try:
+        card = Registry(DEMO_MODELS).get("demo-shapes-t2i")
+        (output,) = sampler.generate(card, [GenRequest(prompt=PROMPTS[1], seed=3)], sampling_params(card))
+    finally:
+        sampler.close()
+    assert output.decode_layout == "streaming"
+
+
 def test_a_model_fault_in_the_sampler_process_is_an_error_with_its_reason(process: SamplerProcess) -> None:
     card = Registry(DEMO_MODELS).get("demo-shapes-t2i")
     with pytest.raises(SamplerError, match="text-to-image: give a prompt"):
