@@ -237,9 +237,7 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
         try:
             state.ctx.commits.run(record)
         except Exception as exc:  # no audit record -> no generation
-            log.warning("request audit failed: %s", exc)
-            raise ServiceUnavailable("the audit log is unavailable, nothing was generated "
-                                     f"({type(exc).__name__}; see the gateway log)") from exc
+            job = _committed_anyway(state, job.id, exc)
     state.recorded_cards.add(card_hash)  # committed with this request (or before it)
     if job.status == "blocked":
         raise ContentPolicyViolation("the prompt was blocked by the content policy",
@@ -247,6 +245,26 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
                                               "policy_revision": revision})
     if job.status == "queued":
         _dispatch(state, job.id)
+    return job
+
+
+def _committed_anyway(state: GatewayState, job_id: str, exc: Exception) -> Job:
+    """The job, when its audit commit was reported failed but took effect (a connection lost while COMMIT's
+    acknowledgement was on its way): it goes on as recorded. Otherwise a 503: nothing was recorded, or, when
+    the database cannot say, the job id to poll (if it was recorded, the gateway re-sends it to the queue)."""
+    try:
+        with state.ctx.sessions() as session:
+            job = session.get(Job, job_id)
+    except Exception as lookup:
+        log.warning("request audit failed (%s) and its job %s cannot be looked up: %s", exc, job_id, lookup)
+        raise ServiceUnavailable(f"the audit log did not confirm the request, which may have been recorded as job "
+                                 f"{job_id}: poll it before sending the request again ({type(exc).__name__}; "
+                                 "see the gateway log)", details={"id": job_id}) from exc
+    if job is None:
+        log.warning("request audit failed: %s", exc)
+        raise ServiceUnavailable("the audit log is unavailable, nothing was generated "
+                                 f"({type(exc).__name__}; see the gateway log)") from exc
+    log.warning("request audit of job %s was reported failed but took effect: %s", job_id, exc)
     return job
 
 

@@ -121,6 +121,9 @@ def test_images_of_a_job_that_did_not_complete_are_neither_listed_nor_served(gw)
     assert gw.client.get(f"/v1/generations/{job['id']}/images/0", headers=gw.auth(key)).status_code == 404
 
 
+_LISTENERS: list = []
+
+
 def _database_goes_down_after_auth(gw, after_statements: int = 0) -> threading.Event:
     """From the next request on, every statement past the caller's key lookup (and `after_statements` more)
     fails as a lost connection would."""
@@ -135,6 +138,7 @@ def _database_goes_down_after_auth(gw, after_statements: int = 0) -> threading.E
             raise OperationalError(statement, {}, Exception("could not connect to db.internal:5432"))
 
     event.listen(gw.state.ctx.sessions.kw["bind"], "before_cursor_execute", refuse)
+    _LISTENERS.append(refuse)
     down.set()
     return down
 
@@ -176,3 +180,43 @@ def test_an_export_the_database_fails_midway_ends_in_an_error_line_and_a_failed_
     path.write_text("".join(chunks))
     with pytest.raises(ExportFileError, match="the export was cut short"):
         verify_export(path)
+
+
+def test_a_request_whose_audit_commit_took_effect_before_it_was_reported_failed_is_queued_once(
+        gw, monkeypatch: pytest.MonkeyPatch) -> None:
+    gw.state.dispatcher = dispatcher = RecordingDispatcher()
+    commit = gw.state.ctx.commits.run
+
+    def committed_then_lost(work):  # the connection drops while COMMIT's acknowledgement is on its way
+        commit(work)
+        raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(gw.state.ctx.commits, "run", committed_then_lost)
+    response = gw.client.post("/v1/generations", headers=gw.auth(gw.key("creator")),
+                              json={"model": "tiny-c2i", "class_id": 1})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    assert dispatcher.sent == [job_id]
+    with gw.state.ctx.sessions() as session:
+        assert session.scalars(select(Job.id)).all() == [job_id]
+
+
+def test_a_request_whose_audit_commit_cannot_be_confirmed_gives_503_with_the_job_id_to_poll(
+        gw, monkeypatch: pytest.MonkeyPatch) -> None:
+    gw.state.dispatcher = dispatcher = RecordingDispatcher()
+    key = gw.auth(gw.key("creator"))
+    commit = gw.state.ctx.commits.run
+
+    def committed_then_database_gone(work):
+        commit(work)
+        _database_goes_down_after_auth(gw)
+        raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(gw.state.ctx.commits, "run", committed_then_database_gone)
+    response = gw.client.post("/v1/generations", headers=key, json={"model": "tiny-c2i", "class_id": 1})
+    event.remove(gw.state.ctx.sessions.kw["bind"], "before_cursor_execute", _LISTENERS.pop())
+    assert response.status_code == 503, response.text
+    error = error_of(response)
+    job_id = error["details"]["id"]
+    assert f"may have been recorded as job {job_id}: poll it" in error["message"] and dispatcher.sent == []
+    assert gw.client.get(f"/v1/generations/{job_id}", headers=key).json()["status"] == "queued"  # it was
