@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -106,3 +107,38 @@ def downgrade_database(url: str, revision: str = "base") -> None:
     from alembic import command
 
     command.downgrade(alembic_config(url), revision)
+
+
+@dataclass(frozen=True)
+class DatabaseFault:
+    """What a database error means for a caller, in words that name no SQL, host or port."""
+
+    kind: str  # "busy", "full", "read-only" or "unavailable"
+    message: str
+    retry_after_s: int | None = None  # set where retrying soon is the remedy
+
+
+# PostgreSQL SQLSTATEs: contention that a retry resolves, and resources an operator must restore.
+_BUSY_STATES = {"40001", "40P01", "55P03", "57014", "53300"}  # serialization, deadlock, lock, timeout, slots
+_FULL_STATES = {"53100", "53200"}  # disk full, out of memory
+_READ_ONLY_STATES = {"25006"}  # read-only transaction: a standby, e.g. right after a failover
+_BUSY_TEXT = ("database is locked", "database table is locked", "database is busy")
+
+
+def describe_fault(exc: BaseException) -> DatabaseFault:
+    """Classify a driver or pool error (SQLite by message, PostgreSQL by SQLSTATE); anything else is the
+    database being unreachable."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    if isinstance(exc, PoolTimeout):
+        return DatabaseFault("busy", "the database is busy (no free connection); retry shortly", 1)
+    orig = getattr(exc, "orig", None) or exc
+    state = str(getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or "")
+    text = str(orig).lower()
+    if state in _BUSY_STATES or any(phrase in text for phrase in _BUSY_TEXT):
+        return DatabaseFault("busy", "the database is busy; retry shortly", 1)
+    if state in _FULL_STATES or "database or disk is full" in text:
+        return DatabaseFault("full", "the database is out of storage or memory; see the gateway log")
+    if state in _READ_ONLY_STATES or "readonly database" in text:
+        return DatabaseFault("read-only", "the database is read-only; see the gateway log")
+    return DatabaseFault("unavailable", "the database is unavailable; see the gateway log")

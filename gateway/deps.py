@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from audit.db import describe_fault
 from gateway.auth import Principal, authenticate
 from gateway.errors import ServiceUnavailable, Unauthorized
 from gateway.services import GatewayState
@@ -59,7 +60,9 @@ def get_caller(request: Request, state: StateDep) -> Principal:
         raise
     except Exception as exc:  # the key store is the database: if it is down, say so (503), never 500
         log.warning("authentication could not read the key store: %s", exc)  # driver text: SQL, host, port
-        raise ServiceUnavailable(f"the database is unavailable ({type(exc).__name__}; see the gateway log)") from exc
+        fault = describe_fault(exc)
+        headers = {"Retry-After": str(fault.retry_after_s)} if fault.retry_after_s else None
+        raise ServiceUnavailable(fault.message, headers=headers) from exc
     request.state.principal = principal
     return principal
 

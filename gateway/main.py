@@ -18,6 +18,7 @@ from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from audit.db import describe_fault
 from gateway import dashboard, metrics
 from gateway.errors import ApiError, ServiceUnavailable
 from gateway.routes import audit, generations, health, models, moderations, policies, provenance, review
@@ -128,9 +129,10 @@ def create_app(settings: Settings | None = None, state: Any = None) -> FastAPI:
 
     async def database_down(request: Request, exc: Exception) -> JSONResponse:
         # The driver's text can hold SQL and the database's address: it goes to the log, not to the caller.
-        log.warning("database unavailable: %s", exc, extra={"request_id": _rid(request)})
-        return error_response(503, ServiceUnavailable.code, "the database is unavailable; see the gateway log",
-                              _rid(request))
+        fault = describe_fault(exc)
+        log.warning("database %s: %s", fault.kind, exc, extra={"request_id": _rid(request)})
+        headers = {"Retry-After": str(fault.retry_after_s)} if fault.retry_after_s else None
+        return error_response(503, ServiceUnavailable.code, fault.message, _rid(request), headers=headers)
 
     for error in DATABASE_DOWN:
         app.add_exception_handler(error, database_down)

@@ -20,6 +20,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from audit.db import describe_fault
 from audit.export import ExportFilters, cut_short_line, iter_export
 from audit.log import NewEvent, append_event, append_many, lock_chain_head
 from audit.models import AuditEvent, Job, ModelCardRecord
@@ -262,8 +263,10 @@ def _committed_anyway(state: GatewayState, job_id: str, exc: Exception) -> Job:
                                  "see the gateway log)", details={"id": job_id}) from exc
     if job is None:
         log.warning("request audit failed: %s", exc)
-        raise ServiceUnavailable("the audit log is unavailable, nothing was generated "
-                                 f"({type(exc).__name__}; see the gateway log)") from exc
+        fault = describe_fault(exc)
+        raise ServiceUnavailable(f"nothing was generated: the audit log could not record the request ({fault.message})",
+                                 headers={"Retry-After": str(fault.retry_after_s)} if fault.retry_after_s else None
+                                 ) from exc
     log.warning("request audit of job %s was reported failed but took effect: %s", job_id, exc)
     return job
 

@@ -220,3 +220,26 @@ def test_a_request_whose_audit_commit_cannot_be_confirmed_gives_503_with_the_job
     job_id = error["details"]["id"]
     assert f"may have been recorded as job {job_id}: poll it" in error["message"] and dispatcher.sent == []
     assert gw.client.get(f"/v1/generations/{job_id}", headers=key).json()["status"] == "queued"  # it was
+
+
+def test_a_database_locked_by_another_writer_gives_503_busy_with_retry_after(gw) -> None:
+    key = gw.auth(gw.key("creator"))
+    listener = _locked
+    event.listen(gw.state.ctx.sessions.kw["bind"], "before_cursor_execute", listener)
+    try:
+        response = gw.client.post("/v1/generations", headers=key, json={"model": "tiny-c2i", "class_id": 1})
+    finally:
+        event.remove(gw.state.ctx.sessions.kw["bind"], "before_cursor_execute", listener)
+    assert response.status_code == 503, response.text
+    assert error_of(response)["message"] == ("nothing was generated: the audit log could not record the request "
+                                             "(the database is busy; retry shortly)")
+    assert response.headers["Retry-After"] == "1" and "INSERT" not in response.text
+    with gw.state.ctx.sessions() as session:
+        assert session.scalars(select(Job.id)).all() == []
+
+
+def _locked(conn, cursor, statement: str, *args: object) -> None:
+    import sqlite3
+
+    if "api_keys" not in statement and statement.lstrip().upper().startswith("INSERT"):
+        raise OperationalError(statement, {}, sqlite3.OperationalError("database is locked"))
