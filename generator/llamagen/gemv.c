@@ -3,8 +3,10 @@
  * Decode multiplies a few rows (2 for one image under CFG) by every weight, so a step costs the time it
  * takes to stream the weights from memory. Here each weight row is read from memory once and multiplied
  * with up to 4 rows of x at a time (x stays in the cache), with two independent sums per row so that the
- * fused multiply-adds do not wait on each other. Output rows n are split across OpenMP threads: the
- * library is loaded into PyTorch's process and shares its OpenMP runtime, so torch.set_num_threads holds.
+ * fused multiply-adds do not wait on each other. Output rows n are split across `threads` OpenMP threads
+ * (the caller passes torch.get_num_threads(): an OpenMP default would be per calling thread); the library
+ * is loaded into PyTorch's process and shares its OpenMP runtime. Each output is summed by one thread, in
+ * one order, so results do not depend on the thread count.
  *
  * Built on the machine that runs it (-march=native): AVX-512 or AVX2 vectors where the CPU has them, plain
  * C otherwise. The sums run in another order than a BLAS, so results differ from F.linear by float32
@@ -71,8 +73,8 @@ static void dot2(const float *x, long k, const float *wn, float *out) { dot_rows
 static void dot1(const float *x, long k, const float *wn, float *out) { dot_rows(x, k, wn, 1, out); }
 
 /* x: [rows, k] row-major; w: [n_out, k] row-major; y: [rows, n_out] row-major. */
-void llamagen_gemv(const float *x, const float *w, float *y, long rows, long n_out, long k) {
-#pragma omp parallel for schedule(static)
+void llamagen_gemv(const float *x, const float *w, float *y, long rows, long n_out, long k, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (long n = 0; n < n_out; n++) {
         const float *wn = w + n * k;
         float out[4];
@@ -94,9 +96,9 @@ void llamagen_gemv(const float *x, const float *w, float *y, long rows, long n_o
 }
 
 /* The sum of n floats: a read-only pass over memory, the bandwidth roofline of decode (bench/sampler.py). */
-float llamagen_read_sum(const float *x, long n) {
+float llamagen_read_sum(const float *x, long n, int threads) {
     float s = 0.0f;
-#pragma omp parallel for simd reduction(+ : s) schedule(static)
+#pragma omp parallel for simd reduction(+ : s) schedule(static) num_threads(threads)
     for (long i = 0; i < n; i++) s += x[i];
     return s;
 }

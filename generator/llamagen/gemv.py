@@ -84,9 +84,9 @@ def library() -> ctypes.CDLL | None:
         log.warning("could not build or load %s (CPU decode uses the BLAS layouts): %s", SOURCE.name, exc)
         return None
     lib.llamagen_gemv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
-                                  ctypes.c_long, ctypes.c_long]
+                                  ctypes.c_long, ctypes.c_long, ctypes.c_int]
     lib.llamagen_gemv.restype = None
-    lib.llamagen_read_sum.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    lib.llamagen_read_sum.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     lib.llamagen_read_sum.restype = ctypes.c_float
     return lib
 
@@ -118,7 +118,8 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
         raise ValueError(f"x has {features} features, the weight {weight.shape[1]}")
     rows = x.reshape(-1, features).contiguous()
     out = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32)
-    lib.llamagen_gemv(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], weight.shape[0], features)
+    lib.llamagen_gemv(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], weight.shape[0], features,
+                      torch.get_num_threads())
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -131,6 +132,6 @@ def read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float | None:
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
-        lib.llamagen_read_sum(src.data_ptr(), src.numel())
+        lib.llamagen_read_sum(src.data_ptr(), src.numel(), torch.get_num_threads())
         best = min(best, time.perf_counter() - started)
     return nbytes / best

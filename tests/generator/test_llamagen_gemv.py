@@ -86,3 +86,23 @@ def test_the_library_is_built_once_into_the_cache_and_loaded_from_it(monkeypatch
         assert sorted(p.name for p in tmp_path.iterdir()) == [built.name]  # no temporary left behind
     finally:
         gemv.library.cache_clear()
+
+
+@needs_kernel
+def test_the_result_does_not_depend_on_the_thread_count_and_the_calling_thread_uses_torchs() -> None:
+    import threading
+
+    x, w = torch.randn(2, 768), torch.randn(512, 768)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = gemv.linear(x, w)
+        torch.set_num_threads(2)
+        two = gemv.linear(x, w)
+        other: list[torch.Tensor] = []
+        thread = threading.Thread(target=lambda: other.append(gemv.linear(x, w)))  # its own OpenMP defaults
+        thread.start()
+        thread.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and torch.equal(one, other[0])  # each output is summed by one thread
