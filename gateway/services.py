@@ -544,23 +544,18 @@ def export_events(*, state: GatewayState, principal: Principal, fmt: Literal["js
     """
     principal.require("auditor")
     filters = ExportFilters(action=action, team=team, since=since, until=until)
-    session = state.ctx.sessions()
-    try:
-        session.scalar(select(func.max(AuditEvent.seq)))
-    except BaseException:
-        session.close()
-        raise
+    with state.ctx.sessions() as probe:  # closed at once: a stream the client never starts holds nothing
+        probe.scalar(select(func.max(AuditEvent.seq)))
 
     def stream() -> Iterator[str]:
-        try:
-            yield from iter_export(session, fmt=fmt, filters=filters)
-        except Exception as exc:
-            log.error("audit export cut short: %s", exc)
-            if fmt == "jsonl":
-                yield cut_short_line("the server could not read the rest of the audit log; see the gateway log")
-            raise ExportCutShort("the audit export was cut short; see the error above") from exc
-        finally:
-            session.close()
+        with state.ctx.sessions() as session:
+            try:
+                yield from iter_export(session, fmt=fmt, filters=filters)
+            except Exception as exc:
+                log.error("audit export cut short: %s", exc)
+                if fmt == "jsonl":
+                    yield cut_short_line("the server could not read the rest of the audit log; see the gateway log")
+                raise ExportCutShort("the audit export was cut short; see the error above") from exc
 
     return stream()
 
