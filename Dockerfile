@@ -1,4 +1,7 @@
 FROM python:3.11-slim
+# gcc builds generator/llamagen/gemv.c, the few-row CPU decode kernel, on first use (CPU workers and the
+# embedded mode; without it, CPU decode uses the BLAS layouts only).
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY gateway gateway
