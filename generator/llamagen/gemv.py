@@ -76,7 +76,11 @@ def library() -> ctypes.CDLL | None:
     try:
         if not path.is_file():
             _build(compiler, path)
-        lib = ctypes.CDLL(str(path))  # after torch: the OpenMP runtime it links is torch's, already loaded
+        try:
+            lib = ctypes.CDLL(str(path))  # after torch: the OpenMP runtime it links is torch's, already loaded
+        except OSError:  # a cached library this system cannot load (damaged, or another libc): build afresh
+            _build(compiler, path)
+            lib = ctypes.CDLL(str(path))
     except subprocess.CalledProcessError as exc:
         log.warning("could not build %s (CPU decode uses the BLAS layouts): %s", SOURCE.name, exc.stderr.strip())
         return None

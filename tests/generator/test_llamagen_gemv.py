@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,13 @@ def test_the_library_is_built_once_into_the_cache_and_loaded_from_it(monkeypatch
         gemv.library.cache_clear()
         assert gemv.available() and built.stat().st_mtime_ns == stamp  # loaded, not rebuilt
         assert sorted(p.name for p in tmp_path.iterdir()) == [built.name]  # no temporary left behind
+        damaged = tmp_path / "damaged"
+        damaged.write_bytes(b"not a shared library")
+        damaged.replace(built)  # a new file: the library this process loaded keeps its own pages
+        check = "from generator.llamagen import gemv; print(gemv.available())"  # a process that never loaded it
+        run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "LLAMAGEN_GATEWAY_NATIVE_CACHE": str(tmp_path)}, check=True)
+        assert run.stdout.strip() == "True" and built.read_bytes()[:4] == b"\x7fELF"  # built afresh
     finally:
         gemv.library.cache_clear()
 
