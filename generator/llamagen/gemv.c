@@ -72,9 +72,13 @@ static void dot4(const float *x, long k, const float *wn, float *out) { dot_rows
 static void dot2(const float *x, long k, const float *wn, float *out) { dot_rows(x, k, wn, 2, out); }
 static void dot1(const float *x, long k, const float *wn, float *out) { dot_rows(x, k, wn, 1, out); }
 
+/* Weights below this many elements (1 MB) run on the calling thread: waking the other threads costs more
+ * (10-20 us on the 2-core AMD EPYC) than the work saves. */
+#define PARALLEL_MIN_ELEMENTS (1L << 18)
+
 /* x: [rows, k] row-major; w: [n_out, k] row-major; y: [rows, n_out] row-major. */
 void llamagen_gemv(const float *x, const float *w, float *y, long rows, long n_out, long k, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads) if (n_out * k >= PARALLEL_MIN_ELEMENTS)
     for (long n = 0; n < n_out; n++) {
         const float *wn = w + n * k;
         float out[4];

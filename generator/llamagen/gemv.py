@@ -100,7 +100,9 @@ def available() -> bool:
 
 
 def usable(x: Tensor, weight: Tensor) -> bool:
-    """Whether `linear` can run these operands: CPU float32, a row-major weight, no gradient to record."""
+    """Whether `linear` can run these operands: CPU float32, a row-major weight, no gradient to record, and
+    nothing that would see the call differently (a trace or compile cannot record it; autocast would have
+    run F.linear in bf16)."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
@@ -109,6 +111,8 @@ def usable(x: Tensor, weight: Tensor) -> bool:
         and weight.is_contiguous()
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not torch.is_autocast_enabled("cpu")
     )
 
 
@@ -117,14 +121,15 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     lib = library()
     if lib is None:
         raise RuntimeError("the native gemv kernel is not available on this machine")
-    features = x.shape[-1]
-    if weight.shape[1] != features:
-        raise ValueError(f"x has {features} features, the weight {weight.shape[1]}")
-    rows = x.reshape(-1, features).contiguous()
-    out = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32)
-    lib.llamagen_gemv(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], weight.shape[0], features,
+    n_out, features = weight.shape
+    if x.shape[-1] != features:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight {features}")
+    rows = x if x.is_contiguous() else x.contiguous()
+    count = rows.numel() // features
+    out = torch.empty(*x.shape[:-1], n_out)
+    lib.llamagen_gemv(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), count, n_out, features,
                       torch.get_num_threads())
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return out
 
 
 def read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float | None:

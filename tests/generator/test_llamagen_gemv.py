@@ -56,6 +56,8 @@ def test_calls_up_to_the_native_row_count_take_the_kernel(monkeypatch: pytest.Mo
             linear(torch.randn(rows, 16), w, None, native_max_rows=2)
         linear(torch.randn(2, 16), w.t().contiguous().t(), None, native_max_rows=2)  # a transposed weight: BLAS
         linear(torch.randn(2, 16, dtype=torch.bfloat16), w.bfloat16(), None, native_max_rows=2)  # bf16: BLAS
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            linear(torch.randn(2, 16), w, None, native_max_rows=2)  # autocast: F.linear in bf16
     linear(torch.randn(2, 16), w, None, native_max_rows=2)  # gradients enabled: BLAS
     assert rows_seen == [1, 2]
 
