@@ -117,6 +117,11 @@ class DatabaseFault:
     message: str
     retry_after_s: int | None = None  # set where retrying soon is the remedy
 
+    @property
+    def headers(self) -> dict[str, str] | None:
+        """The HTTP headers of a 503 for this fault: Retry-After where retrying soon is the remedy."""
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s else None
+
 
 # PostgreSQL SQLSTATEs: contention that a retry resolves, and resources an operator must restore.
 _BUSY_STATES = {"40001", "40P01", "55P03", "57014", "53300"}  # serialization, deadlock, lock, timeout, slots

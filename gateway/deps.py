@@ -61,8 +61,7 @@ def get_caller(request: Request, state: StateDep) -> Principal:
     except Exception as exc:  # the key store is the database: if it is down, say so (503), never 500
         log.warning("authentication could not read the key store: %s", exc)  # driver text: SQL, host, port
         fault = describe_fault(exc)
-        headers = {"Retry-After": str(fault.retry_after_s)} if fault.retry_after_s else None
-        raise ServiceUnavailable(fault.message, headers=headers) from exc
+        raise ServiceUnavailable(fault.message, headers=fault.headers) from exc
     request.state.principal = principal
     return principal
 

@@ -131,8 +131,7 @@ def create_app(settings: Settings | None = None, state: Any = None) -> FastAPI:
         # The driver's text can hold SQL and the database's address: it goes to the log, not to the caller.
         fault = describe_fault(exc)
         log.warning("database %s: %s", fault.kind, exc, extra={"request_id": _rid(request)})
-        headers = {"Retry-After": str(fault.retry_after_s)} if fault.retry_after_s else None
-        return error_response(503, ServiceUnavailable.code, fault.message, _rid(request), headers=headers)
+        return error_response(503, ServiceUnavailable.code, fault.message, _rid(request), headers=fault.headers)
 
     for error in DATABASE_DOWN:
         app.add_exception_handler(error, database_down)

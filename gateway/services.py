@@ -265,8 +265,7 @@ def _committed_anyway(state: GatewayState, job_id: str, exc: Exception) -> Job:
         log.warning("request audit failed: %s", exc)
         fault = describe_fault(exc)
         raise ServiceUnavailable(f"nothing was generated: the audit log could not record the request ({fault.message})",
-                                 headers={"Retry-After": str(fault.retry_after_s)} if fault.retry_after_s else None
-                                 ) from exc
+                                 headers=fault.headers) from exc
     log.warning("request audit of job %s was reported failed but took effect: %s", job_id, exc)
     return job
 

@@ -489,8 +489,8 @@ class Registry:
     def __init__(self, models_dir: Path | str, decode_layout: str = "auto") -> None:
         """decode_layout: "auto" (time the CPU decode layouts at load) or a layout to pin (layout.py's phrase)."""
         self.models_dir = Path(models_dir)
-        self.decode_layout = decode_layout
-        self._layout = "auto" if decode_layout == "auto" else DecodeLayout.parse(decode_layout)
+        self.layout: DecodeLayout | Literal["auto"] = (
+            "auto" if decode_layout == "auto" else DecodeLayout.parse(decode_layout))
         self._listing: _Listing | None = None
 
     def cards(self) -> list[ModelCard]:
@@ -570,7 +570,7 @@ class Registry:
     def load(self, name: str, device: str = "cpu") -> LoadedModel:
         """Load (once per process, per card content and device) the model a card describes."""
         card = self.get(name)
-        key = (str(self.models_dir.resolve()), card.content_hash, device, self.decode_layout)
+        key = (str(self.models_dir.resolve()), card.content_hash, device, str(self.layout))
         with self._cache_lock:
             if key in self._cache:
                 return self._cache[key]
@@ -586,7 +586,7 @@ class Registry:
                     task=card.task,
                     device=device,
                     downsample=vq_args.downsample,
-                    layout=self._layout,
+                    layout=self.layout,
                 )
             except (CheckpointError, ValueError, OSError) as exc:
                 raise RegistryError(f"{card.name}: cannot load checkpoints: {exc}") from exc

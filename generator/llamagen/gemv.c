@@ -47,7 +47,7 @@ static void dot_rows(const float *x, long k, const float *wn, int m, float *out)
     long i = 0;
     for (; i + 2 * LANES <= k; i += 2 * LANES) {
         vec w0 = vload(wn + i), w1 = vload(wn + i + LANES);
-        for (int j = 0; j < m; j++) {  /* m is 1, 2 or 4: the compiler unrolls each case */
+        for (int j = 0; j < m; j++) {  /* m is a constant 1, 2 or 4 at each inlined call: unrolled */
             a[j][0] = vfma(w0, vload(x + j * k + i), a[j][0]);
             a[j][1] = vfma(w1, vload(x + j * k + i + LANES), a[j][1]);
         }
@@ -68,10 +68,6 @@ static void dot_rows(const float *x, long k, const float *wn, int m, float *out)
 }
 #endif
 
-static void dot4(const float *x, long k, const float *wn, float *out) { dot_rows(x, k, wn, 4, out); }
-static void dot2(const float *x, long k, const float *wn, float *out) { dot_rows(x, k, wn, 2, out); }
-static void dot1(const float *x, long k, const float *wn, float *out) { dot_rows(x, k, wn, 1, out); }
-
 /* Weights below this many elements (1 MB) run on the calling thread: waking the other threads costs more
  * (10-20 us on the 2-core AMD EPYC) than the work saves. */
 #define PARALLEL_MIN_ELEMENTS (1L << 18)
@@ -84,16 +80,16 @@ void llamagen_gemv(const float *x, const float *w, float *y, long rows, long n_o
         float out[4];
         long r = 0;
         for (; r + 4 <= rows; r += 4) {
-            dot4(x + r * k, k, wn, out);
+            dot_rows(x + r * k, k, wn, 4, out);
             for (int j = 0; j < 4; j++) y[(r + j) * n_out + n] = out[j];
         }
         if (r + 2 <= rows) {
-            dot2(x + r * k, k, wn, out);
+            dot_rows(x + r * k, k, wn, 2, out);
             y[r * n_out + n] = out[0], y[(r + 1) * n_out + n] = out[1];
             r += 2;
         }
         if (r < rows) {
-            dot1(x + r * k, k, wn, out);
+            dot_rows(x + r * k, k, wn, 1, out);
             y[r * n_out + n] = out[0];
         }
     }

@@ -121,9 +121,6 @@ def test_images_of_a_job_that_did_not_complete_are_neither_listed_nor_served(gw)
     assert gw.client.get(f"/v1/generations/{job['id']}/images/0", headers=gw.auth(key)).status_code == 404
 
 
-_LISTENERS: list = []
-
-
 def _database_goes_down_after_auth(gw, after_statements: int = 0) -> threading.Event:
     """From the next request on, every statement past the caller's key lookup (and `after_statements` more)
     fails as a lost connection would."""
@@ -138,7 +135,6 @@ def _database_goes_down_after_auth(gw, after_statements: int = 0) -> threading.E
             raise OperationalError(statement, {}, Exception("could not connect to db.internal:5432"))
 
     event.listen(gw.state.ctx.sessions.kw["bind"], "before_cursor_execute", refuse)
-    _LISTENERS.append(refuse)
     down.set()
     return down
 
@@ -207,14 +203,16 @@ def test_a_request_whose_audit_commit_cannot_be_confirmed_gives_503_with_the_job
     key = gw.auth(gw.key("creator"))
     commit = gw.state.ctx.commits.run
 
+    downs: list[threading.Event] = []
+
     def committed_then_database_gone(work):
         commit(work)
-        _database_goes_down_after_auth(gw)
+        downs.append(_database_goes_down_after_auth(gw))
         raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
 
     monkeypatch.setattr(gw.state.ctx.commits, "run", committed_then_database_gone)
     response = gw.client.post("/v1/generations", headers=key, json={"model": "tiny-c2i", "class_id": 1})
-    event.remove(gw.state.ctx.sessions.kw["bind"], "before_cursor_execute", _LISTENERS.pop())
+    downs[0].clear()
     assert response.status_code == 503, response.text
     error = error_of(response)
     job_id = error["details"]["id"]
