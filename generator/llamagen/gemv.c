@@ -12,7 +12,10 @@
  * C otherwise. The sums run in another order than a BLAS, so results differ from F.linear by float32
  * rounding (about 1e-6 relative).
  */
-#include <stddef.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -68,6 +71,23 @@ static void dot_rows(const float *x, long k, const float *wn, int m, float *out)
 }
 #endif
 
+/* y[0..rows-1] = (or, with add, +=) rows of x (row-major [rows, k]) times weight row wn: 4 rows at a time,
+ * then 2, then 1. ystride: the distance between the outputs of consecutive rows. */
+static void dot_all(const float *x, long rows, long k, const float *wn, float *y, long ystride, int add) {
+    float out[4];
+    for (long r = 0; r < rows;) {
+        int m = rows - r >= 4 ? 4 : rows - r >= 2 ? 2 : 1;
+        if (m == 4)
+            dot_rows(x + r * k, k, wn, 4, out);
+        else if (m == 2)
+            dot_rows(x + r * k, k, wn, 2, out);
+        else
+            dot_rows(x + r * k, k, wn, 1, out);
+        for (int j = 0; j < m; j++) y[(r + j) * ystride] = add ? y[(r + j) * ystride] + out[j] : out[j];
+        r += m;
+    }
+}
+
 /* Weights below this many elements (1 MB) run on the calling thread: waking the other threads costs more
  * (10-20 us on the 2-core AMD EPYC) than the work saves. */
 #define PARALLEL_MIN_ELEMENTS (1L << 18)
@@ -75,24 +95,138 @@ static void dot_rows(const float *x, long k, const float *wn, int m, float *out)
 /* x: [rows, k] row-major; w: [n_out, k] row-major; y: [rows, n_out] row-major. */
 void llamagen_gemv(const float *x, const float *w, float *y, long rows, long n_out, long k, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (n_out * k >= PARALLEL_MIN_ELEMENTS)
-    for (long n = 0; n < n_out; n++) {
-        const float *wn = w + n * k;
-        float out[4];
-        long r = 0;
-        for (; r + 4 <= rows; r += 4) {
-            dot_rows(x + r * k, k, wn, 4, out);
-            for (int j = 0; j < 4; j++) y[(r + j) * n_out + n] = out[j];
-        }
-        if (r + 2 <= rows) {
-            dot_rows(x + r * k, k, wn, 2, out);
-            y[r * n_out + n] = out[0], y[(r + 1) * n_out + n] = out[1];
-            r += 2;
-        }
-        if (r < rows) {
-            dot_rows(x + r * k, k, wn, 1, out);
-            y[r * n_out + n] = out[0];
-        }
+    for (long n = 0; n < n_out; n++) dot_all(x, rows, k, w + n * k, y + n, n_out, 0);
+}
+
+/* ---- One whole decode step: every layer, the final norm and the output head in one call. ----
+ *
+ * Run from Python, a step is some 20 small tensor operations per layer around the matmuls, each costing
+ * tens of microseconds in dispatch and thread wake-ups (GPT-B: 3-5 ms a step beside 14 ms of matmuls).
+ * Here one OpenMP team runs the whole step: the matmuls split their output rows across the threads as
+ * llamagen_gemv does, the attention splits (row, head) pairs, and the threads wait for each other at a
+ * barrier between stages. Every value is computed by one thread in one order, so results do not depend on
+ * the thread count. The math is model.py's decode, in float32: RMSNorm, fused q/k/v, rotary pairs,
+ * attention over the filled cache (keys 0..pos, minus those key_ok hides), the output projection, the
+ * SiLU-gated feed-forward with its gate and up halves in one matrix, the residuals, the final norm, the
+ * logits. */
+
+/* One layer's tensors, in this order, as addresses (gemv.py lists them). */
+enum { ATTENTION_NORM, WQKV, WO, FFN_NORM, W13, W2, K_CACHE, V_CACHE, TENSORS_PER_LAYER };
+
+typedef struct {
+    long rows, dim, n_head, n_kv_head, head_dim, hidden, vocab, n_layer;
+    long max_seq;    /* the caches are [max_batch, n_kv_head, max_seq, head_dim]; rows use the first ones */
+    long pos;        /* the position fed: its keys and values are written there, keys 0..pos attended */
+    long key_stride; /* bytes between the rows of key_ok */
+    float eps;
+    int threads;
+} step_args;
+
+static void rms_norm(const float *x, const float *gain, float *out, long dim, float eps) {
+    float squares = 0.0f;
+    for (long i = 0; i < dim; i++) squares += x[i] * x[i];
+    float scale = 1.0f / sqrtf(squares / (float)dim + eps);
+    for (long i = 0; i < dim; i++) out[i] = x[i] * scale * gain[i];
+}
+
+/* Rotate interleaved pairs in place by rope.py's tables: cos per pair repeated, sin as (-sin, +sin). */
+static void rotate(float *x, const float *cos, const float *sin, long d) {
+    for (long i = 0; i < d; i += 2) {
+        float x0 = x[i], x1 = x[i + 1];
+        x[i] = x0 * cos[i] + x1 * sin[i];
+        x[i + 1] = x1 * cos[i + 1] + x0 * sin[i + 1];
     }
+}
+
+/* Softmax attention of one query over keys/values [kv_len, d]; scores: kv_len floats of scratch. */
+static void attend(const float *q, const float *keys, const float *values, long kv_len, long d,
+                   const unsigned char *ok, float *scores, float *out) {
+    float scale = 1.0f / sqrtf((float)d), best = -INFINITY, total = 0.0f;
+    for (long t = 0; t < kv_len; t++) {
+        if (ok && !ok[t]) continue;
+        dot_rows(q, d, keys + t * d, 1, scores + t);
+        scores[t] *= scale;
+        if (scores[t] > best) best = scores[t];
+    }
+    for (long i = 0; i < d; i++) out[i] = 0.0f;
+    for (long t = 0; t < kv_len; t++) {
+        if (ok && !ok[t]) continue;
+        float p = expf(scores[t] - best);
+        total += p;
+        for (long i = 0; i < d; i++) out[i] += p * values[t * d + i];
+    }
+    for (long i = 0; i < d; i++) out[i] /= total;
+}
+
+/* x: [rows, dim], the fed tokens' embeddings, overwritten with the last hidden state; logits: [rows, vocab].
+ * layers: n_layer * TENSORS_PER_LAYER addresses; cos, sin: the rotary rows of pos; key_ok: NULL (every key)
+ * or [rows, >= pos + 1] bytes. Returns 0, or -1 where scratch memory could not be had (nothing written). */
+int llamagen_decode_step(const step_args *a, float *x, float *logits, const int64_t *layers, const float *norm,
+                         const float *output, const float *cos, const float *sin, const unsigned char *key_ok) {
+    const long R = a->rows, D = a->dim, H = a->n_head, G = a->n_kv_head, d = a->head_dim, F = a->hidden;
+    const long QKV = (H + 2 * G) * d, kv_len = a->pos + 1, group = H / G;
+    float *xn = malloc(sizeof(float) * R * D), *qkv = malloc(sizeof(float) * R * QKV);
+    float *att = malloc(sizeof(float) * R * D), *gate = malloc(sizeof(float) * R * F);
+    float *up = malloc(sizeof(float) * R * F), *scores = malloc(sizeof(float) * a->threads * kv_len);
+    if (!xn || !qkv || !att || !gate || !up || !scores) {
+        free(xn), free(qkv), free(att), free(gate), free(up), free(scores);
+        return -1;
+    }
+#pragma omp parallel num_threads(a->threads)
+    {
+        float *my_scores = scores + (long)omp_get_thread_num() * kv_len;
+        for (long l = 0; l < a->n_layer; l++) {
+            const int64_t *t = layers + l * TENSORS_PER_LAYER;
+            const float *wqkv = (const float *)t[WQKV], *wo = (const float *)t[WO];
+            const float *w13 = (const float *)t[W13], *w2 = (const float *)t[W2];
+            float *k_cache = (float *)t[K_CACHE], *v_cache = (float *)t[V_CACHE];
+
+#pragma omp for schedule(static)
+            for (long r = 0; r < R; r++) rms_norm(x + r * D, (const float *)t[ATTENTION_NORM], xn + r * D, D, a->eps);
+#pragma omp for schedule(static)
+            for (long n = 0; n < QKV; n++) dot_all(xn, R, D, wqkv + n * D, qkv + n, QKV, 0);
+            /* Rotate each q and k head; write k and v into the caches at pos. */
+#pragma omp for schedule(static)
+            for (long rh = 0; rh < R * (H + G); rh++) {
+                long r = rh / (H + G), h = rh % (H + G);
+                float *head = qkv + r * QKV + h * d;
+                rotate(head, cos, sin, d);
+                if (h >= H) {  /* k head g = h - H; its v head follows all the k heads */
+                    long g = h - H, at = ((r * G + g) * a->max_seq + a->pos) * d;
+                    const float *v = qkv + r * QKV + (H + G + g) * d;
+                    for (long i = 0; i < d; i++) k_cache[at + i] = head[i], v_cache[at + i] = v[i];
+                }
+            }
+#pragma omp for schedule(static)
+            for (long rh = 0; rh < R * H; rh++) {
+                long r = rh / H, h = rh % H, cache = (r * G + h / group) * a->max_seq * d;
+                const unsigned char *ok = key_ok ? key_ok + r * a->key_stride : NULL;
+                attend(qkv + r * QKV + h * d, k_cache + cache, v_cache + cache, kv_len, d, ok, my_scores,
+                       att + r * D + h * d);
+            }
+#pragma omp for schedule(static)
+            for (long n = 0; n < D; n++) dot_all(att, R, D, wo + n * D, x + n, D, 1);
+#pragma omp for schedule(static)
+            for (long r = 0; r < R; r++) rms_norm(x + r * D, (const float *)t[FFN_NORM], xn + r * D, D, a->eps);
+#pragma omp for schedule(static)
+            for (long n = 0; n < F; n++) {
+                dot_all(xn, R, D, w13 + n * D, gate + n, F, 0);
+                dot_all(xn, R, D, w13 + (F + n) * D, up + n, F, 0);
+                for (long r = 0; r < R; r++) {
+                    float g = gate[r * F + n];
+                    gate[r * F + n] = g / (1.0f + expf(-g)) * up[r * F + n];
+                }
+            }
+#pragma omp for schedule(static)
+            for (long n = 0; n < D; n++) dot_all(gate, R, F, w2 + n * F, x + n, D, 1);
+        }
+#pragma omp for schedule(static)
+        for (long r = 0; r < R; r++) rms_norm(x + r * D, norm, xn + r * D, D, a->eps);
+#pragma omp for schedule(static)
+        for (long n = 0; n < a->vocab; n++) dot_all(xn, R, D, output + n * D, logits + n, a->vocab, 0);
+    }
+    free(xn), free(qkv), free(att), free(gate), free(up), free(scores);
+    return 0;
 }
 
 /* The sum of n floats: a read-only pass over memory, the bandwidth roofline of decode (bench/sampler.py). */

@@ -1,4 +1,5 @@
-"""A few-row float32 matmul of our own (gemv.c) for CPU decode, built with the machine's C compiler on first use.
+"""Our own CPU decode kernels (gemv.c), built with the machine's C compiler on first use: a few-row float32
+matmul, and a whole decode step (every layer and the output head in one call; see `decode_step`).
 
 Batch-1 decode under CFG multiplies 2 rows by every weight, so a step costs the time to stream the weights
 from memory. On the 2-core AMD EPYC (AVX-512) the BLAS paths read GPT-B's 390 MB of linear weights at
@@ -25,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -63,6 +65,14 @@ def _build(compiler: str, target: Path) -> None:
         os.replace(built, target)  # atomic: processes building at once each install a whole library
 
 
+class StepArgs(ctypes.Structure):
+    """gemv.c's step_args: the shapes of one decode step."""
+
+    _fields_ = [(name, ctypes.c_long) for name in ("rows", "dim", "n_head", "n_kv_head", "head_dim", "hidden",
+                                                    "vocab", "n_layer", "max_seq", "pos", "key_stride")]
+    _fields_ += [("eps", ctypes.c_float), ("threads", ctypes.c_int)]
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The built kernel, or None where it cannot be built or loaded (the reason is logged once)."""
@@ -90,6 +100,8 @@ def library() -> ctypes.CDLL | None:
     lib.llamagen_gemv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
                                   ctypes.c_long, ctypes.c_long, ctypes.c_int]
     lib.llamagen_gemv.restype = None
+    lib.llamagen_decode_step.argtypes = [ctypes.POINTER(StepArgs)] + [ctypes.c_void_p] * 8
+    lib.llamagen_decode_step.restype = ctypes.c_int
     lib.llamagen_read_sum.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     lib.llamagen_read_sum.restype = ctypes.c_float
     return lib
@@ -130,6 +142,78 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     lib.llamagen_gemv(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), count, n_out, features,
                       torch.get_num_threads())
     return out
+
+
+# One layer's tensors as llamagen_decode_step reads them (its TENSORS_PER_LAYER order).
+STEP_TENSORS = ("attention_norm", "wqkv", "wo", "ffn_norm", "w13", "w2", "k_cache", "v_cache")
+
+
+@dataclass
+class StepModel:
+    """What a whole decode step reads: per layer the STEP_TENSORS, then the final norm and the output head.
+    Every tensor is CPU float32 and contiguous (the caches [max_batch, n_kv_head, max_seq, head_dim])."""
+
+    layers: list[tuple[Tensor, ...]]
+    norm: Tensor
+    output: Tensor
+    n_head: int
+    n_kv_head: int
+    eps: float
+    table: Tensor = field(init=False)  # every layer's STEP_TENSORS addresses, as the kernel reads them
+
+    def __post_init__(self) -> None:
+        """Refuse tensors the kernel would misread: it trusts every shape it is given."""
+        vocab, dim = self.output.shape
+        head_dim = dim // self.n_head
+        hidden = self.layers[0][4].shape[0] // 2
+        cache = self.layers[0][6].shape
+        expected = {"attention_norm": (dim,), "wqkv": ((self.n_head + 2 * self.n_kv_head) * head_dim, dim),
+                    "wo": (dim, dim), "ffn_norm": (dim,), "w13": (2 * hidden, dim), "w2": (dim, hidden),
+                    "k_cache": (cache[0], self.n_kv_head, cache[2], head_dim)}
+        expected["v_cache"] = expected["k_cache"]
+        for layer in self.layers:
+            for name, tensor in zip(STEP_TENSORS, layer, strict=True):
+                if tuple(tensor.shape) != expected[name]:
+                    raise ValueError(f"{name} is {tuple(tensor.shape)}, the step needs {expected[name]}")
+        for tensor in [t for layer in self.layers for t in layer] + [self.norm, self.output]:
+            if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or not tensor.is_contiguous():
+                raise ValueError("a decode step runs on contiguous CPU float32 tensors only")
+        self.table = torch.tensor([t.data_ptr() for layer in self.layers for t in layer], dtype=torch.int64)
+        if self.norm.shape != (dim,) or dim % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"inconsistent step shapes: dim {dim}, {self.n_head} heads, {self.n_kv_head} kv heads")
+
+
+def decode_step(model: StepModel, x: Tensor, pos: int, cos: Tensor, sin: Tensor, key_ok: Tensor | None) -> Tensor:
+    """Logits [rows, vocab] of one decode step at `pos` from embeddings x [rows, dim], in one gemv.c call.
+
+    Writes the step's keys and values into the caches at `pos` and attends over positions 0..pos, minus
+    those key_ok [rows, pos + 1] (bool) marks False. cos, sin: the rotary rows of `pos` (rope.rotary_tables).
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native gemv kernel is not available on this machine")
+    rows, dim = x.shape
+    w13, k_cache = model.layers[0][4], model.layers[0][6]
+    if dim != model.output.shape[1] or rows > k_cache.shape[0] or not 0 <= pos < k_cache.shape[2]:
+        raise ValueError(f"{rows} rows of {dim} at position {pos} do not fit caches {tuple(k_cache.shape)}")
+    if cos.shape != (k_cache.shape[-1],) or sin.shape != cos.shape or not (cos.is_contiguous() and sin.is_contiguous()):
+        raise ValueError(f"the rotary rows must be contiguous [{k_cache.shape[-1]}], got {tuple(cos.shape)}")
+    if key_ok is not None and (key_ok.shape[0] != rows or key_ok.shape[1] < pos + 1):
+        raise ValueError(f"key_ok is {tuple(key_ok.shape)}, the step needs [{rows}, >= {pos + 1}]")
+    args = StepArgs(rows=rows, dim=dim, n_head=model.n_head, n_kv_head=model.n_kv_head, head_dim=k_cache.shape[-1],
+                    hidden=w13.shape[0] // 2, vocab=model.output.shape[0], n_layer=len(model.layers),
+                    max_seq=k_cache.shape[2], pos=pos, eps=model.eps, threads=torch.get_num_threads())
+    if key_ok is not None:
+        key_ok = key_ok.to(torch.uint8).contiguous()
+        args.key_stride = key_ok.shape[1]
+    hidden = x.to(torch.float32, copy=True).contiguous()
+    logits = torch.empty(rows, args.vocab)
+    failed = lib.llamagen_decode_step(ctypes.byref(args), hidden.data_ptr(), logits.data_ptr(), model.table.data_ptr(),
+                                      model.norm.data_ptr(), model.output.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                      None if key_ok is None else key_ok.data_ptr())
+    if failed:
+        raise MemoryError("gemv.c could not allocate a decode step's scratch memory")
+    return logits
 
 
 def read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float | None:

@@ -10,16 +10,20 @@ one decode step at 2 threads (ms; 2 rows is batch 1 under CFG, 16 rows batch 8):
 | Intel Xeon (Sapphire Rapids) | 2 | 30.6 | 71.0 | 32.4 |
 | Intel Xeon (Sapphire Rapids) | 16 | 60.4 | 79.1 | 45.2 |
 
-So no fixed choice is right everywhere, nor for every batch size. A fourth candidate is our own kernel
-(gemv.c, where a C compiler could build it), which reads each row-major weight row once for every row of
-x: on the AMD EPYC, GPT-B's linears at 2 rows took 11-18 ms with it against 18-30 ms oneDNN-packed, timed
-in the same runs; at 16 rows oneDNN was faster. `choose_decode_layout` times a few decode steps of each at
-2 and at 16 rows, alternating them, and keeps: the faster plain layout, gemv.c for calls of up to 2 or 16
-rows where it wins at 2, plus oneDNN-packed copies used from the row count at which they win (every call,
-calls of more than 2 rows, or none).
+So no fixed choice is right everywhere, nor for every batch size. Two more candidates are our own kernels
+(gemv.c, where a C compiler could build it). "gemv.c" runs the matmuls: it reads each row-major weight row
+once for every row of x. On the AMD EPYC, GPT-B's linears at 2 rows took 11-18 ms with it against 18-30
+ms oneDNN-packed, timed in the same runs; at 16 rows oneDNN was faster. "gemv.c steps" also runs each
+decode step whole, every layer in one call, which saves the 20-odd small tensor operations per layer around
+the matmuls: 18.4-21.2 ms a step at 2 rows against 25.9-27.9 for the matmuls alone (same runs, 2026-12-03).
+`choose_decode_layout` times a few decode steps of each at 2 and at 16 rows, alternating them, and keeps:
+the faster plain layout, the faster gemv.c kernel for calls of up to 2 or 16 rows where it wins at 2, plus
+oneDNN-packed copies used from the row count at which they win (every call, calls of more than 2 rows, or
+none).
 
 Every choice computes the same products; they differ only in float32 summation order (about 1e-6
-relative). A process keeps its choice for the model's lifetime; processes on different machines (or under
+relative; gemv.c steps also round the attention's exponentials and the norms their own way, to the same
+tolerance). A process keeps its choice for the model's lifetime; processes on different machines (or under
 very different load) may choose differently, as cuDNN's benchmark mode does.
 """
 
@@ -40,6 +44,8 @@ log = logging.getLogger(__name__)
 
 Base = Literal["plain", "streaming"]
 BASES: tuple[Base, ...] = ("plain", "streaming")
+# Our own kernels (gemv.c): the matmuls alone, or whole decode steps with them; by whether steps run whole.
+NATIVE = {"gemv.c": False, "gemv.c steps": True}
 FEW_ROWS = packing.DECODE_ROWS_HINT  # batch 1 under CFG
 MANY_ROWS = 16  # batch 8 under CFG
 # A model whose decode step takes longer than this is timed once per candidate and row count: choosing then
@@ -55,23 +61,27 @@ def _rows(n: int) -> str:
 @dataclass(frozen=True)
 class DecodeLayout:
     """A plain layout for the weights, the row count up to which matmuls run gemv.c (None: never; needs the
-    plain base), and the row count from which the others use packed copies (None: never)."""
+    plain base), and the row count from which the others use packed copies (None: never). native_steps: the
+    decode steps of up to native_up_to_rows rows also run whole in gemv.c (Transformer._native_step)."""
 
     base: Base = "plain"
     packed_from_rows: int | None = None
     native_up_to_rows: int | None = None
+    native_steps: bool = False
 
     @classmethod
     def parse(cls, text: str) -> DecodeLayout:
         """The layout `str(layout)` names (as recorded with each released image)."""
         base, *parts = [part.strip() for part in text.split(",")]
-        fields: dict[str, int] = {}
+        fields: dict[str, int | bool] = {}
         for part in parts:
             words = part.split()
             if len(words) == 4 and words[:2] == ["packed", "from"] and words[2].isdigit():
                 fields["packed_from_rows"] = int(words[2])
             elif len(words) == 5 and words[:3] == ["gemv.c", "up", "to"] and words[3].isdigit():
                 fields["native_up_to_rows"] = int(words[3])
+            elif len(words) == 6 and words[:4] == ["gemv.c", "steps", "up", "to"] and words[4].isdigit():
+                fields["native_up_to_rows"], fields["native_steps"] = int(words[4]), True
             else:
                 raise ValueError(f"unknown decode layout {text!r}")
         if base not in BASES:
@@ -81,7 +91,8 @@ class DecodeLayout:
     def __str__(self) -> str:
         parts = [self.base]
         if self.native_up_to_rows is not None:
-            parts.append(f"gemv.c up to {_rows(self.native_up_to_rows)}")
+            steps = " steps" if self.native_steps else ""
+            parts.append(f"gemv.c{steps} up to {_rows(self.native_up_to_rows)}")
         if self.packed_from_rows is not None:
             parts.append(f"packed from {_rows(self.packed_from_rows)}")
         return ", ".join(parts)
@@ -99,6 +110,8 @@ def apply_layout(model: Transformer, layout: DecodeLayout, min_elements: int = p
         raise ValueError(f"unknown layout {layout.base!r}; expected one of {', '.join(BASES)}")
     if layout.native_up_to_rows is not None and layout.base != "plain":
         raise ValueError("gemv.c reads row-major weights: it needs the plain base layout")
+    if layout.native_steps and layout.native_up_to_rows is None:
+        raise ValueError("gemv.c steps need the row count they run up to")
     model.use_native_gemv(0)
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -113,7 +126,7 @@ def apply_layout(model: Transformer, layout: DecodeLayout, min_elements: int = p
     if layout.packed_from_rows is not None:
         model.pack_weights(min_elements=min_elements, min_rows=layout.packed_from_rows)
     if layout.native_up_to_rows is not None:
-        model.use_native_gemv(layout.native_up_to_rows)
+        model.use_native_gemv(layout.native_up_to_rows, steps=layout.native_steps)
     model.decode_layout = str(layout)
 
 
@@ -159,7 +172,8 @@ def choose_decode_layout(
     if packing.packing_available() and big_enough:  # small models would only time plain weights twice
         candidates["packed"] = DecodeLayout("plain", packed_from_rows=1)
     if gemv.available():
-        candidates["gemv.c"] = DecodeLayout("plain", native_up_to_rows=MANY_ROWS)
+        for name, steps in NATIVE.items():
+            candidates[name] = DecodeLayout("plain", native_up_to_rows=MANY_ROWS, native_steps=steps)
     if time_decode_step(model, FEW_ROWS, steps=1) > SLOW_STEP_S:
         rounds, steps = 1, 1
     best = {name: dict.fromkeys((FEW_ROWS, MANY_ROWS), float("inf")) for name in candidates}
@@ -177,14 +191,14 @@ def choose_decode_layout(
 
 def _combine(best: dict[str, dict[int, float]]) -> DecodeLayout:
     """The layout that runs each row count with the candidate that was fastest at it (at 2 rows and at 16)."""
-    native_up_to = None
-    if "gemv.c" in best and best["gemv.c"][FEW_ROWS] < min(t[FEW_ROWS] for n, t in best.items() if n != "gemv.c"):
-        native_up_to = MANY_ROWS if min(best, key=lambda n: best[n][MANY_ROWS]) == "gemv.c" else FEW_ROWS
-    if native_up_to == MANY_ROWS:
-        return DecodeLayout("plain", native_up_to_rows=MANY_ROWS)
-    if native_up_to == FEW_ROWS:  # gemv.c needs the plain base; past 2 rows, packed copies where they win
+    fastest_few = min(best, key=lambda n: best[n][FEW_ROWS])
+    if fastest_few in NATIVE:
+        steps = NATIVE[fastest_few]
+        if min(best, key=lambda n: best[n][MANY_ROWS]) == fastest_few:
+            return DecodeLayout("plain", native_up_to_rows=MANY_ROWS, native_steps=steps)
+        # gemv.c needs the plain base; past 2 rows, packed copies where they win
         packed_wins = "packed" in best and best["packed"][MANY_ROWS] < best["plain"][MANY_ROWS]
-        return DecodeLayout("plain", FEW_ROWS + 1 if packed_wins else None, FEW_ROWS)
+        return DecodeLayout("plain", FEW_ROWS + 1 if packed_wins else None, FEW_ROWS, steps)
     base = min(BASES, key=lambda b: best[b][FEW_ROWS])
     packed_from = None
     if "packed" in best:

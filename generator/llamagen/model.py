@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from generator.llamagen import packing
+from generator.llamagen import gemv, packing
 from generator.llamagen.conditioning import CaptionEmbedder, LabelEmbedder, build_prefix_mask
 from generator.llamagen.rope import precompute_freqs_cis_2d, rotary_tables, rotate
 
@@ -303,6 +303,30 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+@dataclass(frozen=True)
+class _BuiltStep:
+    """A gathered gemv.StepModel, the places its tensors and caches were found (a module's _parameters,
+    _buffers or _modules table, a name, the object there) and each tensor's address (`.data = ...` swaps the
+    storage under the same Parameter)."""
+
+    model: gemv.StepModel
+    places: tuple[tuple[dict, str, object], ...]
+    addresses: tuple[tuple[Tensor, int], ...]
+
+    @classmethod
+    def of(cls, model: gemv.StepModel, watched: list[tuple[nn.Module, str]]) -> _BuiltStep:
+        places = []
+        for module, name in watched:
+            table = next(t for t in (module._parameters, module._buffers, module._modules) if name in t)
+            places.append((table, name, table[name]))
+        tensors = [value for _, _, value in places if isinstance(value, Tensor)]
+        return cls(model, tuple(places), tuple((t, t.data_ptr()) for t in tensors))
+
+    def current(self) -> bool:
+        return all(table.get(name) is value for table, name, value in self.places) and all(
+            t.data_ptr() == address for t, address in self.addresses)
+
+
 class Transformer(nn.Module):
     """LlamaGen GPT. `forward_train`/`forward_logits` run the full sequence; `prefill`/`decode` use caches."""
 
@@ -327,6 +351,8 @@ class Transformer(nn.Module):
         self.max_batch_size = 0
         self.max_seq_length = 0
         self.decode_layout = "plain"  # how the inference linears hold their weights (see layout.py)
+        self.native_step_max_rows = 0  # decode steps of at most this many rows run as one gemv.c call
+        self._step_built: _BuiltStep | None = None  # what those steps read (see _step_model)
 
     # ----- construction -------------------------------------------------------------------------------
     def initialize_weights(self) -> None:
@@ -397,12 +423,18 @@ class Transformer(nn.Module):
         for linear in linears:
             linear.packed_weight = packing.pack(linear.weight, rows_hint, min_elements=min_elements, min_rows=min_rows)
 
-    def use_native_gemv(self, max_rows: int) -> None:
+    def use_native_gemv(self, max_rows: int, steps: bool = False) -> None:
         """Run inference matmuls of at most `max_rows` rows through gemv.c (0: never). It reads the row-major
-        weights themselves (no copy); a transposed (streaming) weight falls back to the other paths."""
+        weights themselves (no copy); a transposed (streaming) weight falls back to the other paths.
+
+        steps: also run each single-position cached step (decode, and a one-token prefix) of at most
+        `max_rows` rows as one gemv.c call, every layer and the output head in it (see `_native_step`).
+        """
         for module in self.modules():
             if isinstance(module, nn.Linear | FeedForward):
                 module.native_max_rows = max_rows
+        self.native_step_max_rows = max_rows if steps else 0
+        self._step_built = None
 
     @property
     def prefix_len(self) -> int:
@@ -490,6 +522,7 @@ class Transformer(nn.Module):
             and current.k_cache.dtype == dtype
         ):
             return
+        self._step_built = None  # let the old caches go
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(
                 max_batch_size, max_seq_length, self.args.kv_heads, self.args.head_dim, dtype, device
@@ -498,12 +531,60 @@ class Transformer(nn.Module):
         self.max_seq_length = max_seq_length
 
     def clear_caches(self) -> None:
+        self._step_built = None
         for layer in self.layers:
             layer.attention.kv_cache = None
         self.max_batch_size = 0
         self.max_seq_length = 0
 
+    def _step_model(self) -> gemv.StepModel | None:
+        """The tensors a whole gemv.c step reads, gathered once and again whenever one of them was replaced
+        (a new cache, a reloaded or moved weight, fused gate/up halves split); None without caches, with
+        unfused gate/up projections (under gradients, say) or with caches that are not float32."""
+        built = self._step_built
+        if built is not None and built.current():
+            return built.model
+        self._step_built = None
+        watched: list[tuple[nn.Module, str]] = [(self.norm, "weight"), (self.output, "weight")]
+        layers = []
+        for layer in self.layers:
+            attention, ff = layer.attention, layer.feed_forward
+            w13, cache = ff._fused(), attention.kv_cache
+            if w13 is None or cache is None or cache.k_cache.dtype != torch.float32:
+                return None
+            layers.append((layer.attention_norm.weight, attention.wqkv.weight, attention.wo.weight,
+                           layer.ffn_norm.weight, w13, ff.w2.weight, cache.k_cache, cache.v_cache))
+            watched += [(layer.attention_norm, "weight"), (attention.wqkv, "weight"), (attention.wo, "weight"),
+                        (layer.ffn_norm, "weight"), (ff.w1, "weight"), (ff.w3, "weight"), (ff.w2, "weight"),
+                        (attention, "kv_cache"), (cache, "k_cache"), (cache, "v_cache")]
+        model = gemv.StepModel(layers, self.norm.weight, self.output.weight, self.args.n_head, self.args.kv_heads,
+                               self.args.norm_eps)
+        self._step_built = _BuiltStep.of(model, watched)
+        return model
+
+    def _native_step(self, x: Tensor, input_pos: Tensor, kv_len: int | None, mask: Tensor | None) -> Tensor | None:
+        """Logits of a one-position cached step run as a single gemv.c call, or None where that does not apply.
+
+        It applies to steps of at most native_step_max_rows rows at position kv_len - 1, attending over the
+        filled prefix (kv_len given) with a bool mask or none, on a CPU float32 model and caches with the
+        gate and up projections fused; not under gradients, autocast or tracing (gemv.usable).
+        """
+        B, L, _ = x.shape
+        if L != 1 or B > self.native_step_max_rows or kv_len is None or not gemv.usable(x, self.output.weight):
+            return None
+        if (mask is not None and mask.dtype != torch.bool) or int(input_pos[0]) != kv_len - 1:
+            return None
+        step = self._step_model()
+        if step is None:
+            return None
+        cos, sin = self._rope(x.device)
+        key_ok = None if mask is None else mask.expand(B, 1, 1, kv_len).reshape(B, kv_len)
+        return gemv.decode_step(step, x[:, 0], kv_len - 1, cos[kv_len - 1], sin[kv_len - 1], key_ok)
+
     def _run_cached(self, x: Tensor, input_pos: Tensor, kv_len: int | None, mask: Tensor | None) -> Tensor:
+        logits = self._native_step(x, input_pos, kv_len, mask)
+        if logits is not None:
+            return logits
         cos, sin = self._rope(x.device)
         rope = (cos[input_pos], sin[input_pos])  # (L, head_dim) each
         for layer in self.layers:

@@ -20,8 +20,10 @@ LAYOUTS = [
     DecodeLayout("streaming", packed_from_rows=3),
     DecodeLayout("plain", native_up_to_rows=16),
     DecodeLayout("plain", packed_from_rows=3, native_up_to_rows=2),
+    DecodeLayout("plain", native_up_to_rows=16, native_steps=True),
+    DecodeLayout("plain", packed_from_rows=3, native_up_to_rows=2, native_steps=True),
 ]
-CANDIDATES = {"plain", "streaming"} | ({"gemv.c"} if gemv.available() else set())
+CANDIDATES = {"plain", "streaming"} | ({"gemv.c", "gemv.c steps"} if gemv.available() else set())
 
 
 def _weights_contiguous(model: torch.nn.Module) -> list[bool]:
@@ -83,8 +85,9 @@ def test_the_timed_choice_is_applied_and_leaves_no_scratch_cache() -> None:
     assert chosen.packed_from_rows is None
     assert all(set(by_rows) == {2, 16} and min(by_rows.values()) > 0 for by_rows in timings.values())
     fastest = min(timings, key=lambda name: timings[name][2])
-    if fastest == "gemv.c":
+    if fastest.startswith("gemv.c"):
         assert chosen.base == "plain" and chosen.native_up_to_rows in (2, 16)
+        assert chosen.native_steps == (fastest == "gemv.c steps")
     else:
         assert chosen.base == fastest and chosen.native_up_to_rows is None
     assert model.max_seq_length == 0 and model.layers[0].attention.kv_cache is None
@@ -134,11 +137,14 @@ def test_the_layout_reads_as_a_phrase() -> None:
     assert str(DecodeLayout("plain", packed_from_rows=1)) == "plain, packed from 1 row"
     assert str(DecodeLayout("streaming", packed_from_rows=3)) == "streaming, packed from 3 rows"
     assert str(DecodeLayout("plain", 3, native_up_to_rows=2)) == "plain, gemv.c up to 2 rows, packed from 3 rows"
+    assert str(DecodeLayout("plain", None, 16, native_steps=True)) == "plain, gemv.c steps up to 16 rows"
 
 
-def test_gemv_c_needs_the_plain_base_layout() -> None:
+def test_gemv_c_needs_the_plain_base_layout_and_its_steps_a_row_count() -> None:
     with pytest.raises(ValueError, match="gemv.c reads row-major weights"):
         apply_layout(tiny_gpt("c2i"), DecodeLayout("streaming", native_up_to_rows=2))
+    with pytest.raises(ValueError, match="gemv.c steps need the row count"):
+        apply_layout(tiny_gpt("c2i"), DecodeLayout("plain", native_steps=True))
 
 
 @pytest.mark.parametrize(("timings", "expected"), [
@@ -146,7 +152,14 @@ def test_gemv_c_needs_the_plain_base_layout() -> None:
     ({"plain": (3, 9), "streaming": (4, 9), "gemv.c": (1, 8)}, DecodeLayout("plain", native_up_to_rows=16)),
     ({"plain": (3, 7), "streaming": (4, 9), "gemv.c": (1, 8)}, DecodeLayout("plain", native_up_to_rows=2)),
     ({"plain": (3, 9), "streaming": (2, 9), "packed": (5, 6), "gemv.c": (4, 5)}, DecodeLayout("streaming", 3)),
-], ids=["gemv.c at 2 rows, packed past", "gemv.c everywhere", "gemv.c at 2 rows, plain past", "gemv.c slower"])
+    ({"plain": (3, 9), "streaming": (4, 9), "packed": (5, 6), "gemv.c": (2, 8), "gemv.c steps": (1, 7)},
+     DecodeLayout("plain", 3, 2, native_steps=True)),
+    ({"plain": (3, 9), "streaming": (4, 9), "packed": (5, 6), "gemv.c": (2, 8), "gemv.c steps": (1, 5)},
+     DecodeLayout("plain", native_up_to_rows=16, native_steps=True)),
+    ({"plain": (3, 9), "streaming": (4, 9), "gemv.c": (1, 8), "gemv.c steps": (2, 7)},
+     DecodeLayout("plain", native_up_to_rows=2)),
+], ids=["gemv.c at 2 rows, packed past", "gemv.c everywhere", "gemv.c at 2 rows, plain past", "gemv.c slower",
+        "steps at 2 rows, packed past", "steps everywhere", "matmuls alone at 2 rows"])
 def test_the_choice_runs_each_row_count_with_its_fastest_candidate(
         timings: dict[str, tuple[float, float]], expected: DecodeLayout) -> None:
     from generator.llamagen.layout import _combine
