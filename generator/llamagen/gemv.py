@@ -163,7 +163,9 @@ class StepModel:
 
     def __post_init__(self) -> None:
         """Refuse tensors the kernel would misread: it trusts every shape it is given."""
-        vocab, dim = self.output.shape
+        dim = self.output.shape[1]
+        if self.norm.shape != (dim,) or dim % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"inconsistent step shapes: dim {dim}, {self.n_head} heads, {self.n_kv_head} kv heads")
         head_dim = dim // self.n_head
         hidden = self.layers[0][4].shape[0] // 2
         cache = self.layers[0][6].shape
@@ -179,8 +181,6 @@ class StepModel:
             if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or not tensor.is_contiguous():
                 raise ValueError("a decode step runs on contiguous CPU float32 tensors only")
         self.table = torch.tensor([t.data_ptr() for layer in self.layers for t in layer], dtype=torch.int64)
-        if self.norm.shape != (dim,) or dim % self.n_head or self.n_head % self.n_kv_head:
-            raise ValueError(f"inconsistent step shapes: dim {dim}, {self.n_head} heads, {self.n_kv_head} kv heads")
 
 
 def decode_step(model: StepModel, x: Tensor, pos: int, cos: Tensor, sin: Tensor, key_ok: Tensor | None) -> Tensor:
@@ -206,7 +206,7 @@ def decode_step(model: StepModel, x: Tensor, pos: int, cos: Tensor, sin: Tensor,
     if key_ok is not None:
         key_ok = key_ok.to(torch.uint8).contiguous()
         args.key_stride = key_ok.shape[1]
-    hidden = x.to(torch.float32, copy=True).contiguous()
+    hidden = x.contiguous().clone()  # the kernel overwrites it with the last hidden state
     logits = torch.empty(rows, args.vocab)
     failed = lib.llamagen_decode_step(ctypes.byref(args), hidden.data_ptr(), logits.data_ptr(), model.table.data_ptr(),
                                       model.norm.data_ptr(), model.output.data_ptr(), cos.data_ptr(), sin.data_ptr(),
