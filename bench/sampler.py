@@ -127,10 +127,13 @@ def official_algorithm(model: Transformer, batch: int, tokens: int, compile: boo
     def decode(x: torch.Tensor, pos: torch.Tensor, kv_len: int, mask: torch.Tensor | None) -> torch.Tensor:
         return model.decode_static(x, pos, key_ok)
 
-    out = [sampling.prefill(model, cond, params, generators)]
+    def sample(logits: torch.Tensor) -> torch.Tensor:  # the official tensor operations, not gemv.c's pass
+        return sampling.sample(sampling.logits_to_probs(sampling.combine_cfg(logits, params, True), params), generators)
+
+    out = [sample(model.prefill(cond, torch.arange(model.prefix_len, device=device)))]
     for i in range(tokens - 1):
         pos = torch.tensor([1 + i], device=device)
-        out.append(sampling.decode_one_token(decode, out[-1], pos, 0, None, params, generators, True))
+        out.append(sample(decode(torch.cat([out[-1], out[-1]]), pos, 0, None)))
     model.clear_caches()
     return torch.cat(out, dim=1)
 

@@ -16,6 +16,7 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -253,6 +254,75 @@ int llamagen_decode_step(const step_args *a, float *x, float *logits, const int6
         matmul_team(xn, R, D, output, a->vocab, logits, a->vocab, 0);
     }
     free(xn), free(qkv), free(att), free(gate), free(act), free(scores);
+    return 0;
+}
+
+/* ---- Sampling probabilities of a step's logits, in one pass instead of six tensor operations. ----
+ *
+ * sampling.py's order: guided logits uncond + (cond - uncond) * cfg_scale (rows [cond; uncond] in, one row out
+ * per pair), divided by the temperature, every logit below the top_k-th largest set to -inf (ties at it kept),
+ * softmax. Equal to the tensor operations to float32 rounding (exp and the softmax sum round in their own
+ * order). */
+
+static void swap(float *a, float *b) {
+    float t = *a;
+    *a = *b, *b = t;
+}
+
+/* The value that would sit at index k of v[0..n-1] sorted ascending (v is reordered; no NaN in it): Wirth's
+ * selection by partitioning, O(n) on average. */
+static float select_kth(float *v, long n, long k) {
+    long lo = 0, hi = n - 1;
+    while (lo < hi) {
+        float pivot = v[k];
+        long i = lo, j = hi;
+        do {
+            while (v[i] < pivot) i++;
+            while (pivot < v[j]) j--;
+            if (i <= j) swap(v + i, v + j), i++, j--;
+        } while (i <= j);
+        if (j < k) lo = i;
+        if (k < i) hi = j;
+    }
+    return v[k];
+}
+
+/* logits: [2 * rows, vocab] when guided, else [rows, vocab]; probs: [rows, vocab]. temperature: already
+ * floored by the caller; top_k 0: off. Returns 0, or -1 where a logit is NaN or scratch memory could not be
+ * had (the caller then computes them with tensor operations, which report the NaN). */
+int llamagen_probs(const float *logits, long rows, long vocab, int guided, float cfg_scale, float temperature,
+                   long top_k, float *probs) {
+    float *scratch = top_k > 0 && top_k < vocab ? malloc(sizeof(float) * vocab) : NULL;
+    if (top_k > 0 && top_k < vocab && !scratch) return -1;
+    for (long r = 0; r < rows; r++) {
+        const float *cond = logits + r * vocab, *uncond = logits + (rows + r) * vocab;
+        float *z = probs + r * vocab, best = -INFINITY;
+        int nan = 0;
+        for (long i = 0; i < vocab; i++) {
+            float guided_logit = guided ? (cond[i] - uncond[i]) * cfg_scale + uncond[i] : cond[i];
+            z[i] = guided_logit / temperature;
+            nan |= z[i] != z[i];
+        }
+        if (nan) {
+            free(scratch);
+            return -1;
+        }
+        if (scratch) {
+            memcpy(scratch, z, sizeof(float) * vocab);
+            float kth = select_kth(scratch, vocab, vocab - top_k);
+            for (long i = 0; i < vocab; i++)
+                if (z[i] < kth) z[i] = -INFINITY;
+        }
+        for (long i = 0; i < vocab; i++) best = z[i] > best ? z[i] : best;
+        double total = 0.0;  /* a float sum of 16384 terms in a row drifts by 1e-5 */
+        for (long i = 0; i < vocab; i++) {
+            z[i] = z[i] == -INFINITY ? 0.0f : expf(z[i] - best);
+            total += z[i];
+        }
+        float scale = (float)(1.0 / total);
+        for (long i = 0; i < vocab; i++) z[i] *= scale;
+    }
+    free(scratch);
     return 0;
 }
 

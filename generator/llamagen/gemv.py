@@ -102,6 +102,9 @@ def library() -> ctypes.CDLL | None:
     lib.llamagen_gemv.restype = None
     lib.llamagen_decode_step.argtypes = [ctypes.POINTER(StepArgs)] + [ctypes.c_void_p] * 8
     lib.llamagen_decode_step.restype = ctypes.c_int
+    lib.llamagen_probs.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_float,
+                                   ctypes.c_float, ctypes.c_long, ctypes.c_void_p]
+    lib.llamagen_probs.restype = ctypes.c_int
     lib.llamagen_read_sum.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     lib.llamagen_read_sum.restype = ctypes.c_float
     return lib
@@ -214,6 +217,25 @@ def decode_step(model: StepModel, x: Tensor, pos: int, cos: Tensor, sin: Tensor,
     if failed:
         raise MemoryError("gemv.c could not allocate a decode step's scratch memory")
     return logits
+
+
+def probs(logits: Tensor, combine: bool, cfg_scale: float, temperature: float, top_k: int) -> Tensor | None:
+    """Sampling probabilities [rows, vocab] of CPU float32 logits, in one gemv.c pass (see llamagen_probs).
+
+    combine: logits are [cond; uncond] rows, guided as uncond + (cond - uncond) * cfg_scale; else each row is
+    taken as it is. temperature: floored already; top_k 0: off. None where the kernel is not built or a logit
+    is NaN (sampling.py's tensor operations then run, and report it).
+    """
+    lib = library()
+    if lib is None:
+        return None
+    logits = logits.contiguous()
+    rows, vocab = logits.shape
+    rows = rows // 2 if combine else rows
+    out = torch.empty(rows, vocab)
+    failed = lib.llamagen_probs(logits.data_ptr(), rows, vocab, int(combine), cfg_scale, temperature, top_k,
+                                out.data_ptr())
+    return None if failed else out
 
 
 def read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float | None:

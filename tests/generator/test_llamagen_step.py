@@ -1,4 +1,5 @@
-"""Whole decode steps in gemv.c: one call runs every layer and the output head, and gives model.py's numbers."""
+"""Whole decode steps in gemv.c: one call runs every layer and the output head, and gives model.py's numbers;
+its sampling probabilities equal sampling.py's tensor operations."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from generator.llamagen import gemv
 from generator.llamagen.layout import DecodeLayout, apply_layout
 from generator.llamagen.model import Transformer
+from generator.llamagen.sampling import SamplingParams, combine_cfg, logits_to_probs, probs_of, sample
 from tests.generator.conftest import CAPTION_LEN, tiny_gpt
 
 pytestmark = pytest.mark.skipif(not gemv.available() and not os.environ.get("CI"), reason="no C compiler here")
@@ -158,3 +160,29 @@ def test_a_step_reads_the_weights_and_caches_the_model_holds_now() -> None:
             got.append(model.decode(tokens, torch.tensor([i]), kv_len=i + 1))
             want.append(other.decode(tokens, torch.tensor([i]), kv_len=i + 1))
     torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("params", "guide"), [
+    (SamplingParams(cfg_scale=4.0, top_k=2000), True),
+    (SamplingParams(cfg_scale=4.0, top_k=2000), False),  # past cfg_interval: the cond half alone
+    (SamplingParams(cfg_scale=1.0, temperature=0.7), True),  # unguided: every row
+    (SamplingParams(cfg_scale=2.5, temperature=0.0, top_k=5), True),  # temperature floored at 1e-5: greedy
+    (SamplingParams(cfg_scale=1.0, top_k=1), True),
+    (SamplingParams(cfg_scale=1.0, top_k=20000), True),  # k past the vocabulary keeps every token
+], ids=["cfg top-k", "cond half", "unguided temperature", "greedy by temperature", "top-k 1", "top-k past vocab"])
+def test_probabilities_of_the_kernel_equal_the_tensor_operations(params: SamplingParams, guide: bool) -> None:
+    logits = torch.randn(4, 16384, generator=torch.Generator().manual_seed(3)) * 3
+    got = probs_of(logits, params, guide)
+    want = logits_to_probs(combine_cfg(logits, params, guide), params)
+    assert got.shape == want.shape and torch.equal(got == 0, want == 0)  # the same tokens filtered out
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+
+
+def test_top_k_keeps_every_tie_at_the_kth_value_and_nans_reach_the_tensor_operations() -> None:
+    logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 2.0, 0.0]])
+    probs = probs_of(logits, SamplingParams(cfg_scale=1.0, top_k=2), guide=True)
+    assert (probs > 0).tolist() == [[True, False, True, True, True, False]]
+    assert gemv.probs(torch.tensor([[0.0, float("nan")]]), False, 1.0, 1.0, 0) is None
+    with pytest.raises(RuntimeError, match="probability tensor contains"):
+        sample(probs_of(torch.tensor([[0.0, float("nan")]]), SamplingParams(cfg_scale=1.0), True),
+               [torch.Generator()])
