@@ -1,7 +1,8 @@
 # Sampling for LlamaGen, written from docs/llamagen.md section 4 (official autoregressive/models/generate.py,
 # arXiv 2406.06525, itself after gpt-fast). Differences from upstream that keep the same results:
 # attention runs over the filled prefix of the KV cache only (no per-step cache copy), only the last
-# position goes through the output head, and every request row can carry its own torch.Generator.
+# position goes through the output head, and every request row can carry its own torch.Generator. On CPU
+# the probabilities of a step come from one gemv.c pass (equal to float32 rounding; the draws are torch's).
 """Seeded, batched LlamaGen sampling with classifier-free guidance, top-k and top-p."""
 
 from __future__ import annotations
