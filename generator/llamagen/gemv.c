@@ -1,4 +1,5 @@
-/* Few-row float32 matmul for CPU decode: y[r][n] = sum_i x[r][i] * w[n][i].
+/* CPU decode kernels in float32: a few-row matmul y[r][n] = sum_i x[r][i] * w[n][i] (llamagen_gemv), a whole
+ * decode step built on it (llamagen_decode_step), and the sampling probabilities of a step (llamagen_probs).
  *
  * Decode multiplies a few rows (2 for one image under CFG) by every weight, so a step costs the time it
  * takes to stream the weights from memory. Here each weight row is read from memory once and multiplied
@@ -100,9 +101,9 @@ static void dot_all(const float *x, long rows, long k, const float *wn, float *y
 #define GROUP_ROWS 16
 #define GROUP_FROM_BYTES (16L << 10)
 
-/* y = (with add, +=) x [rows, k] times w [n_out, k] transposed, into y [rows, ystride], inside a parallel
- * region: the output rows are split across the team (an orphaned omp for). Each output is summed as dot_all
- * sums it, so only the order of the work changes with the row count. */
+/* y = (with add, +=) x [rows, k] times w [n_out, k] transposed, into y [rows, ystride]: the output rows are
+ * split across the team of the enclosing parallel region (an orphaned omp for; outside one, the caller runs
+ * them all). Each output is summed as dot_all sums it, so grouping changes only the order of the work. */
 static void matmul_team(const float *x, long rows, long k, const float *w, long n_out, float *y, long ystride,
                         int add) {
     if (rows <= 4 || rows * k * (long)sizeof(float) <= GROUP_FROM_BYTES) {
@@ -127,8 +128,8 @@ static void matmul_team(const float *x, long rows, long k, const float *w, long 
 
 /* x: [rows, k] row-major; w: [n_out, k] row-major; y: [rows, n_out] row-major. */
 void llamagen_gemv(const float *x, const float *w, float *y, long rows, long n_out, long k, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (n_out * k >= PARALLEL_MIN_ELEMENTS)
-    for (long n = 0; n < n_out; n++) dot_all(x, rows, k, w + n * k, y + n, n_out, 0);
+#pragma omp parallel num_threads(threads) if (n_out * k >= PARALLEL_MIN_ELEMENTS)
+    matmul_team(x, rows, k, w, n_out, y, n_out, 0);
 }
 
 /* ---- One whole decode step: every layer, the final norm and the output head in one call. ----
@@ -292,8 +293,9 @@ static float select_kth(float *v, long n, long k) {
  * had (the caller then computes them with tensor operations, which report the NaN). */
 int llamagen_probs(const float *logits, long rows, long vocab, int guided, float cfg_scale, float temperature,
                    long top_k, float *probs) {
-    float *scratch = top_k > 0 && top_k < vocab ? malloc(sizeof(float) * vocab) : NULL;
-    if (top_k > 0 && top_k < vocab && !scratch) return -1;
+    const int filter = top_k > 0 && top_k < vocab;
+    float *scratch = filter ? malloc(sizeof(float) * vocab) : NULL;
+    if (filter && !scratch) return -1;
     for (long r = 0; r < rows; r++) {
         const float *cond = logits + r * vocab, *uncond = logits + (rows + r) * vocab;
         float *z = probs + r * vocab, best = -INFINITY;

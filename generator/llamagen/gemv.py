@@ -5,7 +5,7 @@ Batch-1 decode under CFG multiplies 2 rows by every weight, so a step costs the 
 from memory. On the 2-core AMD EPYC (AVX-512) the BLAS paths read GPT-B's 390 MB of linear weights at
 5-6 GB/s (MKL, F.linear) and 13-21 GB/s (oneDNN packed), where a plain read of memory reaches 30-53 GB/s;
 gemv.c reads each weight row once for all the rows and reached 22-35 GB/s there, timed in the same runs
-(2026-12-03; this machine's bandwidth moved by 1.5x from run to run). layout.py times it against the BLAS
+(2026-12-03; that machine's bandwidth moved by 1.5x from run to run). layout.py times it against the BLAS
 layouts and keeps whichever is faster for the model at hand.
 
 The library is compiled with `cc -O3 -march=native -fopenmp` into a per-user cache, keyed by the source,
@@ -162,19 +162,27 @@ class StepModel:
     n_head: int
     n_kv_head: int
     eps: float
+    # Derived once in __post_init__: the shapes every step passes to the kernel, and the address table.
+    vocab: int = field(init=False)
+    dim: int = field(init=False)
+    head_dim: int = field(init=False)
+    hidden: int = field(init=False)
+    cache_rows: int = field(init=False)  # the caches' max_batch
+    max_seq: int = field(init=False)
     table: Tensor = field(init=False)  # every layer's STEP_TENSORS addresses, as the kernel reads them
 
     def __post_init__(self) -> None:
         """Refuse tensors the kernel would misread: it trusts every shape it is given."""
-        dim = self.output.shape[1]
+        self.vocab, self.dim = self.output.shape
+        dim = self.dim
         if self.norm.shape != (dim,) or dim % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"inconsistent step shapes: dim {dim}, {self.n_head} heads, {self.n_kv_head} kv heads")
-        head_dim = dim // self.n_head
-        hidden = self.layers[0][4].shape[0] // 2
-        cache = self.layers[0][6].shape
-        expected = {"attention_norm": (dim,), "wqkv": ((self.n_head + 2 * self.n_kv_head) * head_dim, dim),
-                    "wo": (dim, dim), "ffn_norm": (dim,), "w13": (2 * hidden, dim), "w2": (dim, hidden),
-                    "k_cache": (cache[0], self.n_kv_head, cache[2], head_dim)}
+        first = dict(zip(STEP_TENSORS, self.layers[0], strict=True))
+        self.head_dim, self.hidden = dim // self.n_head, first["w13"].shape[0] // 2
+        self.cache_rows, self.max_seq = first["k_cache"].shape[0], first["k_cache"].shape[2]
+        expected = {"attention_norm": (dim,), "wqkv": ((self.n_head + 2 * self.n_kv_head) * self.head_dim, dim),
+                    "wo": (dim, dim), "ffn_norm": (dim,), "w13": (2 * self.hidden, dim), "w2": (dim, self.hidden),
+                    "k_cache": (self.cache_rows, self.n_kv_head, self.max_seq, self.head_dim)}
         expected["v_cache"] = expected["k_cache"]
         for layer in self.layers:
             for name, tensor in zip(STEP_TENSORS, layer, strict=True):
@@ -196,16 +204,16 @@ def decode_step(model: StepModel, x: Tensor, pos: int, cos: Tensor, sin: Tensor,
     if lib is None:
         raise RuntimeError("the native gemv kernel is not available on this machine")
     rows, dim = x.shape
-    w13, k_cache = model.layers[0][4], model.layers[0][6]
-    if dim != model.output.shape[1] or rows > k_cache.shape[0] or not 0 <= pos < k_cache.shape[2]:
-        raise ValueError(f"{rows} rows of {dim} at position {pos} do not fit caches {tuple(k_cache.shape)}")
-    if cos.shape != (k_cache.shape[-1],) or sin.shape != cos.shape or not (cos.is_contiguous() and sin.is_contiguous()):
-        raise ValueError(f"the rotary rows must be contiguous [{k_cache.shape[-1]}], got {tuple(cos.shape)}")
+    if dim != model.dim or rows > model.cache_rows or not 0 <= pos < model.max_seq:
+        raise ValueError(f"{rows} rows of {dim} at position {pos} do not fit caches of {model.cache_rows} rows "
+                         f"and {model.max_seq} positions for width {model.dim}")
+    if cos.shape != (model.head_dim,) or sin.shape != cos.shape or not (cos.is_contiguous() and sin.is_contiguous()):
+        raise ValueError(f"the rotary rows must be contiguous [{model.head_dim}], got {tuple(cos.shape)}")
     if key_ok is not None and (key_ok.shape[0] != rows or key_ok.shape[1] < pos + 1):
         raise ValueError(f"key_ok is {tuple(key_ok.shape)}, the step needs [{rows}, >= {pos + 1}]")
-    args = StepArgs(rows=rows, dim=dim, n_head=model.n_head, n_kv_head=model.n_kv_head, head_dim=k_cache.shape[-1],
-                    hidden=w13.shape[0] // 2, vocab=model.output.shape[0], n_layer=len(model.layers),
-                    max_seq=k_cache.shape[2], pos=pos, eps=model.eps, threads=torch.get_num_threads())
+    args = StepArgs(rows=rows, dim=dim, n_head=model.n_head, n_kv_head=model.n_kv_head, head_dim=model.head_dim,
+                    hidden=model.hidden, vocab=model.vocab, n_layer=len(model.layers), max_seq=model.max_seq,
+                    pos=pos, eps=model.eps, threads=torch.get_num_threads())
     if key_ok is not None:
         key_ok = key_ok.to(torch.uint8).contiguous()
         args.key_stride = key_ok.shape[1]

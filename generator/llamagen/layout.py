@@ -192,9 +192,9 @@ def choose_decode_layout(
 def _combine(best: dict[str, dict[int, float]]) -> DecodeLayout:
     """The layout that runs each row count with the candidate that was fastest at it (at 2 rows and at 16)."""
     fastest_few = min(best, key=lambda n: best[n][FEW_ROWS])
-    if fastest_few in NATIVE:
+    if fastest_few in NATIVE:  # one gemv.c kind per layout: up to 16 rows where it beats the BLAS paths there
         steps = NATIVE[fastest_few]
-        if min(best, key=lambda n: best[n][MANY_ROWS]) == fastest_few:
+        if best[fastest_few][MANY_ROWS] <= min(t[MANY_ROWS] for n, t in best.items() if n not in NATIVE):
             return DecodeLayout("plain", native_up_to_rows=MANY_ROWS, native_steps=steps)
         # gemv.c needs the plain base; past 2 rows, packed copies where they win
         packed_wins = "packed" in best and best["packed"][MANY_ROWS] < best["plain"][MANY_ROWS]

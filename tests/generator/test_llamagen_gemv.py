@@ -32,6 +32,16 @@ def test_the_kernel_equals_f_linear_for_any_row_count_and_width(rows: int, featu
 
 
 @needs_kernel
+def test_many_rows_run_in_groups_of_weight_rows_with_each_rows_own_sums() -> None:
+    generator = torch.Generator().manual_seed(1)
+    x, w = torch.randn(15, 768, generator=generator), torch.randn(70, 768, generator=generator)  # 45 KB of x
+    with torch.inference_mode():
+        together = gemv.linear(x, w)  # 16 weight rows at a time, 4-row chunks of x, a short last group
+        alone = torch.cat([gemv.linear(row[None], w) for row in x])
+    assert torch.equal(together, alone)
+
+
+@needs_kernel
 def test_leading_dimensions_and_a_non_contiguous_input_are_kept() -> None:
     x, w = torch.randn(2, 1, 64 * 2)[..., ::2], torch.randn(48, 64)  # every other feature: strided
     with torch.inference_mode():

@@ -157,9 +157,12 @@ def test_gemv_c_needs_the_plain_base_layout_and_its_steps_a_row_count() -> None:
     ({"plain": (3, 9), "streaming": (4, 9), "packed": (5, 6), "gemv.c": (2, 8), "gemv.c steps": (1, 5)},
      DecodeLayout("plain", native_up_to_rows=16, native_steps=True)),
     ({"plain": (3, 9), "streaming": (4, 9), "gemv.c": (1, 8), "gemv.c steps": (2, 7)},
-     DecodeLayout("plain", native_up_to_rows=2)),
+     DecodeLayout("plain", native_up_to_rows=16)),  # steps are faster at 16, but one kind per layout
+    ({"plain": (3, 9), "streaming": (4, 9), "gemv.c": (2, 5), "gemv.c steps": (1, 7)},
+     DecodeLayout("plain", native_up_to_rows=16, native_steps=True)),  # steps still beat plain at 16
 ], ids=["gemv.c at 2 rows, packed past", "gemv.c everywhere", "gemv.c at 2 rows, plain past", "gemv.c slower",
-        "steps at 2 rows, packed past", "steps everywhere", "matmuls alone at 2 rows"])
+        "steps at 2 rows, packed past", "steps everywhere", "matmuls alone, beating the BLAS paths at 16",
+        "steps at 2 rows, other gemv.c kind fastest at 16"])
 def test_the_choice_runs_each_row_count_with_its_fastest_candidate(
         timings: dict[str, tuple[float, float]], expected: DecodeLayout) -> None:
     from generator.llamagen.layout import _combine
