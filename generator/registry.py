@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, Self
@@ -339,6 +340,7 @@ class LoadedModel:
         self.card, self.device, self.gpt, self.vq, self.text_encoder = card, device, gpt, vq, text_encoder
         self.grid = gpt.args.grid_size
         self._lock = threading.Lock()  # one sampling run at a time: the KV caches are shared state
+        self._decoders: tuple[int, ThreadPoolExecutor] | None = None  # (threads, pool): see `_decode_each`
 
     def sampling_params(self, params: dict[str, Any] | None = None) -> SamplingParams:
         """Job params (cfg_scale, temperature, top_k, top_p; other keys ignored) over the card's defaults."""
@@ -395,10 +397,9 @@ class LoadedModel:
             if torch.device(self.device).type == "cuda":
                 torch.cuda.synchronize()
             decoding = time.perf_counter()
-            # One image at a time: convolutions choose their kernels by batch size, so a batch's pixels can
+            # One image per call: convolutions choose their kernels by batch size, so a batch's pixels can
             # differ in the last bit from the same codes decoded alone (as `audit reproduce` decodes them).
-            pixels = [to_uint8(self.vq.decode_codes(row[None], grid=(self.grid, self.grid)))[0].cpu().numpy()
-                      for row in ids]
+            pixels = self._decode_each(ids)
             if torch.device(self.device).type == "cuda":
                 torch.cuda.synchronize()
             finished = time.perf_counter()
@@ -411,6 +412,35 @@ class LoadedModel:
                                      torch.get_num_threads(), decode_s, self.gpt.decode_layout))
             start += n
         return outputs
+
+
+    def _decode_each(self, ids: torch.Tensor) -> list[Any]:
+        """Each row of codes decoded alone to uint8 pixels [H, W, 3], on `decode_workers` threads at once."""
+        def decode(row: torch.Tensor) -> Any:
+            return to_uint8(self.vq.decode_codes(row[None], grid=(self.grid, self.grid)))[0].cpu().numpy()
+
+        workers = decode_workers(self.device)
+        if workers <= 1 or len(ids) <= 1:
+            return [decode(row) for row in ids]
+        if self._decoders is None or self._decoders[0] != workers:  # (runs hold self._lock)
+            if self._decoders is not None:
+                self._decoders[1].shutdown(wait=False)
+            self._decoders = (workers, ThreadPoolExecutor(workers, thread_name_prefix="vq-decode"))
+        return list(self._decoders[1].map(decode, ids))
+
+
+def decode_workers(device: str) -> int:
+    """Images of a run decoded at the same time: one on a GPU (it runs them in turn anyway); on the CPU, as
+    many as torch's thread teams fit in the cores.
+
+    Each image is decoded alone by a team of `torch.get_num_threads()` threads, so its pixels do not depend
+    on how many are decoded at once. The embedded gateway gives its sampler half of the cores: a run's decode
+    then also uses the half that screens, signs and audits, whenever that half is idle (when it is not, the OS
+    shares the cores between the processes' threads; a one-thread team has no barrier to wait at).
+    """
+    if torch.device(device).type != "cpu":
+        return 1
+    return max(1, (os.cpu_count() or 1) // max(torch.get_num_threads(), 1))
 
 
 def _gpt_args(card: ModelCard, downsample: int) -> str | ModelArgs:

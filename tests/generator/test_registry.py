@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from generator.registry import (
     Registry,
     RegistryError,
     UnknownModelError,
+    decode_workers,
     read_card,
 )
 from tests.conftest import DEMO_MODELS
@@ -270,6 +272,43 @@ def test_the_bundled_demo_model_gives_a_batch_the_pixels_of_each_request_alone(
     for job, output in zip(jobs, batched, strict=True):
         (alone,) = model.generate([job])
         assert output.images[0].tobytes() == alone.images[0].tobytes(), job
+
+
+def test_a_runs_images_are_decoded_on_several_threads_each_to_the_pixels_it_has_alone(
+    models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU a run's images are decoded at the same time, one per call; the pixels are those of one
+    thread decoding them in turn, and a GPU (or a process that has all the cores) decodes them in turn."""
+    model = Registry(models_dir).load("tiny-c2i")
+    requests = [GenRequest(class_id=i % 4, seed=i) for i in range(6)]
+    monkeypatch.setattr("generator.registry.decode_workers", lambda device: 1)
+    in_turn = model.generate(requests)
+
+    threads: set[str] = set()
+    decode_codes = model.vq.decode_codes
+
+    def recording(*args: Any, **kwargs: Any) -> torch.Tensor:
+        threads.add(threading.current_thread().name)
+        return decode_codes(*args, **kwargs)
+
+    monkeypatch.setattr(model.vq, "decode_codes", recording)
+    monkeypatch.setattr("generator.registry.decode_workers", lambda device: 3)
+    at_once = model.generate(requests)
+    assert len(threads) > 1 and all(name.startswith("vq-decode") for name in threads)
+    assert [o.images[0].tobytes() for o in at_once] == [o.images[0].tobytes() for o in in_turn]
+
+
+def test_the_cpu_decodes_as_many_images_at_once_as_torch_thread_teams_fit_in_its_cores(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    threads = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    torch.set_num_threads(4)
+    assert decode_workers("cpu") == 2
+    torch.set_num_threads(8)
+    assert decode_workers("cpu") == 1
+    assert decode_workers("cuda:0") == 1
 
 
 def test_image_i_of_a_request_uses_seed_plus_i(models_dir: Path) -> None:
