@@ -237,6 +237,8 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
 
         try:
             state.ctx.commits.run(record)
+            # Until the commit was durable (the row holds the time in the transaction: `request_audit_s`).
+            metrics.STAGE_SECONDS.labels("request_audit").observe(time.perf_counter() - t_audit)
         except Exception as exc:  # no audit record -> no generation
             job = _committed_anyway(state, job.id, exc)
     state.recorded_cards.add(card_hash)  # committed with this request (or before it)

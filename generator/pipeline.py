@@ -49,6 +49,10 @@ TERMINAL = {"completed", "blocked", "failed"}
 BATCH_SIZE = Histogram("worker_batch_size", "Jobs per sampling run", buckets=(1, 2, 4, 8, 16, 32, 64))
 BUSY_SECONDS = Counter("worker_busy_seconds_total", "Seconds spent sampling and decoding (utilisation)")
 OUTPUT_DECISIONS = Counter("worker_output_decisions_total", "Output screening decisions", ["action", "model"])
+# Each released job's stages as recorded on its row, except audit: here until its commit was durable (a row cannot
+# hold its own commit's time). Prompt screening and the request's audit are the gateway's `gateway_stage_seconds`.
+STAGE_SECONDS = Histogram("worker_stage_seconds", "Stage latency of each released job", ["stage"])
+WORKER_STAGES = ("queue", "sampling", "decode", "output_screening", "signing", "store")
 
 
 class PipelineError(Exception):
@@ -492,9 +496,11 @@ def _record(ctx: PipelineContext, releases: Sequence[_Release], card: _CardFacts
         return
     t_audit = time.perf_counter()
     recorded: list[_Release] = []
+    timings: list[dict[str, Any]] = []  # of the recorded jobs' rows
 
     def work(session: Session) -> None:  # runs with the chain head locked: the job rows cannot change under us
         recorded.clear()
+        timings.clear()
         # Every row in one SELECT before any is changed: a get per job would flush the previous job's changes.
         locked = {row.id: row for row in session.scalars(
             select(Job).where(Job.id.in_([release.job.id for release in releases])).order_by(Job.id)
@@ -515,10 +521,16 @@ def _record(ctx: PipelineContext, releases: Sequence[_Release], card: _CardFacts
             request_audit_s = float(row.timings.get("request_audit_s", 0.0))
             row.timings = {**row.timings, "release_audit_s": release_audit_s,
                            "audit_s": round(request_audit_s + release_audit_s, 4)}
+            timings.append(row.timings)
 
     ctx.commits.run(work)
+    audit_s = time.perf_counter() - t_audit
     for release in recorded:  # committed
         release.recorded = True
+    for row_timings in timings:
+        for stage in WORKER_STAGES:
+            STAGE_SECONDS.labels(stage).observe(float(row_timings.get(f"{stage}_s", 0.0)))
+        STAGE_SECONDS.labels("audit").observe(audit_s)
 
 
 def _record_one(session: Session, release: _Release, row: Job | None, card: _CardFacts, stages: dict[str, float],

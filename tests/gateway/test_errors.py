@@ -113,6 +113,40 @@ def test_readiness_reports_each_dependency(gw) -> None:
     assert "gateway_http_requests_total" in gw.client.get("/metrics").text
 
 
+def test_metrics_show_decisions_stage_latencies_batches_and_utilisation_of_a_generation(gw) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = gw.client.get("/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    before = samples()
+    key = gw.key("creator", team="design")
+    job = gw.client.post("/v1/generations", json={"model": "tiny-c2i", "class_id": 1, "params": {"seed": 1}},
+                         headers=gw.auth(key)).json()
+    done = gw.client.get(f"/v1/generations/{job['id']}", params={"wait": 30}, headers=gw.auth(key)).json()
+    assert done["status"] == "completed"
+    after = samples()
+
+    def grew(name: str, **labels: str) -> float:
+        at = (name, tuple(sorted(labels.items())))
+        return after.get(at, 0.0) - before.get(at, 0.0)
+
+    assert grew("gateway_decisions_total", stage="prompt", action="allow", team="design", model="tiny-c2i") == 1
+    assert grew("worker_output_decisions_total", action="allow", model="tiny-c2i") == 1
+    for stage in ("prompt_screening", "request_audit"):
+        assert grew("gateway_stage_seconds_count", stage=stage) == 1
+    for stage in ("queue", "sampling", "decode", "output_screening", "signing", "store", "audit"):
+        assert grew("worker_stage_seconds_count", stage=stage) == 1, stage
+    # the audit stages are timed until their commits are durable: at least what the row holds (in the transaction)
+    assert grew("worker_stage_seconds_sum", stage="audit") >= done["timings"]["release_audit_s"]
+    assert grew("gateway_stage_seconds_sum", stage="request_audit") >= done["timings"]["request_audit_s"]
+    assert grew("worker_batch_size_count") == 1 and grew("worker_batch_size_sum") == 1
+    assert grew("worker_busy_seconds_total") > 0
+    assert ("gateway_jobs", (("status", "completed"),)) in after
+
+
 def test_an_invalid_policy_is_a_422_listing_field_and_line(gateway_factory, tiny_models) -> None:
     gw = gateway_factory(models_dir=tiny_models, default_model="tiny-c2i", policy_file=LEXICAL_POLICY)
     bad = "id: p\nversion: '1'\ndescription: d\nprompt:\n  lexical:\n    - id: r\n      action: explode\n"
