@@ -81,12 +81,27 @@ def logits_to_probs(logits: Tensor, params: SamplingParams) -> Tensor:
 
 
 def sample(probs: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
-    """Draw one token per row [B, 1]: one generator shared by the batch, or one generator per row."""
-    if len(generators) == 1:
-        return torch.multinomial(probs, 1, generator=generators[0])
-    if len(generators) != probs.shape[0]:
+    """Draw one token per row [B, 1]: one generator shared by the batch, or one generator per row.
+
+    The draw is torch.multinomial's for one sample, with the same generator calls and so the same tokens:
+    exponential noise q of the probabilities' shape and dtype, then the first arg-max of p / q. Its checks
+    (finite, non-negative, some mass in each row) run once for the whole batch here, not once per row: per
+    row they took 40% of each draw (8 rows of the demo model: 0.4 ms a step, a quarter of its sampling).
+    Rows that fail them go to torch.multinomial, before any draw, which names the fault.
+    """
+    if len(generators) not in (1, probs.shape[0]):
         raise ValueError(f"{len(generators)} generators for {probs.shape[0]} rows")
-    return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generators, strict=True)])
+    if not bool(torch.isfinite(probs).all() & (probs >= 0).all() & (probs.sum(dim=-1) > 0).all()):
+        if len(generators) == 1:
+            return torch.multinomial(probs, 1, generator=generators[0])
+        return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generators, strict=True)])
+    noise = torch.empty_like(probs)
+    if len(generators) == 1:
+        noise.exponential_(generator=generators[0])
+    else:
+        for row, generator in zip(noise, generators, strict=True):
+            row.exponential_(generator=generator)
+    return torch.div(probs, noise, out=noise).argmax(dim=-1, keepdim=True)
 
 
 def combine_cfg(logits: Tensor, params: SamplingParams, guide: bool) -> Tensor:

@@ -10,6 +10,7 @@ from generator.llamagen.sampling import (
     combine_cfg,
     logits_to_probs,
     make_generators,
+    sample,
     top_k_filter_,
     top_p_filter_,
 )
@@ -177,6 +178,32 @@ def test_int_seed_reproduces_global_manual_seed_draws() -> None:
     ours = torch.multinomial(probs, 1, generator=gen)
     torch.manual_seed(9)
     assert torch.equal(ours, torch.multinomial(probs, 1))
+
+
+@pytest.mark.parametrize("vocab", [50, 16384])
+def test_draws_are_torch_multinomials_for_per_row_and_shared_generators(vocab: int) -> None:
+    """The same tokens and the same generator states as torch.multinomial, over rows with ties and zeros."""
+    ours, theirs = make_generators([1, 2, 3], 3, "cpu"), make_generators([1, 2, 3], 3, "cpu")
+    (shared_ours,), (shared_theirs,) = make_generators(7, 3, "cpu"), make_generators(7, 3, "cpu")
+    for step in range(60):
+        logits = torch.randn(3, vocab) * 3
+        if step % 3 == 0:
+            logits[:, : vocab // 2] = float("-inf")  # zero probabilities
+        if step % 4 == 0:
+            logits[:, 7] = logits[:, 9] = logits.max() + 1  # two equally likely best tokens
+        probs = torch.softmax(logits, dim=-1)
+        expected = torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, theirs, strict=True)])
+        assert torch.equal(sample(probs, ours), expected)
+        assert torch.equal(sample(probs, [shared_ours]), torch.multinomial(probs, 1, generator=shared_theirs))
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(ours, theirs, strict=True))
+
+
+@pytest.mark.parametrize("fault", ["nan", "negative", "no mass"])
+def test_a_row_that_is_no_distribution_is_refused_as_torch_multinomial_refuses_it(fault: str) -> None:
+    probs = torch.softmax(torch.randn(2, 50), dim=-1)
+    probs[1] = {"nan": float("nan"), "negative": -0.1, "no mass": 0.0}[fault]
+    with pytest.raises(RuntimeError, match="probability tensor|invalid multinomial distribution"):
+        sample(probs, make_generators([1, 2], 2, "cpu"))
 
 
 def test_each_row_of_a_batch_gets_the_tokens_it_gets_alone(c2i_model: Transformer) -> None:
