@@ -430,17 +430,18 @@ class LoadedModel:
 
 
 def decode_workers(device: str) -> int:
-    """Images of a run decoded at the same time: one on a GPU (it runs them in turn anyway); on the CPU, as
-    many as torch's thread teams fit in the cores.
+    """Images of a run decoded at the same time: on the CPU with one torch thread per call, one per core;
+    otherwise one (a GPU runs them in turn anyway).
 
     Each image is decoded alone by a team of `torch.get_num_threads()` threads, so its pixels do not depend
-    on how many are decoded at once. The embedded gateway gives its sampler half of the cores: a run's decode
-    then also uses the half that screens, signs and audits, whenever that half is idle (when it is not, the OS
-    shares the cores between the processes' threads; a one-thread team has no barrier to wait at).
+    on how many are decoded at once. The embedded gateway gives its sampler half of the cores (one of two):
+    a run's decode then also uses the half that screens, signs and audits whenever that half is idle, and
+    when it is not the OS shares the cores. One-thread teams have no fork/join to stall while a thread waits
+    for its core; larger teams side by side with the gateway's would (see `configure_runtime`).
     """
-    if torch.device(device).type != "cpu":
+    if torch.device(device).type != "cpu" or torch.get_num_threads() != 1:
         return 1
-    return max(1, (os.cpu_count() or 1) // max(torch.get_num_threads(), 1))
+    return max(1, os.cpu_count() or 1)
 
 
 def _gpt_args(card: ModelCard, downsample: int) -> str | ModelArgs:
