@@ -69,7 +69,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     configure_logging(settings.log_json)
     from generator.celery_app import GPU_QUEUE, app
 
-    concurrency = str(args.concurrency or settings.worker_concurrency)
+    concurrency = args.concurrency or settings.worker_concurrency
+    if settings.worker_metrics_port and args.pool == "prefork" and concurrency > 1:
+        print(f"error: LLAMAGEN_GATEWAY_WORKER_METRICS_PORT={settings.worker_metrics_port}: each of the "
+              f"{concurrency} prefork processes would serve its metrics on that one port; run one process per "
+              "port (--pool solo, as compose does) or unset it", file=sys.stderr)
+        return 2
+    concurrency = str(concurrency)
     argv = ["worker", "-Q", args.queues or GPU_QUEUE, "--concurrency", concurrency, "--pool", args.pool,
             "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"]
     if args.hostname:

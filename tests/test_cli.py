@@ -35,6 +35,14 @@ def test_keys_create_refuses_an_unknown_role_clearly(env) -> None:
     assert result.returncode == 2 and "invalid choice" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_prefork_worker_pool_with_one_metrics_port_is_refused_naming_the_setting(env) -> None:
+    env = {**env, "LLAMAGEN_GATEWAY_BROKER_URL": "redis://127.0.0.1:6379/15",
+           "LLAMAGEN_GATEWAY_WORKER_METRICS_PORT": "9109"}
+    result = run(env, "worker", "--pool", "prefork", "--concurrency", "2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "LLAMAGEN_GATEWAY_WORKER_METRICS_PORT=9109" in result.stderr and "--pool solo" in result.stderr
+
+
 def test_dev_setup_makes_the_development_ca_and_a_reusable_key(env) -> None:
     env = {**env, "LLAMAGEN_GATEWAY_ENV": "dev"}
     assert run(env, "migrate").returncode == 0
