@@ -137,7 +137,8 @@ def run(model: str, jobs: int, concurrency: int, batch: int, poll_s: float = 0.0
     runs = worker1["worker_batch_size_count"] - worker0["worker_batch_size_count"]
     worker = {"batch_mean": (worker1["worker_batch_size_sum"] - worker0["worker_batch_size_sum"]) / max(runs, 1),
               "sampler_busy": (worker1["worker_busy_seconds_total"] - worker0["worker_busy_seconds_total"]) / wall}
-    return {"throughput": jobs / wall, "p50": statistics.median(latencies), "mean": statistics.mean(latencies),
+    return {"throughput": jobs / wall, "p50": statistics.median(latencies),
+            "p95": statistics.quantiles(latencies, n=20, method="inclusive")[-1], "mean": statistics.mean(latencies),
             "lists_per_s": sum(listed) / wall, **shares, **cpu, **worker}
 
 
@@ -225,7 +226,8 @@ def _line(label: str, r: dict[str, float]) -> str:
     readers = ""
     if r["lists_per_s"]:
         readers = f"\n    readers listed 200 generations {r['lists_per_s']:.1f} times/s meanwhile"
-    return (f"{label}: {r['throughput']:.2f} images/s, p50 {r['p50'] * 1000:.0f} ms, governance {gov * 1000:.1f} ms "
+    return (f"{label}: {r['throughput']:.2f} images/s, p50 {r['p50'] * 1000:.0f} ms, p95 {r['p95'] * 1000:.0f} ms, "
+            f"governance {gov * 1000:.1f} ms "
             f"= {100 * gov / r['mean']:.1f}% of end-to-end\n"
             "    stages (mean ms): " + ", ".join(f"{s[:-2]} {r[s] * 1000:.1f}" for s in STAGES) + "\n"
             f"    {r['batch_mean']:.1f} jobs per sampling run; the sampler was busy "
