@@ -413,7 +413,6 @@ class LoadedModel:
             start += n
         return outputs
 
-
     def _decode_each(self, ids: torch.Tensor) -> list[Any]:
         """Each row of codes decoded alone to uint8 pixels [H, W, 3], on `decode_workers` threads at once."""
         def decode(row: torch.Tensor) -> Any:
