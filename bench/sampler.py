@@ -127,8 +127,11 @@ def official_algorithm(model: Transformer, batch: int, tokens: int, compile: boo
     def decode(x: torch.Tensor, pos: torch.Tensor, kv_len: int, mask: torch.Tensor | None) -> torch.Tensor:
         return model.decode_static(x, pos, key_ok)
 
-    def sample(logits: torch.Tensor) -> torch.Tensor:  # the official tensor operations, not gemv.c's pass
-        return sampling.sample(sampling.logits_to_probs(sampling.combine_cfg(logits, params, True), params), generators)
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        """The official tensor operations and draw (torch.multinomial, per row's generator), not gemv.c's
+        probabilities pass nor sampling.sample's draw: the same-tokens check then covers both."""
+        probs = sampling.logits_to_probs(sampling.combine_cfg(logits, params, True), params)
+        return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generators, strict=True)])
 
     out = [sample(model.prefill(cond, torch.arange(model.prefix_len, device=device)))]
     for i in range(tokens - 1):
