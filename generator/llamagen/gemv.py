@@ -5,8 +5,10 @@ Batch-1 decode under CFG multiplies 2 rows by every weight, so a step costs the 
 from memory. On the 2-core AMD EPYC (AVX-512) the BLAS paths read GPT-B's 390 MB of linear weights at
 5-6 GB/s (MKL, F.linear) and 13-21 GB/s (oneDNN packed), where a plain read of memory reaches 30-53 GB/s;
 gemv.c reads each weight row once for all the rows and reached 22-35 GB/s there, timed in the same runs
-(2026-12-03; that machine's bandwidth moved by 1.5x from run to run). layout.py times it against the BLAS
-layouts and keeps whichever is faster for the model at hand.
+(2026-12-03; that machine's bandwidth moved by 1.5x from run to run). On a 2-core Intel Xeon (AVX-512),
+F.linear read them at 18-23 GB/s and gemv.c at 26-27 GB/s, as fast as a plain read of the same matrices
+(2026-12-03, later). layout.py times it against the BLAS layouts and keeps whichever is faster for the
+model at hand.
 
 The library is compiled with `cc -O3 -march=native -fopenmp` into a per-user cache, keyed by the source,
 the compiler, its flags and this CPU's feature flags, and loaded with ctypes (which lets go of the GIL

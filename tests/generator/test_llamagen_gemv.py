@@ -127,3 +127,13 @@ def test_the_result_does_not_depend_on_the_thread_count_and_the_calling_thread_u
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two) and torch.equal(one, other[0])  # each output is summed by one thread
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("count", [0, 1, 2, 63, 64, 65, 1000, 4099])  # below, at and past one thread's vector sums
+def test_the_bandwidth_reader_sums_every_element_once_for_any_length_and_team(count: int, threads: int) -> None:
+    values = torch.arange(1, count + 1, dtype=torch.float32)  # exact in float32: the sum is below 2**24
+    library = gemv.library()
+    assert library is not None
+    assert library.llamagen_read_sum(values.data_ptr(), count, threads) == count * (count + 1) // 2
