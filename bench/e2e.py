@@ -12,12 +12,17 @@ them poll every 0.1 s instead (how this bench measured before the gateway offere
 `--readers N` adds N clients that list the team's latest 200 generations in a loop while the jobs run:
 Python-heavy traffic in the gateway's process, next to its screening, signing and audit work.
 
+`--official CARD` serves an official model card instead (class-to-image only: `llamagen-c2i-b-256` is GPT-B with
+VQ-16) with random weights of its architecture, written in the official checkpoint format to a temporary
+models folder beside the demo models (nothing can be downloaded here): the same stages with a production-sized
+model, whose sampling takes seconds where the demo model's takes tens of milliseconds.
+
 `--compare DIR` serves each configuration from another checkout too (e.g. `git archive` of an older commit,
 with its `models` linked to this one's), alternating the two `--rounds` times, and prints new/old ratios:
 on shared, noisy machines only same-run ratios mean anything.
 
-    .venv/bin/python bench/e2e.py [--jobs 32] [--model demo-shapes-t2i] [--poll 0] [--configs 1x1,8x16]
-                                  [--readers 2] [--compare /tmp/old --rounds 2]
+    .venv/bin/python bench/e2e.py [--jobs 32] [--model demo-shapes-t2i | --official llamagen-c2i-b-256] [--poll 0]
+                                  [--configs 1x1,8x16] [--readers 2] [--compare /tmp/old --rounds 2]
 """
 
 from __future__ import annotations
@@ -54,9 +59,11 @@ def _free_port() -> int:
 
 
 def run(model: str, jobs: int, concurrency: int, batch: int, poll_s: float = 0.0,
-        repo: Path = REPO, readers: int = 0) -> dict[str, float]:
+        repo: Path = REPO, readers: int = 0, models_dir: Path | None = None) -> dict[str, float]:
     """One configuration against a gateway served from `repo` in its own process (clients long-poll, or poll
-    every `poll_s` seconds), with `readers` clients listing generations meanwhile."""
+    every `poll_s` seconds), with `readers` clients listing generations meanwhile; `models_dir`: the models
+    folder to serve (default: the checkout's own)."""
+    task = _task(models_dir or repo / "models", model)
     with tempfile.TemporaryDirectory() as tmp:
         port = _free_port()
         env = {**os.environ, "LLAMAGEN_GATEWAY_DATA_DIR": f"{tmp}/var", "LLAMAGEN_GATEWAY_ENV": "test",
@@ -64,6 +71,8 @@ def run(model: str, jobs: int, concurrency: int, batch: int, poll_s: float = 0.0
                "LLAMAGEN_GATEWAY_WORKER_BATCH_WAIT_MS": "30" if batch > 1 else "0",
                "LLAMAGEN_GATEWAY_RATE_LIMIT_PER_MINUTE": "0", "LLAMAGEN_GATEWAY_TEAM_QUOTA_PER_DAY": "0",
                "LLAMAGEN_GATEWAY_LOG_JSON": "false", "LLAMAGEN_GATEWAY_DEVICE": "cpu"}
+        if models_dir is not None:
+            env["LLAMAGEN_GATEWAY_MODELS_DIR"] = str(models_dir)
         cli = [sys.executable, "-m", "gateway.cli"]
         subprocess.run([*cli, "migrate"], env=env, cwd=repo, check=True, capture_output=True)
         key = subprocess.run([*cli, "keys", "create", "--role", "creator", "--team", "bench"], env=env, cwd=repo,
@@ -77,7 +86,7 @@ def run(model: str, jobs: int, concurrency: int, batch: int, poll_s: float = 0.0
 
                 def one(i: int) -> tuple[float, dict]:
                     t0 = time.perf_counter()
-                    job = client.post("/v1/generations", json=_body(model, i)).json()
+                    job = client.post("/v1/generations", json=_body(model, task, i)).json()
                     params = {"wait": 0 if poll_s else 30}
                     while True:
                         done = client.get(f"/v1/generations/{job['id']}", params=params).json()
@@ -204,8 +213,48 @@ def _wait_ready(client: httpx.Client) -> None:
     raise RuntimeError("the gateway did not become ready")
 
 
-def _body(model: str, i: int) -> dict:
-    if model.endswith("c2i"):
+def _task(models_dir: Path, model: str) -> str:
+    from generator.registry import Registry
+
+    return Registry(models_dir).get(model).task
+
+
+def official_models(card_name: str, root: Path) -> Path:
+    """A models folder under `root`: the checkout's demo models, and the official card `card_name` serving
+    random weights of its architecture, written in the official checkpoint format and pinned on the card."""
+    import torch
+    import yaml
+
+    from generator.llamagen import ModelArgs, VQArgs, build_gpt, build_vq, save_checkpoint, sha256_file
+
+    source = REPO / "models" / "official" / f"{card_name}.yaml"
+    if not source.is_file():
+        raise SystemExit(f"no official card {source}")
+    card = yaml.safe_load(source.read_text())
+    if card["task"] != "c2i":
+        raise SystemExit(f"{source}: only class-to-image cards can be served without their text encoder")
+    models = root / "models"
+    (models / "official" / "weights").mkdir(parents=True)
+    for entry in (REPO / "models").iterdir():
+        if entry.name != "official":
+            (models / entry.name).symlink_to(entry)
+    arch = card["architecture"]
+    torch.manual_seed(0)
+    gpt = build_gpt(ModelArgs.from_name(arch["gpt"], task="c2i", image_size=arch["image_size"],
+                                        downsample=VQArgs.from_name(arch["vq"]).downsample), device="cpu")
+    with torch.no_grad():  # the official zero-initialised head would make every token equally likely
+        torch.nn.init.normal_(gpt.output.weight, std=0.02)
+    for key, module in (("gpt", gpt), ("vq", build_vq(VQArgs.from_name(arch["vq"]), device="cpu"))):
+        path = models / card["checkpoints"][key]["path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(module, path)
+        card["checkpoints"][key]["sha256"] = sha256_file(path)
+    (models / "official" / source.name).write_text(yaml.safe_dump(card, sort_keys=False))
+    return models
+
+
+def _body(model: str, task: str, i: int) -> dict:
+    if task == "c2i":
         return {"model": model, "class_id": i % 8, "params": {"seed": i}}
     return {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "params": {"seed": i}}
 
@@ -242,6 +291,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=32)
     parser.add_argument("--model", default="demo-shapes-t2i")
+    parser.add_argument("--official", metavar="CARD",
+                        help="serve this official c2i card with random weights instead of --model (see above)")
     parser.add_argument("--poll", type=float, default=0.0, help="poll every S seconds instead of long-polling")
     parser.add_argument("--configs", default="1x1,1x4,1x16,8x1,8x4,8x16",
                         help="BATCHxCONCURRENCY pairs to run, comma-separated")
@@ -253,12 +304,24 @@ def main() -> None:
     configs = [tuple(int(n) for n in pair.split("x")) for pair in args.configs.split(",")]
     trees = {"new": REPO} if args.compare is None else {"old": args.compare.resolve(), "new": REPO}
     rows: dict[tuple[str, int, int], dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        models_dir = None
+        if args.official:
+            started = time.perf_counter()
+            models_dir, args.model = official_models(args.official, Path(tmp)), args.official
+            print(f"{args.official}: random weights written in {time.perf_counter() - started:.1f} s", flush=True)
+        _run_configs(args, configs, trees, rows, models_dir)
+    _summary(args.model, trees, rows)
+
+
+def _run_configs(args: argparse.Namespace, configs: list[tuple[int, ...]], trees: dict[str, Path],
+                 rows: dict[tuple[str, int, int], dict[str, float]], models_dir: Path | None) -> None:
     for batch, conc in configs:
         jobs = max(args.jobs // (4 if conc == 1 else 1), 4)
         results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
         for _ in range(args.rounds if args.compare else 1):
             for name, tree in trees.items():
-                results[name].append(run(args.model, jobs, conc, batch, args.poll, tree, args.readers))
+                results[name].append(run(args.model, jobs, conc, batch, args.poll, tree, args.readers, models_dir))
         for name in trees:
             r = rows[(name, batch, conc)] = _mean(results[name])
             label = f"batch {batch} concurrency {conc:2}" + (f" [{name}]" if args.compare else "")
@@ -268,14 +331,17 @@ def main() -> None:
             print(f"    new/old: throughput {new['throughput'] / old['throughput']:.2f}x, "
                   f"p50 {new['p50'] / old['p50']:.2f}x, governance ms {_governance(new) / _governance(old):.2f}x",
                   flush=True)
+
+
+def _summary(model: str, trees: dict[str, Path], rows: dict[tuple[str, int, int], dict[str, float]]) -> None:
     for name in trees:
         if (name, 8, 16) in rows and (name, 1, 1) in rows:
             ratio = rows[(name, 8, 16)]["throughput"] / rows[(name, 1, 1)]["throughput"]
-            print(f"\n[{name}] batching: concurrency 16 (batch 8) / concurrency 1 throughput = {ratio:.2f}x "
-                  "(target >= 3x)")
+            print(f"\n[{name}] {model} batching: concurrency 16 (batch 8) / concurrency 1 throughput = "
+                  f"{ratio:.2f}x (target >= 3x with the demo model)")
         shares = [_governance(r) / r["mean"] for key, r in rows.items() if key[0] == name]
-        print(f"[{name}] governance share of end-to-end latency, worst case: {100 * max(shares):.1f}% "
-              "(target <= 5%)")
+        print(f"[{name}] {model} governance share of end-to-end latency, worst case: {100 * max(shares):.1f}% "
+              "(target <= 5% with the demo model)")
 
 
 if __name__ == "__main__":
