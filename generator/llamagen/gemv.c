@@ -293,8 +293,9 @@ static float select_kth(float *v, long n, long k) {
 }
 
 /* logits: [2 * rows, vocab] when guided, else [rows, vocab]; probs: [rows, vocab]. temperature: already
- * floored by the caller; top_k 0: off. Returns 0, or -1 where a logit is NaN or scratch memory could not be
- * had (the caller then computes them with tensor operations, which report the NaN). */
+ * floored by the caller; top_k 0: off. Returns 0, every row then a distribution (finite, non-negative, summing
+ * to 1), or -1 where a logit is NaN, a row's weights have no finite positive sum, or scratch memory could not
+ * be had (the caller then computes them with tensor operations, whose draw reports the fault). */
 int llamagen_probs(const float *logits, long rows, long vocab, int guided, float cfg_scale, float temperature,
                    long top_k, float *probs) {
     const int filter = top_k > 0 && top_k < vocab;
@@ -324,6 +325,10 @@ int llamagen_probs(const float *logits, long rows, long vocab, int guided, float
         for (long i = 0; i < vocab; i++) {
             z[i] = z[i] == -INFINITY ? 0.0f : expf(z[i] - best);
             total += z[i];
+        }
+        if (!(total > 0.0 && isfinite(total))) { /* every logit -inf, or a +inf one (inf - inf above) */
+            free(scratch);
+            return -1;
         }
         float scale = (float)(1.0 / total);
         for (long i = 0; i < vocab; i++) z[i] *= scale;

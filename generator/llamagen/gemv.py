@@ -233,8 +233,9 @@ def probs(logits: Tensor, combine: bool, cfg_scale: float, temperature: float, t
     """Sampling probabilities [rows, vocab] of CPU float32 logits, in one gemv.c pass (see llamagen_probs).
 
     combine: logits are [cond; uncond] rows, guided as uncond + (cond - uncond) * cfg_scale; else each row is
-    taken as it is. temperature: floored already; top_k 0: off. None where the kernel is not built or a logit
-    is NaN (sampling.py's tensor operations then run, and report it).
+    taken as it is. temperature: floored already; top_k 0: off. Every row returned is a distribution (finite,
+    non-negative, with mass). None where the kernel is not built or a row would not be one (a NaN logit, a
+    +inf one, all -inf): sampling.py's tensor operations then run, and its draw reports the fault.
     """
     lib = library()
     if lib is None:

@@ -11,7 +11,15 @@ import torch
 from generator.llamagen import gemv
 from generator.llamagen.layout import DecodeLayout, apply_layout
 from generator.llamagen.model import Transformer
-from generator.llamagen.sampling import SamplingParams, combine_cfg, logits_to_probs, probs_of, sample
+from generator.llamagen.sampling import (
+    SamplingParams,
+    combine_cfg,
+    logits_to_probs,
+    make_generators,
+    next_token,
+    probs_of,
+    sample,
+)
 from tests.generator.conftest import CAPTION_LEN, tiny_gpt
 
 pytestmark = pytest.mark.skipif(not gemv.available() and not os.environ.get("CI"), reason="no C compiler here")
@@ -186,3 +194,25 @@ def test_top_k_keeps_every_tie_at_the_kth_value_and_nans_reach_the_tensor_operat
     with pytest.raises(RuntimeError, match="probability tensor contains"):
         sample(probs_of(torch.tensor([[0.0, float("nan")]]), SamplingParams(cfg_scale=1.0), True),
                [torch.Generator()])
+
+
+@pytest.mark.parametrize("logits", [[0.0, float("inf")], [float("-inf"), float("-inf")]], ids=["+inf", "all -inf"])
+def test_rows_that_are_no_distribution_never_skip_the_draws_checks(logits: list[float]) -> None:
+    rows = torch.tensor([logits])
+    assert gemv.probs(rows, False, 1.0, 1.0, 0) is None  # the kernel vouches only for distributions
+    with pytest.raises(RuntimeError, match="probability tensor contains|invalid multinomial distribution"):
+        next_token(rows, SamplingParams(cfg_scale=1.0), True, [torch.Generator()])
+
+
+def test_the_next_token_is_the_draw_from_the_probabilities_with_or_without_the_checks() -> None:
+    logits = torch.randn(8, 1024, generator=torch.Generator().manual_seed(5)) * 2
+    params = SamplingParams(cfg_scale=3.0, top_k=50)
+    for step in range(20):
+        seeds = [step * 10 + row for row in range(4)]
+        ours, theirs = make_generators(seeds, 4, "cpu"), make_generators(seeds, 4, "cpu")
+        scaled = logits * (1 + step / 10)
+        got = next_token(scaled, params, True, ours)
+        want = torch.cat([torch.multinomial(p[None], 1, generator=g)
+                          for p, g in zip(probs_of(scaled, params, True), theirs, strict=True)])
+        assert torch.equal(got, want)
+        assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(ours, theirs, strict=True))
