@@ -19,7 +19,9 @@ the matmuls: 18.4-21.2 ms a step at 2 rows against 25.9-27.9 for the matmuls alo
 `choose_decode_layout` times a few decode steps of each at 2 and at 16 rows, alternating them, and keeps:
 the faster plain layout, the faster gemv.c kernel for calls of up to 2 or 16 rows where it wins at 2, plus
 oneDNN-packed copies used from the row count at which they win (every call, calls of more than 2 rows, or
-none).
+none). On a 2-core Intel Xeon (AVX-512) after gemv.c's prefetch fix, one GPT-B step (ms, same runs): at 2
+rows gemv.c steps 16.0-16.2, plain 21.2-23.5, packed 25.1-27.6; at 16 rows gemv.c steps 37.3-37.4, packed
+36.2-39.6, plain 45.8-48.2 (2026-12-03).
 
 Every choice computes the same products; they differ only in float32 summation order (about 1e-6
 relative; gemv.c steps also round the attention's exponentials and the norms their own way, to the same
