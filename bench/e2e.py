@@ -234,7 +234,7 @@ def official_models(card_name: str, root: Path) -> Path:
     if card["task"] != "c2i":
         raise SystemExit(f"{source}: only class-to-image cards can be served without their text encoder")
     models = root / "models"
-    (models / "official" / "weights").mkdir(parents=True)
+    models.mkdir()
     for entry in (REPO / "models").iterdir():
         if entry.name != "official":
             (models / entry.name).symlink_to(entry)
