@@ -186,13 +186,14 @@ def sample_jobs(ctx: PipelineContext, job_ids: Sequence[str]) -> tuple[list[str]
     Every run must then go through `release_run` (`run_jobs` does both; the embedded worker releases a run
     in another thread while it samples the next).
     """
-    claimed, groups = _claim(ctx, job_ids)
+    claimed, groups = claim_jobs(ctx, job_ids)
     runs = (run for ids in groups if (run := sample_run(ctx, ids)) is not None)
     return claimed, runs
 
 
-def _claim(ctx: PipelineContext, job_ids: Sequence[str]) -> tuple[list[str], list[list[str]]]:
-    """Lease the runnable jobs (one transaction) -> their ids, and sampling groups of at most `batch_size`."""
+def claim_jobs(ctx: PipelineContext, job_ids: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """Lease the runnable jobs (one transaction) -> their ids, and sampling groups of at most `batch_size`
+    (each is then sampled with `sample_run`)."""
     claimed: list[str] = []
     groups: dict[tuple[Any, ...], list[str]] = {}
     now = datetime.now(UTC)

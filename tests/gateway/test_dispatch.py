@@ -1,5 +1,6 @@
 """The embedded worker: nothing is released unsigned or unaudited when the release fails, closing it
-finishes what was submitted, and it samples the next run while the one before is released."""
+finishes what was submitted, it samples the next run while the one before is released, and it claims the
+next full batch while one is being sampled."""
 
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def test_the_worker_samples_the_next_run_while_the_one_before_is_released(c2i_st
     ids = [submit_c2i(c2i_state, class_id=i, seed=i) for i in range(2)]
     sampled: list[list[str]] = []
     first_release_may_end = threading.Event()
-    sample_run, release_run = pipeline.sample_run, dispatch.release_run
+    sample_run, release_run = dispatch.sample_run, dispatch.release_run
 
     def recording_sample_run(ctx, job_ids):
         run = sample_run(ctx, job_ids)
@@ -104,7 +105,7 @@ def test_the_worker_samples_the_next_run_while_the_one_before_is_released(c2i_st
             assert first_release_may_end.wait(timeout=30)
         release_run(ctx, run)
 
-    monkeypatch.setattr(pipeline, "sample_run", recording_sample_run)
+    monkeypatch.setattr(dispatch, "sample_run", recording_sample_run)
     monkeypatch.setattr(dispatch, "release_run", held_release_run)
     worker = LocalWorker(c2i_state.ctx, batch_size=1, batch_wait_s=0.0)
     try:
@@ -121,6 +122,47 @@ def test_the_worker_samples_the_next_run_while_the_one_before_is_released(c2i_st
         first_release_may_end.set()
         worker.close()
     assert statuses(c2i_state, ids) == ["completed", "completed"]
+
+
+def wait_for_statuses(state, ids: Sequence[str], expected: list[str]) -> list[str]:
+    deadline = time.monotonic() + 30
+    while (seen := statuses(state, ids)) != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return seen
+
+
+def test_the_worker_claims_the_next_full_batch_while_it_samples_but_not_a_partial_one(c2i_state, monkeypatch) -> None:
+    a, b, c, d = (submit_c2i(c2i_state, class_id=i, seed=i) for i in range(4))
+    first_run_may_end = threading.Event()
+    batches: list[list[str]] = []
+    sample_run = dispatch.sample_run
+
+    def held_sample_run(ctx, job_ids):
+        if list(job_ids) == [a]:
+            assert first_run_may_end.wait(timeout=30)
+        return sample_run(ctx, job_ids)
+
+    monkeypatch.setattr(dispatch, "sample_run", held_sample_run)
+    worker = LocalWorker(c2i_state.ctx, batch_size=2, batch_wait_s=0.0, pending=lambda: 0,
+                         on_finished=lambda batch: batches.append(list(batch)))
+    try:
+        worker.submit(a)
+        assert wait_for_statuses(c2i_state, [a], ["running"]) == ["running"]
+        worker.submit(b)  # half a batch: it waits for the run of `a` to end, and for companions meanwhile
+        time.sleep(0.3)
+        assert statuses(c2i_state, [b]) == ["queued"]
+        worker.submit(c)  # now a full batch is queued: it is claimed while `a` is still being sampled
+        assert wait_for_statuses(c2i_state, [b, c], ["running", "running"]) == ["running", "running"]
+        worker.submit(d)  # one batch being sampled and one claimed ahead: nothing more is taken
+        time.sleep(0.3)
+        assert statuses(c2i_state, [a, d]) == ["running", "queued"]
+        first_run_may_end.set()
+        assert worker.drain(timeout=30)
+    finally:
+        first_run_may_end.set()
+        worker.close()
+    assert batches == [[a], [b, c], [d]]
+    assert statuses(c2i_state, [a, b, c, d]) == ["completed"] * 4
 
 
 def test_the_celery_dispatcher_is_configured_by_the_settings_it_is_given_not_the_environment(

@@ -242,7 +242,7 @@ def test_two_workers_claiming_one_job_at_once_lease_it_once(c2i_state, monkeypat
     # The first claimer holds its transaction open a while, so the second claims while it is in progress.
     monkeypatch.setattr(pipeline, "transition", lambda *args: (time.sleep(0.3), transition(*args))[1])
     claims: list[list[str]] = []
-    workers = [threading.Thread(target=lambda: claims.append(pipeline._claim(c2i_state.ctx, [job_id])[0]))
+    workers = [threading.Thread(target=lambda: claims.append(pipeline.claim_jobs(c2i_state.ctx, [job_id])[0]))
                for _ in range(2)]
     for worker in workers:
         worker.start()
