@@ -53,6 +53,10 @@ def _rid(request: Request) -> str:
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
+        if err.get("type") == "json_invalid":  # loc is ("body", character offset)
+            where, why = err.get("loc", ("body", "?"))[-1], (err.get("ctx") or {}).get("error", "")
+            parts.append(f"the body is not valid JSON (at character {where}{': ' + why if why else ''})")
+            continue
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg", "invalid")))
     return "; ".join(parts) or "invalid request"

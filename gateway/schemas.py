@@ -24,7 +24,7 @@ def check_text(value: str, *, field: str) -> str:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN would pass no bound check clearly
 
 
 class SamplingParamsIn(Strict):

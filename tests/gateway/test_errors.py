@@ -37,10 +37,20 @@ def test_invalid_requests_get_422_naming_the_problem(gw, payload, fragment) -> N
     assert error["code"] in ("invalid_request", "unknown_model")
 
 
+def test_a_nan_parameter_is_named_as_not_a_finite_number(gw) -> None:
+    # Python's json module writes float("nan") as NaN; without the finite check the bound would be blamed
+    response = gw.client.post("/v1/generations", headers={**gw.auth(gw.key("creator")),
+                              "Content-Type": "application/json"},
+                              content=b'{"model": "tiny-c2i", "class_id": 1, "params": {"temperature": NaN}}')
+    assert response.status_code == 422
+    assert error_of(response)["message"] == "params.temperature: Input should be a finite number"
+
+
 def test_malformed_json_is_a_422_not_a_500(gw) -> None:
     response = gw.client.post("/v1/generations", content=b'{"model": "tiny-c2i", "class_id": ',
                               headers={**gw.auth(gw.key("creator")), "Content-Type": "application/json"})
     assert response.status_code == 422 and error_of(response)["code"] == "invalid_request"
+    assert error_of(response)["message"] == "the body is not valid JSON (at character 34: Expecting value)"
 
 
 def test_unknown_paths_and_methods_use_the_error_body(gw) -> None:
