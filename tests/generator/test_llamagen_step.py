@@ -216,3 +216,25 @@ def test_the_next_token_is_the_draw_from_the_probabilities_with_or_without_the_c
                           for p, g in zip(probs_of(scaled, params, True), theirs, strict=True)])
         assert torch.equal(got, want)
         assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_greedy_rows_give_the_draws_token_without_drawing_and_ties_still_draw() -> None:
+    logits = torch.randn(8, 1024, generator=torch.Generator().manual_seed(7))
+    params = SamplingParams(cfg_scale=1.0, top_k=1)
+    seeds = list(range(8))
+
+    def multinomial(rows: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        probs = probs_of(rows, params, True)
+        return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generators, strict=True)])
+
+    ours, theirs = make_generators(seeds, 8, "cpu"), make_generators(seeds, 8, "cpu")
+    assert torch.equal(next_token(logits, params, True, ours), multinomial(logits, theirs))
+    assert torch.equal(next_token(logits, params, True, ours), logits.argmax(dim=-1, keepdim=True))
+    assert all(torch.equal(g.get_state(), make_generators(seeds, 8, "cpu")[i].get_state())
+               for i, g in enumerate(ours))  # nothing was drawn
+
+    tied = logits.clone()
+    tied[3, 10] = tied[3, 20] = tied[3].max() + 1  # top-k 1 keeps both: row 3 is a coin toss
+    ours, theirs = make_generators(seeds, 8, "cpu"), make_generators(seeds, 8, "cpu")
+    assert torch.equal(next_token(tied, params, True, ours), multinomial(tied, theirs))
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(ours, theirs, strict=True))
