@@ -63,12 +63,17 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def _warm_up(app: FastAPI) -> None:
-    warm_up(app.state.gateway)
     try:
-        dashboard.views.warm_overview_cache(app)
-    except Exception:  # only a cache: the page computes what is missing when it is opened
-        log.warning("could not warm the dashboard overview cache", exc_info=True)
-    log.info("warm-up done", extra={"frozen_objects": freeze_heap()})
+        warm_up(app.state.gateway)
+        try:
+            dashboard.views.warm_overview_cache(app)
+        except Exception:  # only a cache: the page computes what is missing when it is opened
+            log.warning("could not warm the dashboard overview cache", exc_info=True)
+        log.info("warm-up done", extra={"frozen_objects": freeze_heap()})
+    except Exception:  # the first request loads what is missing, and reports any real fault itself
+        log.exception("warm-up failed")
+    finally:
+        app.state.gateway.warmed.set()
 
 
 def create_app(settings: Settings | None = None, state: Any = None) -> FastAPI:
@@ -78,7 +83,8 @@ def create_app(settings: Settings | None = None, state: Any = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = state is None
         app.state.gateway = state if state is not None else build_state(settings or get_settings())
-        if owned:  # a served gateway loads its models before the first request needs them
+        if owned:  # a served gateway loads its models before the first request needs them (not ready until then)
+            app.state.gateway.warmed = threading.Event()
             threading.Thread(target=_warm_up, args=(app,), name="warm-up", daemon=True).start()
         try:
             yield

@@ -7,6 +7,7 @@ import hashlib
 import io
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -70,6 +71,9 @@ class GatewayState:
     intake: Intake = field(default_factory=Intake)
     checkpoints: Any = None
     sweeper: Any = None
+    # Set once a served gateway has loaded its classifiers and default model (`state.warm_up`); until then it
+    # is not ready, so that no first request waits seconds for them. None: nothing is warmed (tests, the CLI).
+    warmed: threading.Event | None = None
 
 
 def _card(state: GatewayState, name: str | None) -> Any:
@@ -640,6 +644,9 @@ def readiness(*, state: GatewayState) -> dict[str, dict[str, Any]]:
     check("workers", lambda: _workers(state))
     check("signer", lambda: _probe_signer(state))
     check("policy", lambda: _probe_policy(state))
+    if state.warmed is not None:
+        checks["warm_up"] = {"ok": True} if state.warmed.is_set() else \
+            {"ok": False, "error": "still loading the default model and the classifiers"}
     return checks
 
 
