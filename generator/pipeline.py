@@ -183,8 +183,8 @@ def run_jobs(ctx: PipelineContext, job_ids: Sequence[str]) -> list[str]:
 def sample_jobs(ctx: PipelineContext, job_ids: Sequence[str]) -> tuple[list[str], Iterator[SampledRun]]:
     """Claim queued jobs -> (the ids claimed, their sampling runs, sampled one at a time as iterated).
 
-    Every run must then go through `release_run` (`run_jobs` does both; the embedded worker releases a run
-    in another thread while it samples the next).
+    Every run must then go through `release_run` (`run_jobs` does both). The embedded worker calls
+    `claim_jobs`, `sample_run` and `release_run` from three threads, so that the three overlap.
     """
     claimed, groups = claim_jobs(ctx, job_ids)
     runs = (run for ids in groups if (run := sample_run(ctx, ids)) is not None)
