@@ -38,6 +38,11 @@ def tiny_gpt(task: str = "c2i", seed: int = 0, **overrides: object) -> Transform
     return model.eval()
 
 
+def multinomial_per_row(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """The reference draw [B, 1]: torch.multinomial, one sample of each row with that row's generator."""
+    return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generators, strict=True)])
+
+
 TINY_VQ = VQArgs(codebook_size=64, codebook_embed_dim=4, ch=32, ch_mult=(1, 2), z_channels=32, num_res_blocks=1)
 
 

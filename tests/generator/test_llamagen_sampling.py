@@ -14,7 +14,7 @@ from generator.llamagen.sampling import (
     top_k_filter_,
     top_p_filter_,
 )
-from tests.generator.conftest import tiny_gpt
+from tests.generator.conftest import multinomial_per_row, tiny_gpt
 
 
 def reference_generate(
@@ -192,8 +192,7 @@ def test_draws_are_torch_multinomials_for_per_row_and_shared_generators(vocab: i
         if step % 4 == 0:
             logits[:, 7] = logits[:, 9] = logits.max() + 1  # two equally likely best tokens
         probs = torch.softmax(logits, dim=-1)
-        expected = torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, theirs, strict=True)])
-        assert torch.equal(sample(probs, ours), expected)
+        assert torch.equal(sample(probs, ours), multinomial_per_row(probs, theirs))
         assert torch.equal(sample(probs, [shared_ours]), torch.multinomial(probs, 1, generator=shared_theirs))
     assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(ours, theirs, strict=True))
 

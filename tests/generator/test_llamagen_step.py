@@ -20,7 +20,7 @@ from generator.llamagen.sampling import (
     probs_of,
     sample,
 )
-from tests.generator.conftest import CAPTION_LEN, tiny_gpt
+from tests.generator.conftest import CAPTION_LEN, multinomial_per_row, tiny_gpt
 
 pytestmark = pytest.mark.skipif(not gemv.available() and not os.environ.get("CI"), reason="no C compiler here")
 
@@ -212,9 +212,7 @@ def test_the_next_token_is_the_draw_from_the_probabilities_with_or_without_the_c
         ours, theirs = make_generators(seeds, 4, "cpu"), make_generators(seeds, 4, "cpu")
         scaled = logits * (1 + step / 10)
         got = next_token(scaled, params, True, ours)
-        want = torch.cat([torch.multinomial(p[None], 1, generator=g)
-                          for p, g in zip(probs_of(scaled, params, True), theirs, strict=True)])
-        assert torch.equal(got, want)
+        assert torch.equal(got, multinomial_per_row(probs_of(scaled, params, True), theirs))
         assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(ours, theirs, strict=True))
 
 
@@ -223,18 +221,15 @@ def test_greedy_rows_give_the_draws_token_without_drawing_and_ties_still_draw() 
     params = SamplingParams(cfg_scale=1.0, top_k=1)
     seeds = list(range(8))
 
-    def multinomial(rows: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        probs = probs_of(rows, params, True)
-        return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generators, strict=True)])
-
-    ours, theirs = make_generators(seeds, 8, "cpu"), make_generators(seeds, 8, "cpu")
-    assert torch.equal(next_token(logits, params, True, ours), multinomial(logits, theirs))
+    ours, theirs, untouched = (make_generators(seeds, 8, "cpu") for _ in range(3))
+    want = multinomial_per_row(probs_of(logits, params, True), theirs)
+    assert torch.equal(next_token(logits, params, True, ours), want)
     assert torch.equal(next_token(logits, params, True, ours), logits.argmax(dim=-1, keepdim=True))
-    assert all(torch.equal(g.get_state(), make_generators(seeds, 8, "cpu")[i].get_state())
-               for i, g in enumerate(ours))  # nothing was drawn
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(ours, untouched, strict=True))  # no draw
 
     tied = logits.clone()
     tied[3, 10] = tied[3, 20] = tied[3].max() + 1  # top-k 1 keeps both: row 3 is a coin toss
     ours, theirs = make_generators(seeds, 8, "cpu"), make_generators(seeds, 8, "cpu")
-    assert torch.equal(next_token(tied, params, True, ours), multinomial(tied, theirs))
+    want = multinomial_per_row(probs_of(tied, params, True), theirs)
+    assert torch.equal(next_token(tied, params, True, ours), want)
     assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(ours, theirs, strict=True))
