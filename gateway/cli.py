@@ -75,8 +75,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
               f"{concurrency} prefork processes would serve its metrics on that one port; run one process per "
               "port (--pool solo, as compose does) or unset it", file=sys.stderr)
         return 2
-    concurrency = str(concurrency)
-    argv = ["worker", "-Q", args.queues or GPU_QUEUE, "--concurrency", concurrency, "--pool", args.pool,
+    argv = ["worker", "-Q", args.queues or GPU_QUEUE, "--concurrency", str(concurrency), "--pool", args.pool,
             "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"]
     if args.hostname:
         argv += ["--hostname", args.hostname]
