@@ -73,6 +73,9 @@ def worker_context() -> Any:
     return _context
 
 
+_initialised_pid: int | None = None
+
+
 @worker_init.connect
 def _init_single_process_worker(sender: Any = None, **_: Any) -> None:
     """Solo and thread pools run tasks in this process: prepare it here (prefork children do it below)."""
@@ -83,6 +86,12 @@ def _init_single_process_worker(sender: Any = None, **_: Any) -> None:
 
 @worker_process_init.connect
 def _init_worker_process(**_: Any) -> None:
+    """Prepare the process that runs tasks, once: Celery 5.7's solo pool sends worker_process_init after
+    worker_init, and a second start would add a heartbeat thread and bind the metrics port twice."""
+    global _initialised_pid
+    if _initialised_pid == os.getpid():
+        return
+    _initialised_pid = os.getpid()  # a forked prefork child has its own pid and prepares itself
     from generator.llamagen import configure_runtime
     from generator.pipeline import freeze_heap
 
