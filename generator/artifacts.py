@@ -24,6 +24,10 @@ class ArtifactStore(Protocol):
 
     def delete(self, key: str) -> None: ...
 
+    def keys(self, prefix: str) -> list[str]:
+        """The keys under folder `prefix` (e.g. a job's id): what the store holds, audited or not."""
+        ...
+
 
 def _check_key(key: str) -> str:
     parts = key.split("/")
@@ -67,6 +71,14 @@ class FileStore:
             (self.root / _check_key(key)).unlink(missing_ok=True)
         except OSError as exc:
             raise ArtifactError(f"cannot delete artifact {key}: {exc}") from exc
+
+    def keys(self, prefix: str) -> list[str]:
+        folder = self.root / _check_key(prefix)
+        try:
+            return sorted(f"{prefix}/{path.relative_to(folder).as_posix()}" for path in folder.rglob("*")
+                          if path.is_file() and not path.name.startswith(".tmp-"))
+        except OSError as exc:
+            raise ArtifactError(f"cannot list artifacts under {prefix}: {exc}") from exc
 
 
 class S3Store:
@@ -123,6 +135,15 @@ class S3Store:
                                         f"(version {first.get('VersionId')})")
         except Exception as exc:
             raise ArtifactError(f"cannot delete artifact {key} from {self.url}: {exc}") from exc
+
+    def keys(self, prefix: str) -> list[str]:
+        folder = self._key(prefix) + "/"
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder)
+            return sorted(f"{prefix}/{entry['Key'][len(folder):]}" for page in pages
+                          for entry in page.get("Contents", ()))
+        except Exception as exc:
+            raise ArtifactError(f"cannot list artifacts under {prefix} in {self.url}: {exc}") from exc
 
 
 def open_store(url: str, s3_endpoint_url: str | None = None) -> ArtifactStore:

@@ -88,3 +88,20 @@ def test_s3_store_delete_leaves_no_version_behind_in_a_versioned_bucket(s3_endpo
         (m["Key"], "delete marker") for m in listed.get("DeleteMarkers", [])]
     assert left == [("outputs/job/0.png.bak", "version")]
     store.delete("job/0.png")  # nothing left: quietly done
+
+
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_a_store_lists_the_keys_under_a_job_folder_and_nothing_beside_it(kind: str, tmp_path, request) -> None:
+    import uuid
+
+    if kind == "file":
+        store = open_store((tmp_path / "a").as_uri())
+    else:  # moto keeps one bucket for the whole test session: a folder of this test's own
+        store = open_store("s3://artifacts/outputs", s3_endpoint_url=request.getfixturevalue("s3_endpoint"))
+    job = str(uuid.uuid4())
+    assert store.keys(job) == []
+    for key in (f"{job}/1.png", f"{job}/0.png", f"{job}0/0.png"):
+        store.put(key, b"\x89PNG")
+    assert store.keys(job) == [f"{job}/0.png", f"{job}/1.png"]
+    store.delete(f"{job}/0.png")
+    assert store.keys(job) == [f"{job}/1.png"]
