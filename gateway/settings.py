@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(1, ge=1, le=64)
     worker_metrics_port: int | None = Field(None, ge=1, le=65535, description="Prometheus port of a worker")
     job_time_limit_s: int = Field(600, ge=5, description="hard limit per job; also the running-job lease")
+    job_max_attempts: int = Field(5, ge=1, le=100, description="claims of one job (worker deaths, time limits, "
+                                  "faults): past this it fails instead of being run again")
     requeue_after_s: float = Field(60.0, gt=0, description="re-send a job still queued after this long")
     broker_visibility_timeout_s: int | None = Field(None, ge=5, description="redelivery of unacked jobs")
     checkpoint_interval_s: float = Field(60.0, gt=0, le=3600)

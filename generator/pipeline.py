@@ -72,6 +72,7 @@ class PipelineContext:
     device: str
     batch_size: int = 8
     lease_s: float = 600.0  # a running job untouched this long is presumed abandoned by a dead worker
+    max_attempts: int = 5  # claims of one job; past this it fails instead of being run again
     # Audited writes of this process (requests and the worker) share transactions: concurrent writers queue
     # in the process instead of each taking the database write lock in turn.
     commits: GroupCommitter = field(init=False)
@@ -132,6 +133,7 @@ def build_context(settings: Any) -> PipelineContext:
         device=device,
         batch_size=settings.worker_batch_size,
         lease_s=float(settings.job_time_limit_s),
+        max_attempts=settings.job_max_attempts,
     )
 
 
@@ -172,64 +174,105 @@ def sampling_key(job: Job) -> tuple[Any, ...]:
     return (job.model, p["cfg_scale"], p["temperature"], p["top_k"], p["top_p"])
 
 
-def run_jobs(ctx: PipelineContext, job_ids: Sequence[str]) -> list[str]:
-    """Run queued jobs, batching compatible ones into one sampling run; returns the ids actually run."""
-    claimed, runs = sample_jobs(ctx, job_ids)
-    for run in runs:
-        release_run(ctx, run)
+class RunInterrupted(Exception):
+    """A fault stopped `run_jobs` after it leased `job_ids`: a retry passes them back as `reclaim`."""
+
+    def __init__(self, job_ids: list[str], cause: Exception) -> None:
+        super().__init__(f"interrupted after leasing jobs {job_ids}: {cause}")
+        self.job_ids = job_ids
+
+
+def run_jobs(ctx: PipelineContext, job_ids: Sequence[str], reclaim: Iterable[str] = ()) -> list[str]:
+    """Run queued jobs, batching compatible ones into one sampling run; returns the ids actually run.
+
+    A fault after the claim (the database lost mid-run) raises `RunInterrupted` naming the leased jobs, so
+    that the task's retry can take them back at once (`reclaim`) instead of waiting for their lease.
+    """
+    claimed, runs = sample_jobs(ctx, job_ids, reclaim)
+    try:
+        for run in runs:
+            release_run(ctx, run)
+    except Exception as exc:
+        raise RunInterrupted(claimed, exc) from exc
     return claimed
 
 
-def sample_jobs(ctx: PipelineContext, job_ids: Sequence[str]) -> tuple[list[str], Iterator[SampledRun]]:
+def sample_jobs(ctx: PipelineContext, job_ids: Sequence[str],
+                reclaim: Iterable[str] = ()) -> tuple[list[str], Iterator[SampledRun]]:
     """Claim queued jobs -> (the ids claimed, their sampling runs, sampled one at a time as iterated).
 
     Every run must then go through `release_run` (`run_jobs` does both). The embedded worker calls
     `claim_jobs`, `sample_run` and `release_run` from three threads, so that the three overlap.
     """
-    claimed, groups = claim_jobs(ctx, job_ids)
+    claimed, groups = claim_jobs(ctx, job_ids, reclaim)
     runs = (run for ids in groups if (run := sample_run(ctx, ids)) is not None)
     return claimed, runs
 
 
-def claim_jobs(ctx: PipelineContext, job_ids: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+def claim_jobs(ctx: PipelineContext, job_ids: Sequence[str],
+               reclaim: Iterable[str] = ()) -> tuple[list[str], list[list[str]]]:
     """Lease the runnable jobs (one transaction) -> their ids, and sampling groups of at most `batch_size`
-    (each is then sampled with `sample_run`)."""
+    (each is then sampled with `sample_run`).
+
+    A running job is left to its worker until its lease expires, except the jobs in `reclaim`: this task's
+    own leases, taken back by its retry after a fault. A job claimed `ctx.max_attempts` times already
+    fails instead: each attempt ended without a result (its worker died, ran out of time, or a fault stopped
+    it), and another would most likely end the same way.
+    """
+    ids, retaken = list(dict.fromkeys(job_ids)), set(reclaim)
     claimed: list[str] = []
+    exhausted: list[str] = []
     groups: dict[tuple[Any, ...], list[str]] = {}
     now = datetime.now(UTC)
     with ctx.sessions() as session, session.begin():
         connection = session.connection()
-        if connection.dialect.name == "sqlite" and job_ids:
+        if connection.dialect.name == "sqlite" and ids:
             # No row locks on SQLite (FOR UPDATE is ignored): a no-op UPDATE of the rows takes the database
             # write lock before they are read, so two workers cannot both see a job queued and lease it.
-            connection.execute(update(Job).where(Job.id.in_(list(job_ids))).values(status=Job.status))
-        for job_id in job_ids:
-            job = session.get(Job, job_id, with_for_update=True)
+            connection.execute(update(Job).where(Job.id.in_(ids)).values(status=Job.status))
+        # Every row locked by one statement, in id order: two workers claiming overlapping jobs (each its own
+        # job first, then companions) take the locks in the same order, so neither waits for the other in turn.
+        rows = {job.id: job for job in session.scalars(
+            select(Job).where(Job.id.in_(ids)).order_by(Job.id).with_for_update())}
+        for job_id in ids:
+            job = rows.get(job_id)
             if job is None:
                 log.warning("job %s does not exist; nothing to do", job_id)
                 continue
-            if job.status == "running" and now - job.updated_at < timedelta(seconds=ctx.lease_s):
+            leased = now - job.updated_at < timedelta(seconds=ctx.lease_s)
+            if job.status == "running" and leased and job_id not in retaken:
                 log.info("job %s is being run by another worker; nothing to do", job_id)
                 continue
             if job.status not in ("queued", "running"):
                 log.info("job %s is %s; nothing to do", job_id, job.status)
                 continue
+            if (job.attempts or 0) >= ctx.max_attempts:
+                job.updated_at = now  # a fresh lease: no other worker takes it while it is failed below
+                exhausted.append(job_id)
+                continue
             job.attempts = (job.attempts or 0) + 1
-            reason = "picked up by worker" if job.status == "queued" else "lease expired: taken over"
+            reason = ("picked up by worker" if job.status == "queued"
+                      else "taken back after a fault" if job_id in retaken else "lease expired: taken over")
             transition(session, job, "running", reason)
             claimed.append(job_id)
             groups.setdefault(sampling_key(job), []).append(job_id)
+    if exhausted:
+        fail_jobs(ctx, exhausted, f"gave up after {ctx.max_attempts} attempts: none ended with a result (the worker "
+              "died, ran out of time or memory, or a fault interrupted it)")
     runs = [ids[start:start + ctx.batch_size] for ids in groups.values()
             for start in range(0, len(ids), ctx.batch_size)]
     return claimed, runs
 
 
-def run_with_companions(ctx: PipelineContext, job_id: str, wait_s: float) -> list[str]:
+def run_with_companions(ctx: PipelineContext, job_id: str, wait_s: float, reclaim: Sequence[str] = ()) -> list[str]:
     """Dynamic batching for queue workers: run `job_id` together with compatible queued jobs.
 
     Waits up to `wait_s` for jobs of the same model and sampling parameters to fill `ctx.batch_size`. Their
-    own queue messages arrive later and find them finished (or leased), so they are no-ops.
+    own queue messages arrive later and find them finished (or leased), so they are no-ops. `reclaim`: the
+    jobs an interrupted earlier try of this task leased (`RunInterrupted`), run again now.
     """
+    if reclaim:
+        return run_jobs(ctx, [job_id, *reclaim], reclaim)
     with ctx.sessions() as session:
         job = session.get(Job, job_id)
         if job is None or job.status != "queued":
@@ -250,10 +293,13 @@ def run_with_companions(ctx: PipelineContext, job_id: str, wait_s: float) -> lis
     return run_jobs(ctx, ids)
 
 
-def _fail(ctx: PipelineContext, job_ids: Sequence[str], message: str) -> None:
+def fail_jobs(ctx: PipelineContext, job_ids: Sequence[str], message: str) -> None:
+    retried: list[str] = []
+
     def work(session: Session) -> None:
         events = []
-        for job_id in job_ids:
+        retried.clear()
+        for job_id in sorted(job_ids):  # rows in id order, as a claim locks them
             job = session.get(Job, job_id)
             if job is None or job.status in TERMINAL:
                 continue
@@ -261,9 +307,26 @@ def _fail(ctx: PipelineContext, job_ids: Sequence[str], message: str) -> None:
             transition(session, job, "failed", message)
             events.append(NewEvent(action="generation.failed", key_id=job.key_id, team=job.team, job_id=job.id,
                                    payload={"error": message}))
+            if (job.attempts or 0) > 1:
+                retried.append(job_id)
         append_many(session, events)
 
     ctx.commits.run(work)
+    for job_id in retried:
+        _remove_leftovers(ctx, job_id, keep=set())
+
+
+def _remove_leftovers(ctx: PipelineContext, job_id: str, keep: set[str]) -> None:
+    """Delete what earlier attempts of a finished job stored but never audited: a worker killed between
+    storing its signed images and committing their audit record leaves them behind. Only once the job is
+    finished: no other delivery can record images for it any more. Best effort: a leftover is logged."""
+    try:
+        for key in ctx.artifacts.keys(job_id):
+            if key not in keep:
+                log.info("removing artifact %s: stored by an earlier attempt of job %s, never audited", key, job_id)
+                ctx.artifacts.delete(key)
+    except Exception:
+        log.exception("could not remove the unaudited artifacts of earlier attempts of job %s", job_id)
 
 
 @dataclass
@@ -321,7 +384,7 @@ def sample_run(ctx: PipelineContext, job_ids: Sequence[str]) -> SampledRun | Non
         BUSY_SECONDS.inc(run_s)
     except Exception as exc:  # any model fault fails the jobs, with the reason recorded and audited
         log.exception("generation failed for jobs %s", list(job_ids))
-        _fail(ctx, job_ids, f"generation failed: {exc}")
+        fail_jobs(ctx, job_ids, f"generation failed: {exc}")
         return None
     decode_s = outputs[0].decode_seconds
     return SampledRun([_Release(job, output) for job, output in zip(jobs, outputs, strict=True)], card,
@@ -338,7 +401,7 @@ def release_run(ctx: PipelineContext, run: SampledRun) -> None:
         _release(ctx, run)
     except Exception as exc:
         log.exception("releasing jobs %s failed", run.job_ids)
-        _fail(ctx, run.job_ids, f"release failed: {exc}")
+        fail_jobs(ctx, run.job_ids, f"release failed: {exc}")
 
 
 @dataclass(frozen=True)
@@ -407,9 +470,11 @@ def _release(ctx: PipelineContext, run: SampledRun) -> None:
     for release in releases:  # every release first: failing a job below needs the database, which may be down
         if not release.recorded:
             _withdraw(ctx, release, attempted=id(release) in audited)
+        elif (release.job.attempts or 0) > 1:  # taken over: an earlier attempt may have stored images
+            _remove_leftovers(ctx, release.job.id, keep={str(item["uri"]) for item in release.released})
     for release in releases:
         if release.error is not None:
-            _fail(ctx, [release.job.id], release.error)
+            fail_jobs(ctx, [release.job.id], release.error)
 
 
 def _screen_outputs(ctx: PipelineContext, revision: str, group: list[_Release]) -> None:

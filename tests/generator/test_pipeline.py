@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from audit.models import AuditEvent, Job, ModelCardRecord
-from generator.pipeline import freeze_heap, reproduce_event, run_jobs, run_with_companions
+from audit.models import AuditEvent, Job, JobTransition, ModelCardRecord
+from generator.pipeline import RunInterrupted, freeze_heap, reproduce_event, run_jobs, run_with_companions
 from tests.factories import submit_c2i
 
 
@@ -251,6 +251,130 @@ def test_two_workers_claiming_one_job_at_once_lease_it_once(c2i_state, monkeypat
     assert sorted(claims) == [[], [job_id]]
 
 
+def expire_lease(state, job_id: str, attempts: int | None = None) -> None:
+    """Make `job_id` look like the job of a worker that died: running, its lease expired."""
+    with state.ctx.sessions() as session, session.begin():
+        job = session.get(Job, job_id)
+        job.status, job.updated_at = "running", datetime.now(UTC) - timedelta(seconds=state.ctx.lease_s + 1)
+        if attempts is not None:
+            job.attempts = attempts
+
+
+def test_a_job_that_used_up_its_attempts_fails_saying_so_instead_of_running_again(c2i_state, monkeypatch) -> None:
+    calls = count_calls(c2i_state, monkeypatch)
+    job_id = submit_c2i(c2i_state, class_id=1, seed=3)
+    expire_lease(c2i_state, job_id, attempts=c2i_state.ctx.max_attempts)  # each worker died with it
+    assert run_jobs(c2i_state.ctx, [job_id]) == [] and calls == []
+    with c2i_state.ctx.sessions() as session:
+        job = session.get(Job, job_id)
+    assert job.status == "failed"
+    assert job.error.startswith(f"gave up after {c2i_state.ctx.max_attempts} attempts: none ended with a result")
+    assert [e.payload["error"] for e in events(c2i_state, "generation.failed")] == [job.error]
+
+
+def test_a_retry_takes_back_at_once_the_jobs_its_interrupted_try_leased(c2i_state, monkeypatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    import generator.pipeline as pipeline
+
+    ids = [submit_c2i(c2i_state, class_id=i, seed=i) for i in range(2)]
+    sample_run = pipeline.sample_run
+
+    def database_lost(ctx, job_ids):
+        raise OperationalError("SELECT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(pipeline, "sample_run", database_lost)
+    with pytest.raises(RunInterrupted) as interrupted:
+        run_with_companions(c2i_state.ctx, ids[0], wait_s=0.0)
+    assert sorted(interrupted.value.job_ids) == sorted(ids)
+    monkeypatch.setattr(pipeline, "sample_run", sample_run)
+    assert run_jobs(c2i_state.ctx, ids) == []  # leased: another delivery leaves them to their worker
+    ran = run_with_companions(c2i_state.ctx, ids[0], wait_s=0.0, reclaim=interrupted.value.job_ids)
+    assert sorted(ran) == sorted(ids)
+    with c2i_state.ctx.sessions() as session:
+        assert [session.get(Job, j).status for j in ids] == ["completed", "completed"]
+        reasons = [t.reason for t in session.scalars(select(JobTransition).where(JobTransition.job_id == ids[0]))]
+    assert "taken back after a fault" in reasons
+
+
+def test_a_taken_over_job_removes_the_unaudited_image_its_killed_worker_stored(c2i_state) -> None:
+    ctx = c2i_state.ctx
+    job_id = submit_c2i(c2i_state, class_id=1, seed=6)
+    run_jobs(ctx, [job_id])  # a first worker stores a signed image, then is killed before its audit commit:
+    with ctx.sessions() as session:
+        (first,) = session.get(Job, job_id).images
+    orphan = f"{job_id}/0-killed-attempt.png"
+    ctx.artifacts.put(orphan, ctx.artifacts.get(first["uri"]))
+    ctx.artifacts.delete(first["uri"])
+    with ctx.sessions() as session, session.begin():
+        job = session.get(Job, job_id)
+        job.images, job.decisions = [], {k: v for k, v in job.decisions.items() if k != "output"}
+    expire_lease(c2i_state, job_id)
+    assert run_jobs(ctx, [job_id]) == [job_id]  # taken over and released by another worker
+    with ctx.sessions() as session:
+        (image,) = session.get(Job, job_id).images
+    assert ctx.artifacts.keys(job_id) == [image["uri"]]
+
+
+def test_a_job_failed_after_a_takeover_leaves_nothing_an_earlier_attempt_stored(c2i_state, monkeypatch) -> None:
+    ctx = c2i_state.ctx
+    job_id = submit_c2i(c2i_state, class_id=1, seed=8)
+    ctx.artifacts.put(f"{job_id}/0-killed-attempt.png", b"\x89PNG signed, never audited")
+    expire_lease(c2i_state, job_id, attempts=1)
+    monkeypatch.setattr(ctx.sampler, "generate", lambda *args: (_ for _ in ()).throw(RuntimeError("CUDA OOM")))
+    run_jobs(ctx, [job_id])
+    with ctx.sessions() as session:
+        assert session.get(Job, job_id).status == "failed"
+    assert ctx.artifacts.keys(job_id) == []
+
+
+@pytest.fixture
+def pg_c2i_state(tmp_path, tiny_models):
+    """Gateway state on the tiny c2i model with its jobs in a fresh PostgreSQL database (row locks)."""
+    from audit.db import upgrade_database
+    from gateway.state import build_state, close_state
+    from tests.conftest import LEXICAL_POLICY, make_settings
+    from tests.factories import RecordingDispatcher
+    from tests.services import postgres_database
+
+    with postgres_database("test_pipeline") as url:
+        upgrade_database(url)
+        settings = make_settings(tmp_path / "var", database_url=url, models_dir=tiny_models,
+                                 default_model="tiny-c2i", policy_file=LEXICAL_POLICY, rate_limit_per_minute=0)
+        state = build_state(settings, dispatcher=RecordingDispatcher())
+        yield state
+        close_state(state)
+
+
+def test_two_workers_claiming_the_same_jobs_in_opposite_orders_do_not_deadlock(pg_c2i_state, monkeypatch) -> None:
+    import threading
+    import time
+
+    import generator.pipeline as pipeline
+
+    a, b = (submit_c2i(pg_c2i_state, class_id=i, seed=i) for i in range(2))
+    transition = pipeline.transition
+    # Each claimer pauses at every job it leases, so the two claims overlap: each task's own job first, then
+    # its companion, in opposite orders.
+    monkeypatch.setattr(pipeline, "transition", lambda *args: (time.sleep(0.3), transition(*args))[1])
+    claims: list[list[str]] = []
+    errors: list[BaseException] = []
+
+    def claim(ids: list[str]) -> None:
+        try:
+            claims.append(pipeline.claim_jobs(pg_c2i_state.ctx, ids)[0])
+        except BaseException as exc:  # a deadlock is reported here
+            errors.append(exc)
+
+    workers = [threading.Thread(target=claim, args=(ids,)) for ids in ([a, b], [b, a])]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert errors == []
+    assert sorted(map(sorted, claims)) == [[], sorted([a, b])]  # one leased both; the other found them leased
+
+
 def test_an_output_classifier_that_fails_fails_the_job_saying_so_and_releases_nothing(c2i_state, monkeypatch) -> None:
     from policies.classifiers.base import ClassifierResult
     from policies.decisions import Decision, Reason
@@ -288,10 +412,9 @@ def test_with_the_audit_log_down_no_job_of_a_run_leaves_a_signed_image_in_the_st
         raise OperationalError("COMMIT", {}, Exception("could not connect to server"))
 
     monkeypatch.setattr(ctx.commits, "run", down)
-    try:
+    with pytest.raises(RunInterrupted) as interrupted:  # failing the jobs needs the audit log too
         run_jobs(ctx, ids)
-    except OperationalError:
-        pass  # failing the jobs needs the audit log too
+    assert sorted(interrupted.value.job_ids) == sorted(ids)
     assert list(Path(ctx.artifacts.root).glob("*/*.png")) == []
 
 
