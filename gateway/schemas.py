@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import unicodedata
-from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from datetime import UTC, datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 T = TypeVar("T")
 Action = Literal["allow", "flag", "review", "block"]
@@ -21,6 +22,19 @@ def check_text(value: str, *, field: str) -> str:
     if not value.strip():
         raise ValueError(f"{field} must not be blank")
     return value
+
+
+def to_utc(value: datetime) -> datetime:
+    """A timestamp with a timezone, in UTC; a naive one or one outside the calendar once in UTC is refused."""
+    if value.utcoffset() is None:
+        raise PydanticCustomError("timezone_required", "give a timezone, e.g. 2026-01-01T00:00:00Z")
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise PydanticCustomError("datetime_out_of_range", "out of range once converted to UTC") from None
+
+
+UTCTimestamp = Annotated[datetime, AfterValidator(to_utc)]
 
 
 class Strict(BaseModel):

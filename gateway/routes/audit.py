@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
@@ -11,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from gateway import services
 from gateway.deps import CallerDep, SessionDep, StateDep
 from gateway.routes.generations import ERRORS
-from gateway.schemas import MAX_OFFSET, Page
+from gateway.schemas import MAX_OFFSET, Page, UTCTimestamp
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
@@ -21,7 +20,7 @@ def list_events(session: SessionDep, caller: CallerDep,
                 action: Annotated[str | None, Query(max_length=64)] = None,
                 team: Annotated[str | None, Query(max_length=64)] = None,
                 job_id: Annotated[str | None, Query(max_length=64)] = None,
-                since: datetime | None = None, until: datetime | None = None,
+                since: UTCTimestamp | None = None, until: UTCTimestamp | None = None,
                 limit: Annotated[int, Query(ge=1, le=500)] = 100,
                 offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Page[dict[str, Any]]:
     rows, total = services.list_events(session=session, principal=caller, action=action, team=team,
@@ -34,7 +33,7 @@ def list_events(session: SessionDep, caller: CallerDep,
 def export(state: StateDep, caller: CallerDep, format: Literal["jsonl", "csv"] = "jsonl",
            action: Annotated[str | None, Query(max_length=64)] = None,
            team: Annotated[str | None, Query(max_length=64)] = None,
-           since: datetime | None = None, until: datetime | None = None) -> StreamingResponse:
+           since: UTCTimestamp | None = None, until: UTCTimestamp | None = None) -> StreamingResponse:
     chunks = services.export_events(state=state, principal=caller, fmt=format, action=action, team=team,
                                     since=since, until=until)
     media = "application/x-ndjson" if format == "jsonl" else "text/csv"

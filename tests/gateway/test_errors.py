@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import LEXICAL_POLICY
@@ -56,6 +58,34 @@ def test_malformed_json_is_a_422_not_a_500(gw) -> None:
 def test_unknown_paths_and_methods_use_the_error_body(gw) -> None:
     assert error_of(gw.client.get("/v1/nothing-here"))["code"] == "not_found"
     assert error_of(gw.client.delete("/v1/models"))["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize("path", ["/v1/audit/events", "/v1/audit/export"])
+@pytest.mark.parametrize("since,fragment", [
+    ("2026-01-01", "give a timezone, e.g. 2026-01-01T00:00:00Z"),
+    ("2026-01-01T00:00:00", "give a timezone, e.g. 2026-01-01T00:00:00Z"),
+    ("9999-12-31T23:59:59-14:00", "out of range once converted to UTC"),
+    ("0001-01-01T00:00:00+01:00", "out of range once converted to UTC"),
+])
+def test_audit_time_bounds_without_a_timezone_or_out_of_range_are_a_422_naming_the_parameter(
+        gw, path, since, fragment) -> None:
+    response = gw.client.get(path, params={"since": since}, headers=gw.auth(gw.key("auditor")))
+    assert response.status_code == 422, response.text
+    error = error_of(response)
+    assert error["code"] == "invalid_request"
+    assert error["message"] == f"query.since: {fragment}"
+
+
+def test_audit_time_bounds_with_any_timezone_are_compared_in_utc(gw) -> None:
+    auditor = gw.auth(gw.key("auditor"))
+    everything = gw.client.get("/v1/audit/events", headers=auditor).json()["count"]
+    assert everything > 0
+    since_start = gw.client.get("/v1/audit/events", params={"since": "2000-01-01T02:00:00+02:00"}, headers=auditor)
+    assert since_start.status_code == 200 and since_start.json()["count"] == everything
+    nothing_yet = gw.client.get("/v1/audit/export", params={"since": "9999-12-31T23:59:59+00:00"}, headers=auditor)
+    assert nothing_yet.status_code == 200
+    types = [json.loads(line)["type"] for line in nothing_yet.text.splitlines()]
+    assert types[0] == "header" and "event" not in types and "error" not in types
 
 
 def test_junk_upload_to_provenance_verify_is_a_clear_4xx(gw) -> None:
