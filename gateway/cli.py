@@ -73,7 +73,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if settings.worker_metrics_port and args.pool == "prefork" and concurrency > 1:
         print(f"error: LLAMAGEN_GATEWAY_WORKER_METRICS_PORT={settings.worker_metrics_port}: each of the "
               f"{concurrency} prefork processes would serve its metrics on that one port; run one process per "
-              "port (--pool solo, as compose does) or unset it", file=sys.stderr)
+              "port (--concurrency 1, as compose does, or --pool solo) or unset it", file=sys.stderr)
         return 2
     argv = ["worker", "-Q", args.queues or GPU_QUEUE, "--concurrency", str(concurrency), "--pool", args.pool,
             "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"]
@@ -225,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a Celery GPU worker (queue gpu)")
     p.add_argument("--concurrency", type=int, default=None)
     p.add_argument("-Q", "--queues", default=None, help="queues to consume (default: gpu)")
-    p.add_argument("--pool", default="solo", choices=["solo", "prefork", "threads"])
+    p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
+                   help="prefork (default) enforces the job time limit: it kills a job's process past the limit "
+                        "and starts a new one; solo and threads cannot stop a running job")
     p.add_argument("--loglevel", default="INFO")
     p.add_argument("--hostname", default=None)
     p.set_defaults(func=cmd_worker)

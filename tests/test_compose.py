@@ -45,3 +45,9 @@ def test_compose_runs_the_distributed_mode() -> None:
     assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     for name in ("postgres", "redis", "minio", "gateway", "worker"):
         assert "healthcheck" in services[name], name
+
+
+def test_compose_workers_enforce_the_job_time_limit_with_one_prefork_process() -> None:
+    command = yaml.safe_load(COMPOSE.read_text())["services"]["worker"]["command"]
+    assert command[command.index("--pool") + 1] == "prefork"
+    assert command[command.index("--concurrency") + 1] == "1"
