@@ -225,6 +225,7 @@ class ProvenanceReport:
     """Verification of one asset, with signature, trust and integrity kept apart."""
 
     has_manifest: bool
+    readable: bool = True  # False: the bytes are not an image of the declared type at all
     signature_valid: bool | None = None
     signer_trusted: bool | None = None
     content_intact: bool | None = None
@@ -282,7 +283,8 @@ def _settings(trust_anchors_pem: bytes | str | None) -> dict[str, Any]:
 def verify_image(
     data: bytes, mime: str = "image/png", trust_anchors_pem: bytes | str | None = None
 ) -> ProvenanceReport:
-    """Read and validate the C2PA manifest of `data`; junk or unsigned input gives `has_manifest=False`."""
+    """Read and validate the C2PA manifest of `data`; unsigned or junk input gives `has_manifest=False`, and
+    junk (not a readable image of type `mime` at all, e.g. PNG magic bytes followed by anything) `readable=False`."""
     if not data:
         raise ProvenanceError("the file is empty")
     context = c2pa.Context.from_dict(_settings(trust_anchors_pem))
@@ -294,10 +296,12 @@ def verify_image(
     except c2pa.C2paError.ManifestNotFound:
         return ProvenanceReport(has_manifest=False, trust_anchors_configured=trust_anchors_pem is not None)
     except c2pa.C2paError as exc:
+        readable = _is_readable_image(data)
         return ProvenanceReport(
             has_manifest=False,
+            readable=readable,
             trust_anchors_configured=trust_anchors_pem is not None,
-            error=f"not a readable {mime} file: {exc}",
+            error=f"its C2PA data cannot be read: {exc}" if readable else f"not a readable {mime} file: {exc}",
         )
     active_id = store.get("active_manifest")
     manifest = store.get("manifests", {}).get(active_id, {})
@@ -324,6 +328,15 @@ def verify_image(
         manifest=manifest,
         audit_event_id=_audit_event_id(manifest),
     )
+
+
+def _is_readable_image(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except Exception:  # PIL raises many types for junk (OSError, SyntaxError, ValueError, ...)
+        return False
+    return True
 
 
 def _audit_event_id(manifest: Mapping[str, Any]) -> str | None:

@@ -590,6 +590,8 @@ def verify_provenance(*, state: GatewayState, data: bytes) -> dict[str, Any]:
         report = verify_image(data, mime=mime, trust_anchors_pem=_trust_anchors(state))
     except ProvenanceError as exc:
         raise InvalidRequest(f"cannot read this image: {exc}") from exc
+    if not report.readable:  # junk behind an image signature: nothing to report on
+        raise InvalidRequest(report.error or f"not a readable {mime} file")
     result: dict[str, Any] = report.to_dict()
     if report.audit_event_id:
         with state.ctx.sessions() as session:

@@ -95,16 +95,31 @@ def test_junk_upload_to_provenance_verify_is_a_clear_4xx(gw) -> None:
     assert error_of(response)["code"] == "invalid_request"
 
 
-def test_unsigned_png_is_reported_as_having_no_manifest(gw) -> None:
+@pytest.mark.parametrize("junk,mime", [(b"\x89PNG\r\n\x1a\n", "image/png"),
+                                       (b"\x89PNG\r\n\x1a\n" + b"junk" * 50, "image/png"),
+                                       (b"\xff\xd8\xff" + b"junk" * 50, "image/jpeg")])
+def test_junk_behind_png_or_jpeg_magic_bytes_is_a_422_not_a_report(gw, junk: bytes, mime: str) -> None:
+    response = gw.client.post("/v1/provenance/verify", content=junk,
+                              headers={**gw.auth(gw.key("auditor")), "Content-Type": mime})
+    assert response.status_code == 422, response.text
+    error = error_of(response)
+    assert error["code"] == "invalid_request"
+    assert error["message"].startswith(f"not a readable {mime} file")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_unsigned_images_are_reported_as_having_no_manifest(gw, fmt: str) -> None:
     import io
 
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new("RGB", (8, 8), "red").save(buf, format="PNG")
-    report = gw.client.post("/v1/provenance/verify", content=buf.getvalue(),
-                            headers={**gw.auth(gw.key("auditor")), "Content-Type": "image/png"}).json()
-    assert report["has_manifest"] is False and "no C2PA manifest" in report["summary"]
+    Image.new("RGB", (8, 8), "red").save(buf, format=fmt)
+    response = gw.client.post("/v1/provenance/verify", content=buf.getvalue(),
+                              headers={**gw.auth(gw.key("auditor")), "Content-Type": f"image/{fmt.lower()}"})
+    assert response.status_code == 200
+    report = response.json()
+    assert report["has_manifest"] is False and report["ok"] is False and "no C2PA manifest" in report["summary"]
 
 
 def test_rate_limit_per_key_answers_429_with_retry_after(gateway_factory, tiny_models) -> None:
