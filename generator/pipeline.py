@@ -35,7 +35,7 @@ from generator.artifacts import ArtifactStore, open_store
 from generator.governance import PolicyStore
 from generator.llamagen import gemv
 from generator.llamagen.layout import DecodeLayout, apply_layout
-from generator.registry import GenRequest, LoadedModel, ModelCard, Registry, sampling_params
+from generator.registry import GenOutput, GenRequest, LoadedModel, ModelCard, Registry, sampling_params
 from generator.sampler import LocalSampler, Sampler, SamplerProcess, torch_threads
 from policies.runtime import Context, Screening
 
@@ -255,13 +255,19 @@ def claim_jobs(ctx: PipelineContext, job_ids: Sequence[str],
                       else "taken back after a fault" if job_id in retaken else "lease expired: taken over")
             transition(session, job, "running", reason)
             claimed.append(job_id)
-            groups.setdefault(sampling_key(job), []).append(job_id)
+            groups.setdefault(("held", job_id) if resumes_held(job) else sampling_key(job), []).append(job_id)
     if exhausted:
         fail_jobs(ctx, exhausted, f"gave up after {ctx.max_attempts} attempts: none ended with a result (the worker "
               "died, ran out of time or memory, or a fault interrupted it)")
     runs = [ids[start:start + ctx.batch_size] for ids in groups.values()
             for start in range(0, len(ids), ctx.batch_size)]
     return claimed, runs
+
+
+def resumes_held(job: Job) -> bool:
+    """A reviewer approved the images this job held at output screening: it releases them, sampling nothing."""
+    review = job.review or {}
+    return review.get("decision") == "approve" and review.get("stage") == "output" and bool(job.images)
 
 
 def run_with_companions(ctx: PipelineContext, job_id: str, wait_s: float, reclaim: Sequence[str] = ()) -> list[str]:
@@ -338,6 +344,8 @@ class _Release:
     context: Context | None = None
     screenings: list[Screening] = field(default_factory=list)
     released: list[dict[str, Any]] = field(default_factory=list)
+    held: list[dict[str, Any]] = field(default_factory=list)  # signed, kept for a reviewer, not released
+    indexes: list[int] | None = None  # of the output's images in the job (held images resumed: a subset)
     stored: list[tuple[str, bytes]] = field(default_factory=list)
     written: list[str] = field(default_factory=list)  # keys in the artifact store
     recorded: bool = False  # its audit record is committed
@@ -353,6 +361,7 @@ class SampledRun:
     sampling_s: float  # conditioning and token sampling (in the sampler, as this process waited for it)
     decode_s: float  # codes to pixels
     started: datetime
+    resumed: bool = False  # held images released after a review: nothing was sampled
 
     @property
     def job_ids(self) -> list[str]:
@@ -369,6 +378,8 @@ def sample_run(ctx: PipelineContext, job_ids: Sequence[str]) -> SampledRun | Non
         session.expunge_all()
     if not jobs:
         return None
+    if len(jobs) == 1 and resumes_held(jobs[0]):
+        return _held_run(ctx, jobs[0])
     first = jobs[0]
     try:
         card = ctx.registry.get(first.model)
@@ -389,6 +400,30 @@ def sample_run(ctx: PipelineContext, job_ids: Sequence[str]) -> SampledRun | Non
     decode_s = outputs[0].decode_seconds
     return SampledRun([_Release(job, output) for job, output in zip(jobs, outputs, strict=True)], card,
                       run_s - decode_s, decode_s, started)
+
+
+def _held_run(ctx: PipelineContext, job: Job) -> SampledRun | None:
+    """The images an approved job held for review, read back from the store, each checked against the digests
+    its audit record holds; a missing or changed one fails the job."""
+    try:
+        card = ctx.registry.get(job.model)
+        images = []
+        for item in job.images:
+            data = ctx.artifacts.get(item["uri"])
+            if hashlib.sha256(data).hexdigest() != item["sha256"]:
+                raise PipelineError(f"held image {item['index']} in the store is not the one audited")
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+            if pixel_sha256(image) != item["pixel_sha256"]:
+                raise PipelineError(f"held image {item['index']} does not decode to the audited pixels")
+            images.append(image)
+    except Exception as exc:
+        log.exception("could not read back the held images of job %s", job.id)
+        fail_jobs(ctx, [job.id], f"release after review failed: {exc}")
+        return None
+    first = job.images[0]
+    output = GenOutput(images, 0, 0.0, int(first["torch_threads"]), 0.0, str(first["decode_layout"]))
+    release = _Release(job, output, indexes=[int(item["index"]) for item in job.images])
+    return SampledRun([release], card, 0.0, 0.0, datetime.now(UTC), resumed=True)
 
 
 def release_run(ctx: PipelineContext, run: SampledRun) -> None:
@@ -457,21 +492,23 @@ def _release(ctx: PipelineContext, run: SampledRun) -> None:
     sign_s = time.perf_counter() - t0 - screen_s
     _each(releases, "storing", lambda release: _store(ctx, release))
     store_s = time.perf_counter() - t0 - screen_s - sign_s
-    stages = {"sampling_s": round(run.sampling_s, 4), "decode_s": round(run.decode_s, 4),
-              "output_screening_s": round(screen_s, 4), "signing_s": round(sign_s, 4), "store_s": round(store_s, 4)}
+    stages = {"output_screening_s": round(screen_s, 4), "signing_s": round(sign_s, 4), "store_s": round(store_s, 4)}
+    if not run.resumed:  # a resumed job keeps the sampling figures of the run that made its images
+        stages = {"sampling_s": round(run.sampling_s, 4), "decode_s": round(run.decode_s, 4), **stages}
     ready = [release for release in releases if release.error is None]
     try:
-        _record(ctx, ready, card, stages, started)
+        _record(ctx, ready, card, stages, started, run.resumed)
     except Exception:  # one job's record may be at fault: record each alone, so that only it fails
         log.exception("recording jobs %s together failed; recording each alone", [r.job.id for r in ready])
         for release in ready:
-            _each([release], "audit", lambda one: _record(ctx, [one], card, stages, started))
+            _each([release], "audit", lambda one: _record(ctx, [one], card, stages, started, run.resumed))
     audited = {id(release) for release in ready}  # their audit transactions ran
     for release in releases:  # every release first: failing a job below needs the database, which may be down
         if not release.recorded:
             _withdraw(ctx, release, attempted=id(release) in audited)
         elif (release.job.attempts or 0) > 1:  # taken over: an earlier attempt may have stored images
-            _remove_leftovers(ctx, release.job.id, keep={str(item["uri"]) for item in release.released})
+            audited = [*release.released, *release.held, *(release.job.images if run.resumed else ())]
+            _remove_leftovers(ctx, release.job.id, keep={str(item["uri"]) for item in audited})
     for release in releases:
         if release.error is not None:
             fail_jobs(ctx, [release.job.id], release.error)
@@ -489,15 +526,26 @@ def _screen_outputs(ctx: PipelineContext, revision: str, group: list[_Release]) 
 
 
 def _sign(ctx: PipelineContext, release: _Release, card: _CardFacts) -> None:
-    """Sign every image the output policy lets out (C2PA manifest with lineage, decisions and audit ids)."""
+    """Sign every image the output policy does not block (C2PA manifest with lineage, decisions and audit ids).
+
+    If any image is sent to review, the job holds all of them for a reviewer: signed, stored and audited as
+    held, and released only once a reviewer approves (`resumes_held`). A reviewer's approval after output
+    screening releases what screening sent to review.
+    """
     job = release.job
-    # A reviewer who approved this job after output screening releases what screening sent to review.
     approved = bool(job.review and job.review.get("decision") == "approve" and job.review.get("stage") == "output")
-    for index, (image, screening) in enumerate(zip(release.output.images, release.screenings, strict=True)):
+    holds = not approved and any(s.decision.action == "review" for s in release.screenings)
+    indexes = release.indexes or list(range(len(release.output.images)))
+    for index, image, screening in zip(indexes, release.output.images, release.screenings, strict=True):
         decision = screening.decision.to_dict()
-        if decision["action"] == "block" or (decision["action"] == "review" and not approved):
+        if decision["action"] == "block":
             continue
         event_id = str(uuid.uuid4())
+        verdict = {"revision": job.policy_revision, "prompt": job.decisions.get("prompt"), "output": decision}
+        if holds:
+            verdict["held_for_review"] = True
+        elif approved:
+            verdict["review"] = job.review
         signed = ctx.signer.sign_png(
             encode_png(image),
             title=f"{job.id}-{index}.png",
@@ -506,18 +554,17 @@ def _sign(ctx: PipelineContext, release: _Release, card: _CardFacts) -> None:
                 "com.llamagen-gateway.lineage": {"model": card.name, "version": card.version,
                                                   "model_card_hash": card.content_hash,
                                                   "checkpoints": card.checkpoints, "lineage": card.lineage},
-                "com.llamagen-gateway.policy-decision": {"revision": job.policy_revision,
-                                                         "prompt": job.decisions.get("prompt"),
-                                                         "output": decision},
+                "com.llamagen-gateway.policy-decision": verdict,
                 "com.llamagen-gateway.audit": {"event_id": event_id, "job_id": job.id},
             },
         )
-        key = f"{job.id}/{index}-{event_id}.png"  # one key per release attempt: a late duplicate cannot overwrite
+        # One key per attempt: a late duplicate cannot overwrite. Held images live apart until released.
+        key = f"{job.id}/{'held/' if holds else ''}{index}-{event_id}.png"
         release.stored.append((key, signed.data))
-        release.released.append({"index": index, "sha256": hashlib.sha256(signed.data).hexdigest(),
-                                 "pixel_sha256": pixel_sha256(image), "uri": key,
-                                 "manifest_id": signed.manifest_id, "event_id": event_id, "width": image.width,
-                                 "height": image.height, "output_decision": decision})
+        (release.held if holds else release.released).append({
+            "index": index, "sha256": hashlib.sha256(signed.data).hexdigest(), "pixel_sha256": pixel_sha256(image),
+            "uri": key, "manifest_id": signed.manifest_id, "event_id": event_id, "width": image.width,
+            "height": image.height, "output_decision": decision})
 
 
 def _store(ctx: PipelineContext, release: _Release) -> None:
@@ -556,7 +603,7 @@ def _withdraw(ctx: PipelineContext, release: _Release, attempted: bool) -> None:
 
 
 def _record(ctx: PipelineContext, releases: Sequence[_Release], card: _CardFacts, stages: dict[str, float],
-            started: datetime) -> None:
+            started: datetime, resumed: bool = False) -> None:
     """Audit the jobs' outcomes and update their rows in one transaction (one chain head lock, one commit)."""
     if not releases:
         return
@@ -575,7 +622,7 @@ def _record(ctx: PipelineContext, releases: Sequence[_Release], card: _CardFacts
         rows = []
         for release in releases:
             row = _record_one(session, release, locked.get(release.job.id), card, stages, started, ctx.device,
-                              events)
+                              events, resumed)
             if row is not None:
                 rows.append(row)
                 recorded.append(release)
@@ -600,19 +647,23 @@ def _record(ctx: PipelineContext, releases: Sequence[_Release], card: _CardFacts
 
 
 def _record_one(session: Session, release: _Release, row: Job | None, card: _CardFacts, stages: dict[str, float],
-                started: datetime, device: str, events: list[NewEvent]) -> Job | None:
-    """Update one job's locked row and add its audit events to `events`; None if another delivery finished it."""
+                started: datetime, device: str, events: list[NewEvent], resumed: bool = False) -> Job | None:
+    """Update one job's locked row and add its audit events to `events`; None if another delivery finished it.
+
+    resumed: the run released images held for review, so the row keeps its queue time and cost."""
     job, output, context = release.job, release.output, release.context or Context()
     output_decisions = [s.to_dict() for s in release.screenings]
     worst = strictest(s["decision"] for s in output_decisions) if output_decisions else "allow"
     if row is None or row.status != "running":
         return None  # another delivery finished it first: idempotent
     OUTPUT_DECISIONS.labels(worst, job.model).inc()
-    released = release.released
+    released, held = release.released, release.held
     events.append(NewEvent(action="output.screened", key_id=row.key_id, team=row.team, job_id=row.id,
                            payload={"policy_revision": row.policy_revision, "screenings": output_decisions,
-                                    "action": worst, "context": context.to_dict()}))
-    events += [NewEvent(event_id=item["event_id"], action="image.released", key_id=row.key_id,
+                                    "action": worst, "context": context.to_dict(),
+                                    **({"indexes": release.indexes} if release.indexes else {})}))
+    events += [NewEvent(event_id=item["event_id"], action="image.held" if held else "image.released",
+                        key_id=row.key_id,
                         team=row.team, job_id=row.id,
                         payload={"index": item["index"], "sha256": item["sha256"],
                                  "pixel_sha256": item["pixel_sha256"], "manifest_id": item["manifest_id"],
@@ -620,18 +671,25 @@ def _record_one(session: Session, release: _Release, row: Job | None, card: _Car
                                  "checkpoints": card.checkpoints, "seed": row.params["seed"],
                                  "params": row.params, "policy_revision": row.policy_revision,
                                  "torch_threads": output.torch_threads, "decode_layout": output.decode_layout})
-               for item in released]
+               for item in held or released]
     decisions = dict(row.decisions)
-    decisions["output"] = {"action": worst, "images": output_decisions}
+    decisions["output"] = {"action": worst, "images": output_decisions,
+                           **({"indexes": release.indexes} if release.indexes else {})}
     row.decisions = decisions
-    row.images = [{k: v for k, v in item.items() if k != "output_decision"} for item in released]
+    # Held images keep how they were sampled: their release after review records it as a run would.
+    row.images = [{**{k: v for k, v in item.items() if k != "output_decision"},
+                   **({"torch_threads": output.torch_threads, "decode_layout": output.decode_layout} if held else {})}
+                  for item in held or released]
     timings = dict(row.timings or {})
-    # Queued from the end of the request's audit transaction until its sampling run started.
-    queued_s = (started - job.created_at).total_seconds() - float(timings.get("request_audit_s", 0.0))
-    row.timings = {**timings, "queue_s": round(max(queued_s, 0.0), 4), **stages}
-    row.cost = {"tokens": output.tokens, "device_seconds": round(output.device_seconds, 4), "device": device}
-    if worst == "review" and not released:
-        transition(session, row, "review", "output screening asks for human review")
+    if resumed:
+        row.timings = {**timings, **stages}
+    else:
+        # Queued from the end of the request's audit transaction until its sampling run started.
+        queued_s = (started - job.created_at).total_seconds() - float(timings.get("request_audit_s", 0.0))
+        row.timings = {**timings, "queue_s": round(max(queued_s, 0.0), 4), **stages}
+        row.cost = {"tokens": output.tokens, "device_seconds": round(output.device_seconds, 4), "device": device}
+    if held:
+        transition(session, row, "review", f"output screening asks for human review: {len(held)} image(s) held")
     elif not released:
         row.error = "every image was withheld by the output policy"
         transition(session, row, "blocked", row.error)
@@ -640,7 +698,8 @@ def _record_one(session: Session, release: _Release, row: Job | None, card: _Car
     if row.status in TERMINAL and decisions.get("prompt", {}).get("storage", "full") != "full":
         row.prompt = None  # the policy keeps no prompt text beyond what the job needed
     events.append(NewEvent(action=f"generation.{row.status}", key_id=row.key_id, team=row.team, job_id=row.id,
-                           payload={"images": len(released), "timings": row.timings, "cost": row.cost}))
+                           payload={"images": len(released), "held": len(held), "timings": row.timings,
+                                    "cost": row.cost}))
     return row
 
 

@@ -375,6 +375,94 @@ def test_two_workers_claiming_the_same_jobs_in_opposite_orders_do_not_deadlock(p
     assert sorted(map(sorted, claims)) == [[], sorted([a, b])]  # one leased both; the other found them leased
 
 
+def review_second_image(state, monkeypatch) -> None:
+    """Output screening allows each job's first image and sends the others to human review."""
+    from policies.classifiers.base import ClassifierResult
+    from policies.decisions import Decision, Reason
+    from policies.runtime import Screening
+
+    runtime = state.ctx.policies.runtime()
+
+    def screening(action: str) -> Screening:
+        reasons = (Reason("look_closer", "image_concepts", "logo", 0.4, 0.3, "review", "a human decides"),)
+        return Screening(Decision(action, reasons if action == "review" else (), runtime.revision, stage="output"),
+                         (ClassifierResult("image_concepts", "v1", {"logo": 0.4}, 1.0),))
+
+    monkeypatch.setattr(runtime, "screen_image_sets", lambda sets: [
+        [screening("allow" if i == 0 else "review") for i in range(len(images))] for images, _ in sets])
+
+
+def policy_assertion(png: bytes) -> dict:
+    from audit.provenance import verify_image
+
+    manifest = verify_image(png).manifest or {}
+    carried = {a["label"]: a["data"] for a in manifest["assertions"]}
+    return dict(carried["com.llamagen-gateway.policy-decision"])
+
+
+def decide(state, job_id: str, decision: str) -> None:
+    from gateway.auth import Principal
+    from gateway.services import decide_review
+
+    decide_review(state=state, principal=Principal(key_id="k-reviewer", role="reviewer", team="design"),
+                  job_id=job_id, decision=decision, reason="checked by a person")
+
+
+def test_an_image_sent_to_review_holds_the_whole_job_signed_and_audited_but_unreleased(c2i_state, monkeypatch):
+    from gateway.services import released_images
+
+    review_second_image(c2i_state, monkeypatch)
+    job_id = submit_c2i(c2i_state, class_id=1, seed=4, num_images=2)
+    run_jobs(c2i_state.ctx, [job_id])
+    with c2i_state.ctx.sessions() as session:
+        job = session.get(Job, job_id)
+    assert job.status == "review" and released_images(job) == []
+    assert [image["index"] for image in job.images] == [0, 1]  # the allowed image waits with the other
+    assert all(image["uri"].startswith(f"{job_id}/held/") for image in job.images)
+    held = events(c2i_state, "image.held")
+    assert sorted(e.id for e in held) == sorted(image["event_id"] for image in job.images)
+    assert events(c2i_state, "image.released") == []
+    assert policy_assertion(c2i_state.ctx.artifacts.get(job.images[1]["uri"]))["held_for_review"] is True
+
+
+def test_approval_releases_the_held_images_without_sampling_again(c2i_state, monkeypatch) -> None:
+    review_second_image(c2i_state, monkeypatch)
+    job_id = submit_c2i(c2i_state, class_id=1, seed=4, num_images=2)
+    run_jobs(c2i_state.ctx, [job_id])
+    with c2i_state.ctx.sessions() as session:
+        held = session.get(Job, job_id).images
+    calls = count_calls(c2i_state, monkeypatch)
+    decide(c2i_state, job_id, "approve")
+    assert run_jobs(c2i_state.ctx, [job_id]) == [job_id] and calls == []
+    with c2i_state.ctx.sessions() as session:
+        job = session.get(Job, job_id)
+    assert job.status == "completed"
+    assert [(i["index"], i["pixel_sha256"]) for i in job.images] == [(i["index"], i["pixel_sha256"]) for i in held]
+    assert job.cost["tokens"] > 0  # the run that made the images
+    released = {e.id: e for e in events(c2i_state, "image.released")}
+    assert sorted(released) == sorted(image["event_id"] for image in job.images)
+    verdict = policy_assertion(c2i_state.ctx.artifacts.get(job.images[1]["uri"]))
+    assert verdict["review"]["decision"] == "approve" and "held_for_review" not in verdict
+    for image in held:  # the held images stay: their audit events name them
+        assert c2i_state.ctx.artifacts.exists(image["uri"])
+
+
+def test_a_held_image_changed_in_the_store_fails_the_job_instead_of_being_released(c2i_state, monkeypatch) -> None:
+    review_second_image(c2i_state, monkeypatch)
+    job_id = submit_c2i(c2i_state, class_id=1, seed=4, num_images=2)
+    run_jobs(c2i_state.ctx, [job_id])
+    with c2i_state.ctx.sessions() as session:
+        first = session.get(Job, job_id).images[0]
+    c2i_state.ctx.artifacts.put(first["uri"], b"\x89PNG swapped")
+    decide(c2i_state, job_id, "approve")
+    run_jobs(c2i_state.ctx, [job_id])
+    with c2i_state.ctx.sessions() as session:
+        job = session.get(Job, job_id)
+    assert job.status == "failed"
+    assert job.error == "release after review failed: held image 0 in the store is not the one audited"
+    assert events(c2i_state, "image.released") == []
+
+
 def test_an_output_classifier_that_fails_fails_the_job_saying_so_and_releases_nothing(c2i_state, monkeypatch) -> None:
     from policies.classifiers.base import ClassifierResult
     from policies.decisions import Decision, Reason
