@@ -60,21 +60,30 @@ class RedisCounter:
 
 
 class Limits:
-    """Checks a request against the per-key rate and the per-team daily image quota."""
+    """Request rates per key (every attempt counts) and daily image quotas per team (only accepted work counts)."""
 
     def __init__(self, counter: Counter, *, per_key_per_minute: int, team_images_per_day: int) -> None:
         self._counter = counter
         self._per_minute = per_key_per_minute
         self._per_day = team_images_per_day
 
-    def check(self, *, key_id: str, team: str, images: int = 0) -> None:
+    def check(self, *, key_id: str, team: str) -> None:
+        """Count one request against the rate limit, before anything else is done for it."""
         if self._per_minute:
             total, reset = self._counter.hit(f"key:{key_id}", 1, MINUTE)
             if total > self._per_minute:
                 raise RateLimited(f"rate limit of {self._per_minute} requests per minute for this key reached",
-                                  headers={"Retry-After": str(max(1, math.ceil(reset)))})
+                                  headers=retry_after(reset))
+
+    def charge_images(self, *, key_id: str, team: str, images: int) -> None:
+        """Count the images of a validated request against the daily quota; a refused request is taken back."""
         if self._per_day and images:
             total, reset = self._counter.hit(f"team:{team}", images, DAY)
             if total > self._per_day:
+                self._counter.hit(f"team:{team}", -images, DAY)
                 raise RateLimited(f"daily quota of {self._per_day} images for team {team} reached",
-                                  headers={"Retry-After": str(max(1, math.ceil(reset)))})
+                                  headers=retry_after(reset))
+
+
+def retry_after(reset_s: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(reset_s)))}

@@ -182,7 +182,7 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
                       request_id: str) -> Job:
     """Screen and audit a request, then queue it, park it for review, or refuse it (400)."""
     principal.require("creator")
-    state.limits.check(key_id=principal.key_id, team=principal.team, images=request.params.num_images)
+    state.limits.check(key_id=principal.key_id, team=principal.team)
     if request.prompt is not None and len(request.prompt) > state.settings.max_prompt_chars:
         raise InvalidRequest(f"prompt is longer than {state.settings.max_prompt_chars} characters")
     card = _card(state, request.model)
@@ -190,6 +190,8 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
     text = _condition_text(request, card)
     params = _params(state, request, card)
     context = _context(principal, card)
+    # Valid and about to be screened: only now do its images count against the quota (a 422 costs nothing).
+    state.limits.charge_images(key_id=principal.key_id, team=principal.team, images=params["num_images"])
     with state.intake.admitting():  # until its job is recorded: queued (below), parked or refused
         t0 = time.perf_counter()
         runtime, screenings, action = _screen(state, text, context, principal=principal, request_id=request_id)

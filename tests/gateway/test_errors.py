@@ -146,6 +146,22 @@ def test_team_image_quota_answers_429(gateway_factory, tiny_models) -> None:
     gw.wait(first.json()["id"], key)
 
 
+def test_invalid_requests_use_none_of_the_team_image_quota(gateway_factory, tiny_models) -> None:
+    gw = gateway_factory(models_dir=tiny_models, default_model="tiny-c2i", team_quota_per_day=2,
+                         policy_file=LEXICAL_POLICY)
+    key = gw.key("creator", team="small")
+    for invalid in ({"class_id": 10, "params": {"num_images": 2}},  # out of range for the model
+                    {"prompt": "a red star", "params": {"num_images": 2}},  # a prompt for a class model
+                    {"class_id": 1, "params": {"num_images": 9}},  # over the per-request image limit
+                    {"model": "no-such-model", "class_id": 1, "params": {"num_images": 2}}):
+        response = gw.client.post("/v1/generations", headers=gw.auth(key), json=invalid)
+        assert response.status_code == 422, response.text
+    accepted = gw.client.post("/v1/generations", headers=gw.auth(key),
+                              json={"class_id": 1, "params": {"num_images": 2}})
+    assert accepted.status_code == 202, accepted.text
+    gw.wait(accepted.json()["id"], key)
+
+
 def test_moderation_screens_and_audits_without_generating(gw) -> None:
     key = gw.key("creator")
     result = gw.client.post("/v1/moderations", headers=gw.auth(key), json={"prompt": "something forbidden"})

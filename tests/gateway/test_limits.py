@@ -30,10 +30,20 @@ def test_the_key_rate_limit_counts_requests_per_key(counter) -> None:
 
 def test_the_team_quota_counts_images(counter) -> None:
     limits = Limits(counter, per_key_per_minute=0, team_images_per_day=5)
-    limits.check(key_id="a", team="t", images=4)
-    with pytest.raises(RateLimited, match="daily quota"):
-        limits.check(key_id="b", team="t", images=2)
-    limits.check(key_id="a", team="other", images=5)
+    limits.charge_images(key_id="a", team="t", images=4)
+    with pytest.raises(RateLimited, match="daily quota") as refused:
+        limits.charge_images(key_id="b", team="t", images=2)
+    assert int(refused.value.headers["Retry-After"]) >= 1
+    limits.charge_images(key_id="a", team="other", images=5)
+
+
+def test_a_refused_image_request_uses_none_of_the_quota(counter) -> None:
+    limits = Limits(counter, per_key_per_minute=0, team_images_per_day=5)
+    limits.charge_images(key_id="a", team="t", images=3)
+    for _ in range(3):
+        with pytest.raises(RateLimited):
+            limits.charge_images(key_id="a", team="t", images=3)
+    limits.charge_images(key_id="a", team="t", images=2)  # the 2 images left are still there
 
 
 def test_two_gateways_share_redis_counters() -> None:
