@@ -1,7 +1,8 @@
-"""Rate limits per key and daily image quotas per team: in-process when embedded, Redis when distributed."""
+"""Request rates and daily image quotas, per key and per team: in-process when embedded, Redis when distributed."""
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -10,6 +11,7 @@ from typing import Protocol
 
 from gateway.errors import RateLimited, ServiceUnavailable
 
+log = logging.getLogger(__name__)
 MINUTE = 60
 DAY = 86_400
 
@@ -55,34 +57,47 @@ class RedisCounter:
             pipe.expire(name, window_s + 5)
             total, _ = pipe.execute()
         except Exception as exc:  # the limiter is part of admission: if it cannot count, admit nothing
-            raise ServiceUnavailable(f"rate limiter unavailable: {exc}") from exc
+            log.warning("rate-limit store error: %s", exc)  # its text names the store's host and port
+            raise ServiceUnavailable("the rate-limit store (Redis) is unavailable") from exc
         return int(total), (window + 1) * window_s - now
 
 
 class Limits:
-    """Request rates per key (every attempt counts) and daily image quotas per team (only accepted work counts)."""
+    """Requests per minute per key and per team (every attempt counts) and images per day per team and per key
+    (only accepted work counts); a limit of 0 is off."""
 
-    def __init__(self, counter: Counter, *, per_key_per_minute: int, team_images_per_day: int) -> None:
+    def __init__(self, counter: Counter, *, per_key_per_minute: int, team_images_per_day: int,
+                 per_team_per_minute: int = 0, key_images_per_day: int = 0) -> None:
         self._counter = counter
-        self._per_minute = per_key_per_minute
-        self._per_day = team_images_per_day
+        self._key_rate, self._team_rate = per_key_per_minute, per_team_per_minute
+        self._team_images, self._key_images = team_images_per_day, key_images_per_day
 
     def check(self, *, key_id: str, team: str) -> None:
-        """Count one request against the rate limit, before anything else is done for it."""
-        if self._per_minute:
-            total, reset = self._counter.hit(f"key:{key_id}", 1, MINUTE)
-            if total > self._per_minute:
-                raise RateLimited(f"rate limit of {self._per_minute} requests per minute for this key reached",
-                                  headers=retry_after(reset))
+        """Count one request against the rate limits, before anything else is done for it."""
+        for name, limit, whose in ((f"key:{key_id}", self._key_rate, "this key"),
+                                   (f"team-rate:{team}", self._team_rate, f"team {team}")):
+            if limit:
+                total, reset = self._counter.hit(name, 1, MINUTE)
+                if total > limit:
+                    raise RateLimited(f"rate limit of {limit} requests per minute for {whose} reached",
+                                      headers=retry_after(reset))
 
     def charge_images(self, *, key_id: str, team: str, images: int) -> None:
-        """Count the images of a validated request against the daily quota; a refused request is taken back."""
-        if self._per_day and images:
-            total, reset = self._counter.hit(f"team:{team}", images, DAY)
-            if total > self._per_day:
-                self._counter.hit(f"team:{team}", -images, DAY)
-                raise RateLimited(f"daily quota of {self._per_day} images for team {team} reached",
-                                  headers=retry_after(reset))
+        """Count the images of a validated request against the daily quotas; a refused request is taken back."""
+        charged: list[str] = []
+        try:
+            for name, limit, whose in ((f"team:{team}", self._team_images, f"team {team}"),
+                                       (f"key-images:{key_id}", self._key_images, "this key")):
+                if limit and images:
+                    total, reset = self._counter.hit(name, images, DAY)
+                    charged.append(name)
+                    if total > limit:
+                        raise RateLimited(f"daily quota of {limit} images for {whose} reached",
+                                          headers=retry_after(reset))
+        except RateLimited:
+            for name in charged:
+                self._counter.hit(name, -images, DAY)
+            raise
 
 
 def retry_after(reset_s: float) -> dict[str, str]:

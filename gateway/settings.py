@@ -59,8 +59,10 @@ class Settings(BaseSettings):
     checkpoint_interval_s: float = Field(60.0, gt=0, le=3600)
     max_prompt_chars: int = Field(2000, ge=1)
     max_images_per_request: int = Field(4, ge=1, le=16)
-    rate_limit_per_minute: int = Field(120, ge=0, description="per key; 0 disables")
+    rate_limit_per_minute: int = Field(120, ge=0, description="requests per key per minute; 0 disables")
+    team_rate_limit_per_minute: int = Field(0, ge=0, description="requests per team per minute; 0 disables")
     team_quota_per_day: int = Field(10000, ge=0, description="images per team per day; 0 disables")
+    key_quota_per_day: int = Field(0, ge=0, description="images per key per day; 0 disables")
     session_secret: SecretStr = Field(SecretStr("dev"), description="signs dashboard session cookies")
     log_json: bool = True
     uses_dev_ca: bool = Field(False, description="set when the development CA stands in for the org chain")

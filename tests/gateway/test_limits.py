@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.errors import RateLimited
+from gateway.errors import RateLimited, ServiceUnavailable
 from gateway.limits import Limits, MemoryCounter, RedisCounter
 from tests.services import redis_database
 
@@ -44,6 +44,50 @@ def test_a_refused_image_request_uses_none_of_the_quota(counter) -> None:
         with pytest.raises(RateLimited):
             limits.charge_images(key_id="a", team="t", images=3)
     limits.charge_images(key_id="a", team="t", images=2)  # the 2 images left are still there
+
+
+def test_the_team_rate_limit_counts_requests_of_every_key_of_the_team(counter) -> None:
+    limits = Limits(counter, per_key_per_minute=0, team_images_per_day=0, per_team_per_minute=2)
+    limits.check(key_id="a", team="t")
+    limits.check(key_id="b", team="t")
+    with pytest.raises(RateLimited, match="per minute for team t") as refused:
+        limits.check(key_id="c", team="t")
+    assert 1 <= int(refused.value.headers["Retry-After"]) <= 60
+    limits.check(key_id="a", team="other")  # another team has its own budget
+
+
+def test_the_key_quota_counts_images_per_key(counter) -> None:
+    limits = Limits(counter, per_key_per_minute=0, team_images_per_day=0, key_images_per_day=3)
+    limits.charge_images(key_id="a", team="t", images=3)
+    with pytest.raises(RateLimited, match="daily quota of 3 images for this key") as refused:
+        limits.charge_images(key_id="a", team="t", images=1)
+    assert int(refused.value.headers["Retry-After"]) >= 1
+    limits.charge_images(key_id="b", team="t", images=3)  # another key of the same team has its own quota
+
+
+def test_a_request_refused_by_the_key_quota_uses_none_of_the_team_quota(counter) -> None:
+    limits = Limits(counter, per_key_per_minute=0, team_images_per_day=4, key_images_per_day=2)
+    for _ in range(2):
+        with pytest.raises(RateLimited, match="this key"):
+            limits.charge_images(key_id="a", team="t", images=3)
+    limits.charge_images(key_id="b", team="t", images=2)
+    limits.charge_images(key_id="c", team="t", images=2)  # the team's 4 images were all still there
+
+
+def test_rates_and_quotas_of_a_key_and_its_team_do_not_mix(counter) -> None:
+    limits = Limits(counter, per_key_per_minute=1, team_images_per_day=1, per_team_per_minute=1,
+                    key_images_per_day=1)
+    limits.check(key_id="t", team="t")  # a key id that equals the team name
+    limits.charge_images(key_id="t", team="t", images=1)
+    with pytest.raises(RateLimited, match="per minute for team t"):
+        limits.check(key_id="other", team="t")
+
+
+def test_an_unreachable_redis_is_a_503_without_its_address() -> None:
+    limits = Limits(RedisCounter("redis://127.0.0.1:1"), per_key_per_minute=1, team_images_per_day=0)
+    with pytest.raises(ServiceUnavailable) as refused:
+        limits.check(key_id="a", team="t")
+    assert refused.value.message == "the rate-limit store (Redis) is unavailable"
 
 
 def test_two_gateways_share_redis_counters() -> None:
