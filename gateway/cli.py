@@ -5,35 +5,14 @@ from __future__ import annotations
 import argparse
 import getpass
 import importlib
-import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 from gateway.settings import get_settings
+from generator.logs import configure_logging
 
 SUBCOMMAND_MODULES = ("gateway.commands.policy", "gateway.commands.audit", "gateway.commands.provenance")
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per log line, with the request id and any extra fields."""
-
-    RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname,
-                                 "logger": record.name, "message": record.getMessage()}
-        entry.update({k: v for k, v in vars(record).items() if k not in self.RESERVED and not k.startswith("_")})
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-def configure_logging(json_logs: bool, level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if json_logs else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -75,7 +54,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
               f"{concurrency} prefork processes would serve its metrics on that one port; run one process per "
               "port (--concurrency 1, as compose does, or --pool solo) or unset it", file=sys.stderr)
         return 2
-    argv = ["worker", "-Q", args.queues or GPU_QUEUE, "--concurrency", str(concurrency), "--pool", args.pool,
+    # Celery leaves logging as configured here (generator.celery_app); --quiet drops its text banner from JSON logs.
+    argv = ["--quiet"] if settings.log_json else []
+    argv += ["worker", "-Q", args.queues or GPU_QUEUE, "--concurrency", str(concurrency), "--pool", args.pool,
             "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"]
     if args.hostname:
         argv += ["--hostname", args.hostname]

@@ -11,9 +11,10 @@ import time
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init, worker_process_shutdown
+from celery.signals import setup_logging, worker_init, worker_process_init, worker_process_shutdown
 
 from gateway.settings import Settings, get_settings
+from generator.logs import configure_logging
 
 log = logging.getLogger(__name__)
 GPU_QUEUE = "gpu"
@@ -42,6 +43,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s
                                   or settings.job_time_limit_s * 2},
         task_ignore_result=True,
+        worker_hijack_root_logger=False,  # the worker logs like the gateway (`_setup_logging` below)
     )
     return app
 
@@ -59,6 +61,13 @@ def __getattr__(name: str) -> Any:
     if _app is None:
         _app = make_celery()
     return _app
+
+
+@setup_logging.connect
+def _setup_logging(loglevel: int | None = None, **_: Any) -> None:
+    """Celery configures no logging of its own when this signal has a receiver: keep the project's JSON lines."""
+    configure_logging(get_settings().log_json, loglevel or logging.INFO)
+
 
 _context: Any = None
 
