@@ -51,3 +51,8 @@ def test_compose_workers_enforce_the_job_time_limit_with_one_prefork_process() -
     command = yaml.safe_load(COMPOSE.read_text())["services"]["worker"]["command"]
     assert command[command.index("--pool") + 1] == "prefork"
     assert command[command.index("--concurrency") + 1] == "1"
+
+
+def test_each_worker_replica_health_checks_its_own_node() -> None:
+    test = yaml.safe_load(COMPOSE.read_text())["services"]["worker"]["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL" and "inspect ping -d celery@$$HOSTNAME" in test[1]
