@@ -77,7 +77,12 @@ class GenerationCreate(Strict):
 
 class ModerationCreate(Strict):
     prompt: str = Field(..., min_length=1, max_length=4000)
-    model: str | None = Field(None, min_length=1, max_length=128)
+    model: str | None = Field(None, min_length=1, max_length=128,
+                              description="model card name (its lineage can matter); the default model if omitted")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"prompt": "a small red star above a large blue circle on a white background", "model": "demo-shapes-t2i"},
+    ]})
 
     @field_validator("prompt")
     @classmethod
@@ -126,6 +131,11 @@ class ModerationPublic(BaseModel):
 class ReviewDecisionIn(Strict):
     decision: Literal["approve", "reject"]
     reason: str = Field(..., min_length=3, max_length=2000, description="required: why")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"decision": "approve", "reason": "a generic illustration; no real person is depicted"},
+        {"decision": "reject", "reason": "shows a real public figure"},
+    ]})
 
     @field_validator("reason")
     @classmethod

@@ -19,7 +19,16 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: database, broker, signer, policy")
+READINESS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "ready: every check passed", "content": {"application/json": {"example": {
+        "status": "ready", "checks": {"database": {"ok": True}, "signer": {"ok": True, "detail": "..."}}}}}},
+    503: {"description": "not ready: the checks that failed carry an error", "content": {"application/json": {
+        "example": {"status": "not_ready", "checks": {"database": {"ok": True},
+                                                      "broker": {"ok": False, "error": "..."}}}}}},
+}
+
+
+@router.get("/readyz", summary="Readiness: database, broker, signer, policy", responses=READINESS)
 def readyz(state: StateDep) -> JSONResponse:
     checks: dict[str, Any] = services.readiness(state=state)
     ready = all(c["ok"] for c in checks.values())

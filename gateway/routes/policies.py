@@ -13,9 +13,20 @@ from gateway.routes.generations import ERRORS
 from gateway.schemas import MAX_OFFSET, Page, PolicyPublic
 
 router = APIRouter(prefix="/v1/policies", tags=["policies"])
+EXAMPLE_POLICY = """\
+id: example
+version: "1.0.0"
+description: Blocks two words; everything else is allowed.
+prompt:
+  lexical:
+    - id: forbidden_words
+      description: Words this policy blocks.
+      action: block
+      message: The prompt uses a forbidden word.
+      words: [gore, forbidden]
+"""
 YAML_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
-    "application/yaml": {"schema": {"type": "string"},
-                         "example": "id: default\nversion: '1.1'\ndescription: ...\n"}}}}
+    "application/yaml": {"schema": {"type": "string"}, "example": EXAMPLE_POLICY}}}}
 MAX_POLICY_BYTES = 1_000_000
 
 

@@ -39,3 +39,50 @@ def test_unknown_top_level_fields_are_rejected() -> None:
 def test_review_needs_a_reason() -> None:
     with pytest.raises(ValidationError):
         ReviewDecisionIn.model_validate({"decision": "approve", "reason": ""})
+
+
+@pytest.fixture(scope="module")
+def openapi(tmp_path_factory) -> dict:
+    from gateway.main import create_app
+    from tests.conftest import make_settings
+
+    return create_app(make_settings(tmp_path_factory.mktemp("openapi") / "var")).openapi()
+
+
+def test_openapi_declares_the_bearer_scheme_and_every_v1_operation_uses_it(openapi: dict) -> None:
+    schemes = openapi["components"]["securitySchemes"]
+    assert [scheme for scheme in schemes.values() if scheme == {**scheme, "type": "http", "scheme": "bearer"}]
+    name = next(iter(schemes))
+    operations = [(path, op) for path, ops in openapi["paths"].items() for op in ops.values()]
+    for path, op in operations:
+        if path.startswith("/v1/"):
+            assert op.get("security") == [{name: []}], path
+        else:
+            assert "security" not in op, path  # /healthz, /readyz and /metrics need no key
+
+
+@pytest.mark.parametrize("path,model", [("/v1/moderations", "ModerationCreate"),
+                                        ("/v1/review/{job_id}", "ReviewDecisionIn"),
+                                        ("/v1/generations", "GenerationCreate")])
+def test_json_request_bodies_carry_examples_that_validate(openapi: dict, path: str, model: str) -> None:
+    from gateway import schemas
+
+    body = openapi["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    examples = openapi["components"]["schemas"][body["$ref"].split("/")[-1]]["examples"]
+    assert examples
+    for example in examples:
+        getattr(schemas, model).model_validate(example)
+
+
+@pytest.mark.parametrize("path", ["/v1/policies", "/v1/policies/dry-run"])
+def test_policy_bodies_carry_an_example_that_is_a_valid_policy(openapi: dict, path: str) -> None:
+    from policies.loader import load_policy_text
+
+    example = openapi["paths"][path]["post"]["requestBody"]["content"]["application/yaml"]["example"]
+    assert load_policy_text(example, name="example").policy.id
+
+
+def test_readiness_documents_its_503(openapi: dict) -> None:
+    responses = openapi["paths"]["/readyz"]["get"]["responses"]
+    assert set(responses) == {"200", "503"}
+    assert responses["503"]["content"]["application/json"]["example"]["status"] == "not_ready"
