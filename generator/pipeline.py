@@ -11,6 +11,8 @@ import gc
 import hashlib
 import io
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -220,6 +222,7 @@ def claim_jobs(ctx: PipelineContext, job_ids: Sequence[str],
     it), and another would most likely end the same way.
     """
     ids, retaken = list(dict.fromkeys(job_ids)), set(reclaim)
+    worker = f"{socket.gethostname()}:{os.getpid()}"  # recorded with each lease: which process ran the job
     claimed: list[str] = []
     exhausted: list[str] = []
     groups: dict[tuple[Any, ...], list[str]] = {}
@@ -251,9 +254,9 @@ def claim_jobs(ctx: PipelineContext, job_ids: Sequence[str],
                 exhausted.append(job_id)
                 continue
             job.attempts = (job.attempts or 0) + 1
-            reason = ("picked up by worker" if job.status == "queued"
-                      else "taken back after a fault" if job_id in retaken else "lease expired: taken over")
-            transition(session, job, "running", reason)
+            how = ("picked up" if job.status == "queued"
+                   else "taken back after a fault" if job_id in retaken else "lease expired: taken over")
+            transition(session, job, "running", f"{how} by worker {worker}")
             claimed.append(job_id)
             groups.setdefault(("held", job_id) if resumes_held(job) else sampling_key(job), []).append(job_id)
     if exhausted:
