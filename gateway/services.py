@@ -32,6 +32,7 @@ from gateway import metrics
 from gateway.auth import Principal
 from gateway.dispatch import Dispatcher
 from gateway.errors import (
+    Conflict,
     ContentPolicyViolation,
     Forbidden,
     InvalidPolicy,
@@ -418,7 +419,7 @@ def decide_review(*, state: GatewayState, principal: Principal, job_id: str, dec
         if job is None:
             raise NotFound(f"no generation {job_id}")
         if taken.rowcount != 1:  # type: ignore[attr-defined]
-            raise InvalidRequest(f"generation {job_id} is {job.status}, not waiting for review")
+            raise Conflict(f"generation {job_id} is {job.status}, not waiting for review")
         if job.key_id == principal.key_id:
             raise Forbidden("a requester cannot review its own generation")
         stage = "output" if "output" in (job.decisions or {}) else "prompt"

@@ -40,7 +40,7 @@ def create_generation(body: GenerationCreate, request: Request, state: StateDep,
 
 @router.get("", response_model=Page[GenerationPublic], responses=ERRORS, summary="List generations")
 def list_generations(request: Request, session: SessionDep, caller: CallerDep,
-                     status: Annotated[str | None, Query(max_length=16)] = None,
+                     status: Status | None = None,
                      limit: Annotated[int, Query(ge=1, le=200)] = 50,
                      offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Page[GenerationPublic]:
     jobs, total = services.list_generations(session=session, principal=caller, status=status, limit=limit,

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from gateway import services
 from gateway.deps import CallerDep, SessionDep, StateDep
 from gateway.routes.generations import ERRORS, to_public
-from gateway.schemas import MAX_OFFSET, GenerationPublic, Page, ReviewDecisionIn
+from gateway.schemas import MAX_OFFSET, ErrorResponse, GenerationPublic, Page, ReviewDecisionIn
 
 router = APIRouter(prefix="/v1/review", tags=["review"])
 
@@ -22,8 +22,8 @@ def list_review(request: Request, session: SessionDep, caller: CallerDep,
     return Page[GenerationPublic](data=[to_public(j, request) for j in jobs], count=total)
 
 
-@router.post("/{job_id}", response_model=GenerationPublic, responses=ERRORS,
-             summary="Approve or reject with a required reason")
+@router.post("/{job_id}", response_model=GenerationPublic, responses={**ERRORS, 409: {"model": ErrorResponse}},
+             summary="Approve or reject with a required reason (409 when the job is not waiting for review)")
 def decide(job_id: str, body: ReviewDecisionIn, request: Request, state: StateDep,
            caller: CallerDep) -> GenerationPublic:
     job = services.decide_review(state=state, principal=caller, job_id=job_id, decision=body.decision,

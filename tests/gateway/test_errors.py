@@ -88,6 +88,23 @@ def test_audit_time_bounds_with_any_timezone_are_compared_in_utc(gw) -> None:
     assert types[0] == "header" and "event" not in types and "error" not in types
 
 
+def test_listing_generations_by_an_unknown_status_is_a_422_naming_the_statuses(gw) -> None:
+    response = gw.client.get("/v1/generations", params={"status": "bogus"}, headers=gw.auth(gw.key("creator")))
+    assert response.status_code == 422
+    message = error_of(response)["message"]
+    assert message.startswith("query.status:")
+    assert all(status in message for status in ("queued", "review", "running", "completed", "blocked", "failed"))
+
+
+def test_listing_generations_by_a_status_returns_only_those(gw) -> None:
+    key = gw.key("creator")
+    job = gw.client.post("/v1/generations", headers=gw.auth(key), json={"class_id": 1}).json()
+    gw.wait(job["id"], key)
+    completed = gw.client.get("/v1/generations", params={"status": "completed"}, headers=gw.auth(key)).json()
+    assert [j["id"] for j in completed["data"]] == [job["id"]]
+    assert gw.client.get("/v1/generations", params={"status": "review"}, headers=gw.auth(key)).json()["count"] == 0
+
+
 def test_junk_upload_to_provenance_verify_is_a_clear_4xx(gw) -> None:
     response = gw.client.post("/v1/provenance/verify", content=b"this is not an image",
                               headers={**gw.auth(gw.key("auditor")), "Content-Type": "image/png"})

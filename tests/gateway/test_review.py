@@ -79,7 +79,9 @@ def test_a_job_not_waiting_for_review_cannot_be_decided(gw) -> None:
     gw.wait(done["id"], creator)
     response = gw.client.post(f"/v1/review/{done['id']}", headers=gw.auth(gw.key("reviewer")),
                               json={"decision": "approve", "reason": "late approval"})
-    assert response.status_code == 422
+    assert response.status_code == 409
+    error = response.json()["error"]
+    assert error["code"] == "conflict" and error["message"].endswith("is completed, not waiting for review")
 
 
 def test_two_reviewers_deciding_at_once_commit_one_decision(c2i_state, monkeypatch) -> None:
@@ -91,7 +93,7 @@ def test_two_reviewers_deciding_at_once_commit_one_decision(c2i_state, monkeypat
     from audit.models import AuditEvent, Job
     from gateway import services
     from gateway.auth import Principal
-    from gateway.errors import InvalidRequest
+    from gateway.errors import Conflict
     from gateway.schemas import GenerationCreate
 
     state = c2i_state
@@ -111,7 +113,7 @@ def test_two_reviewers_deciding_at_once_commit_one_decision(c2i_state, monkeypat
             services.decide_review(state=state, principal=Principal(key_id=reviewer, role="reviewer", team="t"),
                                    job_id=job.id, decision=decision, reason=f"{reviewer}: {decision}")
             outcomes[reviewer] = decision
-        except InvalidRequest:
+        except Conflict:
             outcomes[reviewer] = "refused"
 
     threads = [threading.Thread(target=decide, args=("rev-a", "approve")),
