@@ -222,3 +222,31 @@ def test_database_down_gives_503_and_nothing_is_generated(gateway_factory, tmp_p
     finally:
         Path(engine.url.database + ".moved").rename(Path(engine.url.database))
         engine.dispose()
+
+
+def test_postgresql_down_gives_503_saying_so_and_the_gateway_recovers_when_it_is_back(gateway_factory) -> None:
+    from tests.services import _admin_connection
+
+    with postgres_database() as url:
+        name = url.rsplit("/", 1)[1]
+        gateway = gateway_factory(database_url=url, policy_file=REPO / "tests" / "data" / "lexical-only.yaml")
+        key = gateway.key("creator")
+        request = {"model": MODEL, "class_id": 1}
+        admin, _ = _admin_connection()
+        try:  # the database goes away: no new connections, and every open one is cut
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            r = gateway.client.post("/v1/generations", headers=gateway.auth(key), json=request)
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "service_unavailable"
+            assert r.json()["error"]["message"].startswith("the database is unavailable")
+            ready = gateway.client.get("/readyz")
+            assert ready.status_code == 503 and not ready.json()["checks"]["database"]["ok"]
+        finally:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            admin.close()
+        r = gateway.client.post("/v1/generations", headers=gateway.auth(key), json=request)
+        assert r.status_code == 202, r.text
+        assert gateway.wait(r.json()["id"], key)["status"] == "completed"
+        with gateway.state.ctx.sessions() as session:  # the refused request left no job behind
+            assert session.scalar(select(func.count()).select_from(Job)) == 1
