@@ -8,27 +8,29 @@ ROLES = ("creator", "reviewer", "auditor", "policy_admin", "admin")
 ANY = set(ROLES)
 GEN = {"model": "tiny-c2i", "class_id": 0, "params": {"seed": 1}}
 
-# (method, path, body kind, roles allowed)
+# (method, path, body kind, roles allowed, status an allowed role gets)
 MATRIX = [
-    ("POST", "/v1/generations", "gen", {"creator", "admin"}),
-    ("GET", "/v1/generations", None, {"creator", "auditor", "reviewer", "admin"}),
-    ("GET", "/v1/generations/{job}", None, {"creator", "auditor", "reviewer", "admin"}),
-    ("GET", "/v1/generations/{job}/images/0", None, {"creator", "auditor", "reviewer", "admin"}),
-    ("POST", "/v1/moderations", "moderation", {"creator", "admin"}),
-    ("GET", "/v1/models", None, ANY),
-    ("GET", "/v1/models/tiny-c2i", None, ANY),
-    ("GET", "/v1/policies/active", None, ANY),
-    ("GET", "/v1/policies", None, {"auditor", "policy_admin", "admin"}),
-    ("GET", "/v1/policies/{revision}", None, {"auditor", "policy_admin", "admin"}),
-    ("POST", "/v1/policies", "policy", {"policy_admin", "admin"}),
-    ("POST", "/v1/policies/dry-run", "policy", {"policy_admin", "auditor", "admin"}),
-    ("GET", "/v1/review", None, {"reviewer", "admin"}),
-    ("POST", "/v1/review/{job}", "review", {"reviewer", "admin"}),
-    ("GET", "/v1/audit/events", None, {"auditor", "admin"}),
-    ("GET", "/v1/audit/export", None, {"auditor", "admin"}),
-    ("GET", "/v1/audit/verify", None, {"auditor", "admin"}),
-    ("POST", "/v1/provenance/verify", "image", ANY),
+    ("POST", "/v1/generations", "gen", {"creator", "admin"}, 202),
+    ("GET", "/v1/generations", None, {"creator", "auditor", "reviewer", "admin"}, 200),
+    ("GET", "/v1/generations/{job}", None, {"creator", "auditor", "reviewer", "admin"}, 200),
+    ("GET", "/v1/generations/{job}/images/0", None, {"creator", "auditor", "reviewer", "admin"}, 200),
+    ("POST", "/v1/moderations", "moderation", {"creator", "admin"}, 200),
+    ("GET", "/v1/models", None, ANY, 200),
+    ("GET", "/v1/models/tiny-c2i", None, ANY, 200),
+    ("GET", "/v1/policies/active", None, ANY, 200),
+    ("GET", "/v1/policies", None, {"auditor", "policy_admin", "admin"}, 200),
+    ("GET", "/v1/policies/{revision}", None, {"auditor", "policy_admin", "admin"}, 200),
+    ("POST", "/v1/policies", "policy", {"policy_admin", "admin"}, 201),
+    ("POST", "/v1/policies/dry-run", "policy", {"policy_admin", "auditor", "admin"}, 200),
+    ("POST", "/v1/policies/{revision}/activate?reason=roles+matrix", None, {"policy_admin", "admin"}, 200),
+    ("GET", "/v1/review", None, {"reviewer", "admin"}, 200),
+    ("POST", "/v1/review/{job}", "review", {"reviewer", "admin"}, 409),  # the job is completed, not in review
+    ("GET", "/v1/audit/events", None, {"auditor", "admin"}, 200),
+    ("GET", "/v1/audit/export", None, {"auditor", "admin"}, 200),
+    ("GET", "/v1/audit/verify", None, {"auditor", "admin"}, 200),
+    ("POST", "/v1/provenance/verify", "image", ANY, 200),
 ]
+IDS = [f"{method} {path}" for method, path, *_ in MATRIX]
 
 
 @pytest.fixture(scope="module")
@@ -73,23 +75,23 @@ def _call(gw, method, path, body, key, job_id, active, image):
     return gw.client.request(method, path, headers=headers, **kwargs)
 
 
-@pytest.mark.parametrize("method,path,body,allowed", MATRIX, ids=[f"{m} {p}" for m, p, _, _ in MATRIX])
-def test_each_role_is_allowed_or_forbidden_as_specified(world, method, path, body, allowed) -> None:
+@pytest.mark.parametrize("method,path,body,allowed,expected", MATRIX, ids=IDS)
+def test_each_role_is_allowed_or_forbidden_as_specified(world, method, path, body, allowed, expected) -> None:
     gw, keys, job_id, active, image = world
     for role in ROLES:
         response = _call(gw, method, path, body, keys[role], job_id, active, image)
         if role in allowed:
-            assert response.status_code not in (401, 403), (role, response.status_code, response.text)
+            assert response.status_code == expected, (role, response.status_code, response.text)
         else:
             assert response.status_code == 403, (role, response.status_code, response.text)
             assert response.json()["error"]["code"] == "forbidden"
 
 
-@pytest.mark.parametrize("method,path,body,allowed", [m for m in MATRIX if m[3] != ANY or m[0] == "GET"],
-                         ids=lambda v: v if isinstance(v, str) else "")
-def test_no_key_and_revoked_key_are_unauthorized(world, method, path, body, allowed) -> None:
+@pytest.mark.parametrize("method,path,body,allowed,expected", MATRIX, ids=IDS)
+def test_no_key_and_revoked_key_are_unauthorized(world, method, path, body, allowed, expected) -> None:
     gw, keys, job_id, active, image = world
-    assert _call(gw, method, path, body, None, job_id, active, image).status_code == 401
+    response = _call(gw, method, path, body, None, job_id, active, image)
+    assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
     revoked = gw.key("admin", team="design")
     from gateway.auth import revoke_key
 
