@@ -699,11 +699,15 @@ def dry_run_policy(*, state: GatewayState, principal: Principal, source: str, li
 
 
 def refresh_queue_metrics(*, state: GatewayState) -> None:
-    """Job counts by status for /metrics (queued is the queue depth); skipped if the database is down."""
+    """Job counts by status for /metrics (queued is the queue depth). While the database is down they are left
+    out, not kept at their last value (Prometheus marks the series stale), and gateway_jobs_up is 0."""
     try:
         with state.ctx.sessions() as session:
             counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
     except Exception:
+        metrics.JOBS.clear()
+        metrics.JOBS_UP.set(0)
         return
+    metrics.JOBS_UP.set(1)
     for status in ("queued", "review", "running", "completed", "blocked", "failed"):
         metrics.JOBS.labels(status).set(counts.get(status, 0))

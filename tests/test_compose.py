@@ -56,3 +56,10 @@ def test_compose_workers_enforce_the_job_time_limit_with_one_prefork_process() -
 def test_each_worker_replica_health_checks_its_own_node() -> None:
     test = yaml.safe_load(COMPOSE.read_text())["services"]["worker"]["healthcheck"]["test"]
     assert test[0] == "CMD-SHELL" and "inspect ping -d celery@$$HOSTNAME" in test[1]
+
+
+def test_compose_workers_serve_their_metrics_on_an_exposed_port() -> None:
+    worker = yaml.safe_load(COMPOSE.read_text())["services"]["worker"]
+    port = worker["environment"]["LLAMAGEN_GATEWAY_WORKER_METRICS_PORT"]
+    assert port in worker["expose"]
+    assert worker["environment"]["LLAMAGEN_GATEWAY_BROKER_URL"] == "redis://redis:6379/0"  # still the common env

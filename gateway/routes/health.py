@@ -6,8 +6,9 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway import metrics as gateway_metrics
 from gateway import services
 from gateway.deps import StateDep
 
@@ -39,4 +40,4 @@ def readyz(state: StateDep) -> JSONResponse:
 @router.get("/metrics", summary="Prometheus metrics")
 def metrics(state: StateDep) -> Response:
     services.refresh_queue_metrics(state=state)
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(gateway_metrics.exposition(embedded=state.settings.embedded), media_type=CONTENT_TYPE_LATEST)

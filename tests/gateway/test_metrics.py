@@ -1,0 +1,58 @@
+"""/metrics: what the gateway exports in each mode, and what it leaves out rather than report wrongly."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.exc import OperationalError
+
+from gateway import metrics
+from tests.conftest import LEXICAL_POLICY
+
+
+def families(gw) -> dict[str, list]:  # type: ignore[no-untyped-def]
+    response = gw.client.get("/metrics")
+    assert response.status_code == 200
+    return {family.name: family.samples for family in text_string_to_metric_families(response.text)}
+
+
+@pytest.fixture
+def embedded(gateway_factory, tiny_models):  # type: ignore[no-untyped-def]
+    return gateway_factory(models_dir=tiny_models, default_model="tiny-c2i", policy_file=LEXICAL_POLICY)
+
+
+def test_a_distributed_gateway_exports_no_worker_series(gateway_factory, tiny_models) -> None:
+    gw = gateway_factory(models_dir=tiny_models, default_model="tiny-c2i", policy_file=LEXICAL_POLICY,
+                         broker_url="redis://127.0.0.1:1/0")  # never reached by /metrics
+    exported = families(gw)
+    assert "gateway_http_requests" in exported and "gateway_jobs" in exported
+    assert not [name for name in exported if name.startswith("worker_")]
+
+
+def test_the_embedded_gateway_exports_the_worker_series_of_its_in_process_worker(embedded) -> None:
+    exported = families(embedded)
+    assert {"worker_batch_size", "worker_busy_seconds", "worker_stage_seconds"} <= set(exported)
+
+
+def test_queue_depth_is_left_out_while_the_database_is_down(embedded, monkeypatch) -> None:
+    assert {s.labels["status"] for s in families(embedded)["gateway_jobs"]} >= {"queued", "running"}
+
+    def database_down():  # type: ignore[no-untyped-def]
+        raise OperationalError("SELECT", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(embedded.state.ctx, "sessions", database_down)
+    exported = families(embedded)
+    assert exported["gateway_jobs"] == []
+    assert [s.value for s in exported["gateway_jobs_up"]] == [0.0]
+
+    monkeypatch.undo()
+    exported = families(embedded)
+    assert [s.value for s in exported["gateway_jobs_up"]] == [1.0] and exported["gateway_jobs"]
+
+
+def test_requests_are_counted_by_team_and_model() -> None:
+    labels = {"method": "POST", "route": "/v1/generations", "status": "202", "team": "legal", "model": "tiny-c2i"}
+    before = REGISTRY.get_sample_value("gateway_http_requests_total", labels) or 0.0
+    metrics.observe_request("POST", "/v1/generations", 202, 0.01, team="legal", model="tiny-c2i")
+    assert REGISTRY.get_sample_value("gateway_http_requests_total", labels) == before + 1
