@@ -37,6 +37,7 @@ from generator.artifacts import ArtifactStore, open_store
 from generator.governance import PolicyStore
 from generator.llamagen import gemv
 from generator.llamagen.layout import DecodeLayout, apply_layout
+from generator.logs import log_context
 from generator.registry import GenOutput, GenRequest, LoadedModel, ModelCard, Registry, sampling_params
 from generator.sampler import LocalSampler, Sampler, SamplerProcess, torch_threads
 from policies.runtime import Context, Screening
@@ -278,28 +279,29 @@ def run_with_companions(ctx: PipelineContext, job_id: str, wait_s: float, reclai
 
     Waits up to `wait_s` for jobs of the same model and sampling parameters to fill `ctx.batch_size`. Their
     own queue messages arrive later and find them finished (or leased), so they are no-ops. `reclaim`: the
-    jobs an interrupted earlier try of this task leased (`RunInterrupted`), run again now.
+    jobs an interrupted earlier try of this task leased (`RunInterrupted`), run again now. What is logged
+    meanwhile carries the job's id and its request's id.
     """
-    if reclaim:
-        return run_jobs(ctx, [job_id, *reclaim], reclaim)
     with ctx.sessions() as session:
         job = session.get(Job, job_id)
-        if job is None or job.status != "queued":
-            return run_jobs(ctx, [job_id])
-        key = sampling_key(job)
-        model = job.model
-    ids = [job_id]
-    deadline = time.monotonic() + wait_s
-    while len(ids) < ctx.batch_size:
-        with ctx.sessions() as session:
-            candidates = session.scalars(select(Job).where(Job.status == "queued", Job.model == model,
-                                                           Job.id.not_in(ids))
-                                         .order_by(Job.created_at).limit(4 * ctx.batch_size)).all()
-            ids += [c.id for c in candidates if sampling_key(c) == key][: ctx.batch_size - len(ids)]
-        if len(ids) >= ctx.batch_size or time.monotonic() >= deadline:
-            break
-        time.sleep(min(0.01, max(deadline - time.monotonic(), 0.0)))
-    return run_jobs(ctx, ids)
+        request_id = job.request_id if job is not None else ""
+        queued = job is not None and job.status == "queued" and not reclaim
+        key, model = (sampling_key(job), job.model) if job is not None else (None, None)
+    with log_context(job_id=job_id, request_id=request_id):
+        if not queued:
+            return run_jobs(ctx, [job_id, *reclaim], reclaim)
+        ids = [job_id]
+        deadline = time.monotonic() + wait_s
+        while len(ids) < ctx.batch_size:
+            with ctx.sessions() as session:
+                candidates = session.scalars(select(Job).where(Job.status == "queued", Job.model == model,
+                                                               Job.id.not_in(ids))
+                                             .order_by(Job.created_at).limit(4 * ctx.batch_size)).all()
+                ids += [c.id for c in candidates if sampling_key(c) == key][: ctx.batch_size - len(ids)]
+            if len(ids) >= ctx.batch_size or time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.01, max(deadline - time.monotonic(), 0.0)))
+        return run_jobs(ctx, ids)
 
 
 def fail_jobs(ctx: PipelineContext, job_ids: Sequence[str], message: str) -> None:

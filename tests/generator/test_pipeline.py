@@ -531,3 +531,27 @@ def test_a_commit_reported_failed_after_it_took_effect_keeps_the_audited_image(c
         data = services.image_bytes(state=c2i_state, session=session, job_id=job_id, index=0,
                                     principal=Principal(key_id="a", role="auditor", team="design"))
     assert data.startswith(b"\x89PNG")
+
+
+def test_what_a_queue_worker_logs_about_a_job_carries_its_request_id(c2i_state) -> None:
+    import logging
+
+    from generator.logs import ContextFilter
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    handler.addFilter(ContextFilter())
+    logger = logging.getLogger("generator.pipeline")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        job_id = submit_c2i(c2i_state, class_id=1, seed=1)
+        run_with_companions(c2i_state.ctx, job_id, wait_s=0.0)
+        run_with_companions(c2i_state.ctx, job_id, wait_s=0.0)  # redelivered: logs that it is finished
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    (done,) = [r for r in records if "nothing to do" in r.getMessage()]
+    assert (done.job_id, done.request_id) == (job_id, "test")
