@@ -14,6 +14,7 @@ from gateway.schemas import MAX_OFFSET, ErrorResponse, GenerationCreate, Generat
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 422, 429, 503)}
+BODY_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, 413: {"model": ErrorResponse}}  # raw bodies with a limit
 
 
 def to_public(job: Job, request: Request) -> GenerationPublic:

@@ -7,9 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from gateway import services
-from gateway.deps import CallerDep, StateDep
+from gateway.deps import CallerDep, StateDep, read_body
 from gateway.errors import InvalidRequest
-from gateway.routes.generations import ERRORS
+from gateway.routes.generations import BODY_ERRORS, ERRORS
 from gateway.schemas import MAX_OFFSET, Page, PolicyPublic
 
 router = APIRouter(prefix="/v1/policies", tags=["policies"])
@@ -31,11 +31,9 @@ MAX_POLICY_BYTES = 1_000_000
 
 
 async def _yaml_body(request: Request) -> str:
-    raw = await request.body()
+    raw = await read_body(request, limit=MAX_POLICY_BYTES, what="the policy body")
     if not raw:
         raise InvalidRequest("send the policy YAML as the request body (Content-Type: application/yaml)")
-    if len(raw) > MAX_POLICY_BYTES:
-        raise InvalidRequest(f"policy body is larger than {MAX_POLICY_BYTES} bytes")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -54,7 +52,7 @@ def policy_history(state: StateDep, caller: CallerDep, limit: Annotated[int, Que
     return Page[PolicyPublic](data=rows, count=total)
 
 
-@router.post("/dry-run", response_model=dict[str, Any], responses=ERRORS, openapi_extra=YAML_BODY,
+@router.post("/dry-run", response_model=dict[str, Any], responses=BODY_ERRORS, openapi_extra=YAML_BODY,
              summary="Replay a candidate policy over stored history")
 async def dry_run(request: Request, state: StateDep, caller: CallerDep,
                   limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000) -> dict[str, Any]:
@@ -67,7 +65,7 @@ def get_policy(revision: str, state: StateDep, caller: CallerDep) -> PolicyPubli
     return services.get_policy(state=state, principal=caller, revision=revision)
 
 
-@router.post("", status_code=201, response_model=PolicyPublic, responses=ERRORS, openapi_extra=YAML_BODY,
+@router.post("", status_code=201, response_model=PolicyPublic, responses=BODY_ERRORS, openapi_extra=YAML_BODY,
              summary="Validate and store a policy revision (optionally activate it)")
 async def create_policy(request: Request, state: StateDep, caller: CallerDep,
                         activate: bool = False,

@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from gateway import services
-from gateway.deps import CallerDep, StateDep
+from gateway.deps import CallerDep, StateDep, read_body
 from gateway.errors import InvalidRequest
-from gateway.routes.generations import ERRORS
+from gateway.routes.generations import BODY_ERRORS
 
 router = APIRouter(prefix="/v1/provenance", tags=["provenance"])
 MAX_UPLOAD = 50 * 1024 * 1024
@@ -18,12 +18,10 @@ IMAGE_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
     "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}}
 
 
-@router.post("/verify", response_model=dict[str, Any], responses=ERRORS, openapi_extra=IMAGE_BODY,
+@router.post("/verify", response_model=dict[str, Any], responses=BODY_ERRORS, openapi_extra=IMAGE_BODY,
              summary="Verify an image's C2PA manifest (send the image bytes as the body)")
 async def verify(request: Request, state: StateDep, caller: CallerDep) -> dict[str, Any]:
-    data = await request.body()
+    data = await read_body(request, limit=MAX_UPLOAD, what="the upload")
     if not data:
         raise InvalidRequest("send the image bytes as the request body")
-    if len(data) > MAX_UPLOAD:
-        raise InvalidRequest(f"upload is larger than {MAX_UPLOAD} bytes")
     return services.verify_provenance(state=state, data=data)

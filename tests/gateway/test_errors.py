@@ -139,6 +139,22 @@ def test_unsigned_images_are_reported_as_having_no_manifest(gw, fmt: str) -> Non
     assert report["has_manifest"] is False and report["ok"] is False and "no C2PA manifest" in report["summary"]
 
 
+@pytest.mark.parametrize("path,limit,mime", [
+    ("/v1/provenance/verify", "gateway.routes.provenance.MAX_UPLOAD", "image/png"),
+    ("/v1/policies/dry-run", "gateway.routes.policies.MAX_POLICY_BYTES", "application/yaml"),
+    ("/v1/policies", "gateway.routes.policies.MAX_POLICY_BYTES", "application/yaml"),
+])
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_raw_body_over_its_limit_is_a_413(gw, monkeypatch, path, limit, mime, chunked) -> None:
+    monkeypatch.setattr(limit, 1000)
+    body = b"\x89PNG\r\n\x1a\n" + b"x" * 1000
+    content = iter([body[:500], body[500:]]) if chunked else body  # an iterator goes without a Content-Length
+    response = gw.client.post(path, content=content, headers={**gw.auth(gw.key("admin")), "Content-Type": mime})
+    assert response.status_code == 413, response.text
+    assert error_of(response)["code"] == "payload_too_large"
+    assert "larger than 1000 bytes" in error_of(response)["message"]
+
+
 def test_rate_limit_per_key_answers_429_with_retry_after(gateway_factory, tiny_models) -> None:
     gw = gateway_factory(models_dir=tiny_models, default_model="tiny-c2i", rate_limit_per_minute=2,
                          policy_file=LEXICAL_POLICY)
