@@ -12,6 +12,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import setup_logging, worker_init, worker_process_init, worker_process_shutdown
+from celery.utils.log import get_multiprocessing_logger
 
 from gateway.settings import Settings, get_settings
 from generator.logs import configure_logging
@@ -67,6 +68,11 @@ def __getattr__(name: str) -> Any:
 def _setup_logging(loglevel: int | None = None, **_: Any) -> None:
     """Celery configures no logging of its own when this signal has a receiver: keep the project's JSON lines."""
     configure_logging(get_settings().log_json, loglevel or logging.INFO)
+    # The pool's own errors (a process killed at the time limit) go through billiard's logger, which does not
+    # propagate by default; like Celery, pass on its errors only.
+    pool_log = get_multiprocessing_logger()
+    pool_log.propagate = True
+    pool_log.setLevel(logging.ERROR)
 
 
 _context: Any = None

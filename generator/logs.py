@@ -50,8 +50,9 @@ def log_context(**fields: str) -> Iterator[None]:
 
 
 def configure_logging(json_logs: bool, level: int = logging.INFO) -> None:
-    """The root logger writes to stderr, as JSON lines or as plain text; every other logger propagates to it."""
+    """The root logger writes to stderr, as JSON lines or as plain text; other loggers and warnings go to it."""
     handler = logging.StreamHandler()
     handler.addFilter(ContextFilter())
     handler.setFormatter(JsonFormatter() if json_logs else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.captureWarnings(True)  # e.g. Celery's warning at start-up, as a log line rather than raw text

@@ -26,6 +26,14 @@ with log_context(request_id="req-1", job_id="job-1"):
     get_task_logger("generator.tasks").info("job started")
 """
 
+WARNING = """
+import warnings
+from generator.logs import configure_logging
+
+configure_logging(json_logs=True)
+warnings.warn("running as root")
+"""
+
 
 @pytest.fixture
 def root_logger():  # type: ignore[no-untyped-def]
@@ -59,3 +67,10 @@ def test_a_celery_worker_keeps_json_lines_with_the_request_id() -> None:
     assert ready["logger"] == "celery.apps.worker" and ready["message"] == "ready"
     assert started["message"] == "job started" and started["request_id"] == "req-1"
     assert started["job_id"] == "job-1"
+
+
+def test_warnings_are_json_lines_too() -> None:
+    result = subprocess.run([sys.executable, "-c", WARNING], cwd=REPO, capture_output=True, text=True, timeout=60)
+    [line] = result.stderr.splitlines()
+    entry = json.loads(line)
+    assert entry["logger"] == "py.warnings" and "running as root" in entry["message"]
