@@ -39,7 +39,9 @@ def build_state(settings: Settings, *, dispatcher: Dispatcher | None = None) -> 
             dispatcher = CeleryDispatcher(settings)
     counter = MemoryCounter() if settings.embedded else RedisCounter(settings.broker_url or "")
     limits = Limits(counter, per_key_per_minute=settings.rate_limit_per_minute,
-                    team_images_per_day=settings.team_quota_per_day)
+                    team_images_per_day=settings.team_quota_per_day,
+                    per_team_per_minute=settings.team_rate_limit_per_minute,
+                    key_images_per_day=settings.key_quota_per_day)
     state = GatewayState(settings=settings, ctx=ctx, dispatcher=dispatcher, limits=limits, waiters=waiters,
                          intake=intake)
     assert settings.signing_key is not None and settings.signing_cert is not None

@@ -179,6 +179,22 @@ def test_team_image_quota_answers_429(gateway_factory, tiny_models) -> None:
     gw.wait(first.json()["id"], key)
 
 
+def test_a_served_gateway_applies_the_team_rate_limit_and_the_key_quota(gateway_factory, tiny_models) -> None:
+    gw = gateway_factory(models_dir=tiny_models, default_model="tiny-c2i", team_rate_limit_per_minute=2,
+                         key_quota_per_day=1, policy_file=LEXICAL_POLICY)
+    first, second = gw.key("creator", team="busy"), gw.key("creator", team="busy")
+    moderate = [gw.client.post("/v1/moderations", headers=gw.auth(key), json={"prompt": "a red star"})
+                for key in (first, second, second)]
+    assert [r.status_code for r in moderate] == [200, 200, 429]  # two keys, one team: the team's limit
+    assert "team" in error_of(moderate[-1])["message"] and int(moderate[-1].headers["retry-after"]) >= 1
+    quiet = gw.key("creator", team="quiet")
+    accepted = gw.client.post("/v1/generations", headers=gw.auth(quiet), json={"class_id": 1})
+    refused = gw.client.post("/v1/generations", headers=gw.auth(quiet), json={"class_id": 2})
+    assert accepted.status_code == 202 and refused.status_code == 429
+    assert "quota" in error_of(refused)["message"]
+    gw.wait(accepted.json()["id"], quiet)
+
+
 def test_invalid_requests_use_none_of_the_team_image_quota(gateway_factory, tiny_models) -> None:
     gw = gateway_factory(models_dir=tiny_models, default_model="tiny-c2i", team_quota_per_day=2,
                          policy_file=LEXICAL_POLICY)
