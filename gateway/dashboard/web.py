@@ -203,4 +203,7 @@ def parse_utc(value: str | None, field: str) -> datetime | None:
         parsed = datetime.fromisoformat(value)
     except ValueError as exc:
         raise InvalidRequest(f"{field}: {value!r} is not a date and time (YYYY-MM-DDTHH:MM, UTC)") from exc
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    try:
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except OverflowError as exc:  # e.g. 0001-01-01T00:00+01:00 is before the first representable UTC time
+        raise InvalidRequest(f"{field}: {value!r} is out of range once converted to UTC") from exc

@@ -140,6 +140,13 @@ def test_audit_explorer_names_a_bad_date_at_its_field(dash: Dashboard) -> None:
     assert 'id="since-error"' in response.text and "is not a date and time" in response.text
 
 
+def test_audit_explorer_names_a_date_out_of_range_in_utc_at_its_field(dash: Dashboard) -> None:
+    dash.sign_in("auditor")
+    response = dash.client.get("/dashboard/audit", params={"until": "0001-01-01T00:00:00+01:00"})
+    assert response.status_code == 200  # the form again, with the error at its field (was a 500)
+    assert 'id="until-error"' in response.text and "out of range once converted to UTC" in response.text
+
+
 def test_event_page_shows_the_image_with_a_provenance_badge(dash: Dashboard) -> None:
     job_id, event_id = factories.released_image(dash.state)
     dash.sign_in("auditor")
