@@ -109,7 +109,9 @@ def create_app(settings: Settings | None = None, state: Any = None) -> FastAPI:
         elapsed = time.perf_counter() - started
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
-        metrics.observe_request(request.method, path, response.status_code, elapsed)
+        principal = getattr(request.state, "principal", None)  # set by authentication (deps.get_caller)
+        metrics.observe_request(request.method, path, response.status_code, elapsed,
+                                team=principal.team if principal else "", model=getattr(request.state, "model", ""))
         response.headers["X-Request-ID"] = request.state.request_id
         log.info("request", extra={"request_id": request.state.request_id, "method": request.method,
                                    "path": path, "status": response.status_code,

@@ -10,11 +10,22 @@ from audit.models import Job
 from gateway import services
 from gateway.deps import CallerDep, RequestIdDep, SessionDep, StateDep
 from gateway.schemas import MAX_OFFSET, ErrorResponse, GenerationCreate, GenerationPublic, ImagePublic, Page, Status
+from gateway.services import GatewayState
+from generator.registry import RegistryError
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 422, 429, 503)}
 BODY_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, 413: {"model": ErrorResponse}}  # raw bodies with a limit
+
+
+def note_model(request: Request, state: GatewayState, name: str | None) -> None:
+    """Name the requested model on the request for the metrics as the registry knows it, "" when it has no card
+    (a name taken from the body would let any caller create label values)."""
+    try:
+        request.state.model = state.ctx.registry.get(name or state.settings.default_model).name
+    except RegistryError:
+        request.state.model = ""
 
 
 def to_public(job: Job, request: Request) -> GenerationPublic:
@@ -35,6 +46,7 @@ def to_public(job: Job, request: Request) -> GenerationPublic:
              summary="Submit a governed generation")
 def create_generation(body: GenerationCreate, request: Request, state: StateDep, caller: CallerDep,
                       request_id: RequestIdDep) -> GenerationPublic:
+    note_model(request, state, body.model)
     job = services.submit_generation(state=state, principal=caller, request=body, request_id=request_id)
     return to_public(job, request)
 

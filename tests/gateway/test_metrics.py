@@ -56,3 +56,34 @@ def test_requests_are_counted_by_team_and_model() -> None:
     before = REGISTRY.get_sample_value("gateway_http_requests_total", labels) or 0.0
     metrics.observe_request("POST", "/v1/generations", 202, 0.01, team="legal", model="tiny-c2i")
     assert REGISTRY.get_sample_value("gateway_http_requests_total", labels) == before + 1
+
+
+
+def requests_counted(gw, **labels: str) -> float:  # type: ignore[no-untyped-def]
+    """The /metrics value of gateway_http_requests_total with exactly these labels (0 when absent)."""
+    return sum(s.value for s in families(gw)["gateway_http_requests"]
+               if s.name == "gateway_http_requests_total" and s.labels == labels)
+
+
+def test_a_generation_is_counted_under_the_callers_team_and_the_resolved_model(embedded) -> None:
+    labels = {"method": "POST", "route": "/v1/generations", "status": "202", "team": "design", "model": "tiny-c2i"}
+    before = requests_counted(embedded, **labels)
+    key = embedded.key("creator", team="design")
+
+    response = embedded.client.post("/v1/generations", headers=embedded.auth(key), json={"class_id": 1})
+
+    assert response.status_code == 202
+    assert requests_counted(embedded, **labels) == before + 1
+
+
+def test_an_unknown_model_name_never_becomes_a_label(embedded) -> None:
+    labels = {"method": "POST", "route": "/v1/generations", "status": "422", "team": "design", "model": ""}
+    before = requests_counted(embedded, **labels)
+    key = embedded.key("creator", team="design")
+
+    response = embedded.client.post("/v1/generations", headers=embedded.auth(key),
+                                    json={"model": "bogus-model-xyz", "class_id": 1})
+
+    assert response.status_code == 422
+    assert requests_counted(embedded, **labels) == before + 1
+    assert "bogus-model-xyz" not in {s.labels.get("model") for s in families(embedded)["gateway_http_requests"]}
