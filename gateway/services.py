@@ -75,6 +75,7 @@ class GatewayState:
     # Set once a served gateway has loaded its classifiers and default model (`state.warm_up`); until then it
     # is not ready, so that no first request waits seconds for them. None: nothing is warmed (tests, the CLI).
     warmed: threading.Event | None = None
+    signer_ok_at: float = float("-inf")  # time.monotonic() of the signer's last successful probe (`_require_signer`)
 
 
 def _card(state: GatewayState, name: str | None) -> Any:
@@ -149,22 +150,51 @@ def _params(state: GatewayState, request: GenerationCreate, card: Any) -> dict[s
     }
 
 
-def _screen(state: GatewayState, text: str, context: Context, *, principal: Principal,
-            request_id: str) -> tuple[Any, list[dict[str, Any]], str]:
-    """Prompt and model screening under the active policy -> (runtime, screenings, strictest action)."""
+def _screen(state: GatewayState, text: str, context: Context, *, principal: Principal, request_id: str,
+            generates: bool = False) -> tuple[Any, list[dict[str, Any]], str]:
+    """Prompt and model screening under the active policy -> (runtime, screenings, strictest action).
+
+    generates: the request is for images, so output screening must be able to run too (fail closed before
+    anything is generated). Only a process that loaded the image classifier can tell (an embedded gateway);
+    a distributed gateway's workers fail such a job, saying why."""
+    reason = None
     try:
         runtime = state.ctx.policies.runtime()
-        screened = [runtime.screen_prompt(text, context), runtime.check_model(context)]
-        # A classifier that failed on this prompt decided nothing about it: 503, not 400.
-        fault = next((f for f in (s.fault() for s in screened) if f is not None), None)
+        output_fault = runtime.output_fault() if generates else None
+        if output_fault is not None:
+            reason = f"output screening is unavailable: {output_fault}; nothing was screened or generated"
+        else:
+            screened = [runtime.screen_prompt(text, context), runtime.check_model(context)]
+            # A classifier that failed on this prompt decided nothing about it: 503, not 400.
+            fault = next((f for f in (s.fault() for s in screened) if f is not None), None)
+            if fault is not None:
+                reason = f"prompt screening is unavailable: {fault}"
     except Exception as exc:  # a classifier that cannot run stops the request: fail closed
-        fault = str(exc)
-    if fault is not None:
-        reason = f"prompt screening is unavailable: {fault}"
+        reason = f"prompt screening is unavailable: {exc}"
+    if reason is not None:
         _audit_unscreened(state, principal, request_id, context, text, reason)
         raise ServiceUnavailable(reason)
     screenings = [screening.to_dict() for screening in screened]
     return runtime, screenings, strictest(s["decision"] for s in screenings)
+
+
+SIGNER_RECHECK_S = 10.0
+
+
+def _require_signer(state: GatewayState) -> None:
+    """Fail closed before anything is screened or generated: a job whose images cannot be signed would only
+    fail after sampling. The signer signs for real at most every SIGNER_RECHECK_S while it works, and on every
+    request while it does not."""
+    now = time.monotonic()
+    if now - state.signer_ok_at < SIGNER_RECHECK_S:
+        return
+    try:
+        _probe_signer(state)
+    except Exception as exc:
+        log.warning("the signer cannot sign: %s", exc)
+        raise ServiceUnavailable(f"the signer is unavailable ({type(exc).__name__}; see the gateway log); "
+                                 "nothing was generated") from exc
+    state.signer_ok_at = now
 
 
 def _audit_unscreened(state: GatewayState, principal: Principal, request_id: str, context: Context, text: str,
@@ -191,11 +221,13 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
     text = _condition_text(request, card)
     params = _params(state, request, card)
     context = _context(principal, card)
+    _require_signer(state)
     # Valid and about to be screened: only now do its images count against the quota (a 422 costs nothing).
     state.limits.charge_images(key_id=principal.key_id, team=principal.team, images=params["num_images"])
     with state.intake.admitting():  # until its job is recorded: queued (below), parked or refused
         t0 = time.perf_counter()
-        runtime, screenings, action = _screen(state, text, context, principal=principal, request_id=request_id)
+        runtime, screenings, action = _screen(state, text, context, principal=principal, request_id=request_id,
+                                              generates=True)
         screening_s = time.perf_counter() - t0
         metrics.observe_decision("prompt", action, principal.team, card.name)
         metrics.STAGE_SECONDS.labels("prompt_screening").observe(screening_s)
@@ -283,14 +315,17 @@ def _dispatch(state: GatewayState, job_id: str) -> None:
     try:
         state.dispatcher.submit(job_id)
     except Exception as exc:
+        # The broker's own text names hosts and ports: it goes to the log, the caller and the job get its kind.
+        log.warning("could not enqueue job %s: %s", job_id, exc)
+        reason = f"the job queue is unavailable ({type(exc).__name__}; see the gateway log)"
         with state.ctx.sessions() as session, session.begin():
             job = session.get(Job, job_id)
             if job is not None and job.status == "queued":
-                job.error = f"could not enqueue: {exc}"
+                job.error = f"could not enqueue: {reason}"
                 transition(session, job, "failed", job.error)
                 append_event(session, action="generation.failed", key_id=job.key_id, team=job.team,
                              job_id=job.id, payload={"error": job.error})
-        raise ServiceUnavailable(f"the job queue is unavailable: {exc}") from exc
+        raise ServiceUnavailable(reason) from exc
 
 
 def get_generation(*, session: Session, principal: Principal, job_id: str) -> Job:
@@ -626,6 +661,9 @@ def _probe_policy(state: GatewayState) -> str:
     missing = [c.name for c in runtime.text_classifiers if isinstance(c, UnavailableClassifier)]
     if missing:
         raise ServiceUnavailable(f"classifiers unavailable: {', '.join(missing)}")
+    output_fault = runtime.output_fault()
+    if output_fault is not None:
+        raise ServiceUnavailable(f"output screening is unavailable: {output_fault}")
     return runtime.revision
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,7 @@ def _build(name: str, policy: Policy, models_dir: Path, device: str) -> Classifi
 # Classifiers are cached per (revision, classifier, models_dir, device): exemplar and prompt embeddings are
 # computed once per policy revision; the heavy models underneath are cached by weights hash.
 _CACHE: dict[tuple[str, str, str, str], Classifier] = {}
+IMAGE_RETRY_S = 10.0  # an unavailable image classifier is loaded again at most this often by `output_fault`
 _CACHE_LOCK = threading.Lock()
 
 
@@ -125,6 +127,7 @@ class PolicyRuntime:
         self._given = dict(classifiers or {})
         self._text = [self._classifier(name) for name in text_classifier_names(loaded.policy)]
         self._image: Classifier | None = None
+        self._image_tried = float("-inf")  # time.monotonic() of the last load of the image classifier
         self._image_lock = threading.Lock()
 
     @property
@@ -168,10 +171,20 @@ class PolicyRuntime:
             start += len(batch)
         return out
 
+    def output_fault(self) -> str | None:
+        """Why output screening cannot run, when this process loaded its image classifier and it is unavailable
+        (missing or wrong weights; loading is tried again every IMAGE_RETRY_S, so installing them heals it);
+        None when it works, is not needed, or was never loaded here."""
+        image = self._image
+        if isinstance(image, UnavailableClassifier) and time.monotonic() - self._image_tried >= IMAGE_RETRY_S:
+            image = self._image_classifier()
+        return image.reason if isinstance(image, UnavailableClassifier) else None
+
     def _image_classifier(self) -> Classifier:
         # Loaded on first use: the API process screens prompts only and never needs CLIP.
         with self._image_lock:
             if self._image is None or isinstance(self._image, UnavailableClassifier):
+                self._image_tried = time.monotonic()
                 self._image = self._classifier("image_concepts")
             return self._image
 

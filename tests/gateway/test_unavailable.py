@@ -241,3 +241,54 @@ def _locked(conn, cursor, statement: str, *args: object) -> None:
 
     if "api_keys" not in statement and statement.lstrip().upper().startswith("INSERT"):
         raise OperationalError(statement, {}, sqlite3.OperationalError("database is locked"))
+
+
+def job_count(gw) -> int:
+    from sqlalchemy import func
+
+    with gw.state.ctx.sessions() as session:
+        return int(session.scalar(select(func.count()).select_from(Job)) or 0)
+
+
+def test_a_signer_that_cannot_sign_gives_503_before_anything_is_screened_or_generated(gw, monkeypatch) -> None:
+    creator = gw.key("creator")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PKCS#11 token removed from /dev/hsm0")
+
+    monkeypatch.setattr(gw.state.ctx.signer, "sign_png", broken)
+    response = gw.client.post("/v1/generations", headers=gw.auth(creator), json={"class_id": 1})
+    assert response.status_code == 503
+    message = error_of(response)["message"]
+    assert message.startswith("the signer is unavailable (RuntimeError") and "/dev/hsm0" not in message
+    assert job_count(gw) == 0
+    assert not gw.client.get("/readyz").json()["checks"]["signer"]["ok"]
+    monkeypatch.undo()  # the signer is back: the next request is accepted and released
+    accepted = gw.client.post("/v1/generations", headers=gw.auth(creator), json={"class_id": 1})
+    assert accepted.status_code == 202
+    assert gw.wait(accepted.json()["id"], creator)["status"] == "completed"
+
+
+def test_an_image_classifier_without_its_weights_gives_503_before_anything_is_generated(gateway_factory,
+                                                                                        tiny_models, tmp_path):
+    policy = tmp_path / "with-images.yaml"
+    policy.write_text(LEXICAL_POLICY.read_text() + """output:
+  image_concepts:
+    model: {architecture: clip_config, config: missing/clip_config.json, weights: missing/clip.pt}
+    concepts:
+      - {id: image_gore, name: gore, action: block, threshold: 0.2, prompts: [graphic gore]}
+""")
+    gw = gateway_factory(models_dir=tiny_models, default_model="tiny-c2i", policy_file=policy)
+    creator = gw.key("creator")
+    first = gw.client.post("/v1/generations", headers=gw.auth(creator), json={"class_id": 1})
+    # Nothing had loaded the image classifier: the first job finds out after sampling, fails and releases nothing.
+    job = gw.wait(first.json()["id"], creator)
+    assert job["status"] == "failed" and job["error"].startswith("output screening is unavailable")
+    refused = gw.client.post("/v1/generations", headers=gw.auth(creator), json={"class_id": 2})
+    assert refused.status_code == 503
+    assert error_of(refused)["message"].startswith("output screening is unavailable: classifier 'image_concepts'")
+    assert job_count(gw) == 1  # the refused request queued nothing
+    ready = gw.client.get("/readyz").json()["checks"]["policy"]
+    assert not ready["ok"] and "output screening is unavailable" in ready["error"]
+    moderated = gw.client.post("/v1/moderations", headers=gw.auth(creator), json={"prompt": "a red star"})
+    assert moderated.status_code == 200  # screening a prompt only needs the prompt classifiers
