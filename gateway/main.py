@@ -16,7 +16,9 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from audit.db import describe_fault
 from gateway import dashboard, metrics
@@ -62,6 +64,43 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _is_json(headers: Headers) -> bool:
+    media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
+class JsonBodyLimit:
+    """Refuses a JSON body over `limit` bytes (413) before it is parsed: unread when its Content-Length says so,
+    and as soon as it passes `limit` while streaming in (a chunked body declares no length). Pure ASGI, so that
+    bodies are not buffered a second time; raw bodies have their own limits (`deps.read_body`)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    def too_large(self) -> StarletteHTTPException:
+        # An HTTPException, because FastAPI's body parsing re-raises those (anything else there becomes a 400).
+        return StarletteHTTPException(413, f"the JSON body is larger than {self.limit} bytes")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _is_json(Headers(scope=scope)):
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        received = 0
+
+        async def receive_within_limit() -> Message:
+            nonlocal received
+            if declared.isdigit() and int(declared) > self.limit:  # refused unread
+                raise self.too_large()
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise self.too_large()
+            return message
+
+        await self.app(scope, receive_within_limit, send)
+
+
 def _warm_up(app: FastAPI) -> None:
     try:
         warm_up(app.state.gateway)
@@ -94,6 +133,9 @@ def create_app(settings: Settings | None = None, state: Any = None) -> FastAPI:
 
     app = FastAPI(title="llamagen-gateway", version="0.1.0", lifespan=lifespan,
                   description="Governed LlamaGen image generation: screened, signed with C2PA, audited.")
+
+    # Added before request_context, so inside it: a 413 gets the request id and is logged and counted.
+    app.add_middleware(JsonBodyLimit, limit=(settings or get_settings()).max_json_body_bytes)
 
     @app.middleware("http")
     async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
