@@ -121,6 +121,13 @@ class GenerationPublic(BaseModel):
     updated_at: datetime
 
 
+class ReviewItem(GenerationPublic):
+    """A generation waiting for a reviewer. Parked at output screening, it holds its images for the reviewer
+    to look at: signed and audited as held, released only if the reviewer approves."""
+
+    held_images: list[ImagePublic] = Field(default_factory=list)
+
+
 class ModerationPublic(BaseModel):
     decision: dict[str, Any]
     classifiers: list[dict[str, Any]]

@@ -407,6 +407,29 @@ def image_bytes(*, state: GatewayState, session: Session, principal: Principal, 
     return data
 
 
+def held_images(job: Job) -> list[dict[str, Any]]:
+    """The images a job parked at output screening holds for its reviewer (none once it is decided)."""
+    return list(job.images) if job.status == "review" else []
+
+
+def held_image_bytes(*, state: GatewayState, session: Session, principal: Principal, job_id: str,
+                     index: int) -> bytes:
+    """An image held for review, for a reviewer to look at before deciding (its manifest says it is held),
+    only if its stored bytes are the ones its audit record names."""
+    principal.require("reviewer")
+    job = session.get(Job, job_id)
+    if job is None or job.status != "review":
+        raise NotFound(f"generation {job_id} is not waiting for review")
+    image = next((i for i in held_images(job) if int(i["index"]) == index), None)
+    if image is None:
+        raise NotFound(f"generation {job_id} holds no image {index} for review")
+    data = state.ctx.artifacts.get(image["uri"])
+    if hashlib.sha256(data).hexdigest() != image["sha256"]:
+        raise ServiceUnavailable(f"the held image {index} of generation {job_id} does not match its audit "
+                                 "record; it is withheld")
+    return data
+
+
 def moderate(*, state: GatewayState, principal: Principal, request: ModerationCreate,
              request_id: str) -> dict[str, Any]:
     """Screen a prompt only (nothing generated); the screening is audited like any other."""

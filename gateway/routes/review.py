@@ -4,22 +4,40 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 
+from audit.models import Job
 from gateway import services
 from gateway.deps import CallerDep, SessionDep, StateDep
 from gateway.routes.generations import ERRORS, to_public
-from gateway.schemas import MAX_OFFSET, ErrorResponse, GenerationPublic, Page, ReviewDecisionIn
+from gateway.schemas import MAX_OFFSET, ErrorResponse, GenerationPublic, ImagePublic, Page, ReviewDecisionIn, ReviewItem
 
 router = APIRouter(prefix="/v1/review", tags=["review"])
 
 
-@router.get("", response_model=Page[GenerationPublic], responses=ERRORS, summary="Pending review items")
+def to_review_item(job: Job, request: Request) -> ReviewItem:
+    base = str(request.base_url).rstrip("/")
+    held = [ImagePublic(index=i["index"], sha256=i["sha256"], manifest_id=i["manifest_id"],
+                        audit_event_id=i["event_id"], width=i["width"], height=i["height"],
+                        url=f"{base}/v1/review/{job.id}/images/{i['index']}")
+            for i in services.held_images(job)]
+    return ReviewItem(**to_public(job, request).model_dump(), held_images=held)
+
+
+@router.get("", response_model=Page[ReviewItem], responses=ERRORS, summary="Pending review items")
 def list_review(request: Request, session: SessionDep, caller: CallerDep,
                 limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Page[GenerationPublic]:
+                offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Page[ReviewItem]:
     jobs, total = services.list_review(session=session, principal=caller, limit=limit, offset=offset)
-    return Page[GenerationPublic](data=[to_public(j, request) for j in jobs], count=total)
+    return Page[ReviewItem](data=[to_review_item(j, request) for j in jobs], count=total)
+
+
+@router.get("/{job_id}/images/{index}", responses={200: {"content": {"image/png": {}}}, **ERRORS},
+            response_class=Response, summary="An image held for review (signed; its manifest says it is held)")
+def get_held_image(job_id: str, index: int, state: StateDep, session: SessionDep, caller: CallerDep) -> Response:
+    data = services.held_image_bytes(state=state, session=session, principal=caller, job_id=job_id, index=index)
+    return Response(content=data, media_type="image/png",
+                    headers={"Content-Disposition": f'inline; filename="{job_id}-{index}-held.png"'})
 
 
 @router.post("/{job_id}", response_model=GenerationPublic, responses={**ERRORS, 409: {"model": ErrorResponse}},

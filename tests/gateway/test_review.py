@@ -129,3 +129,54 @@ def test_two_reviewers_deciding_at_once_commit_one_decision(c2i_state, monkeypat
         final = session.get(Job, job.id)
     assert len(decided) == 1
     assert final.status == ("queued" if decided[0].payload["decision"] == "approve" else "blocked")
+
+
+def test_a_reviewer_sees_the_images_output_screening_held_and_approval_releases_exactly_those(
+        gateway_factory, tiny_models, monkeypatch) -> None:
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    from policies.classifiers.base import ClassifierResult
+    from policies.decisions import Decision, Reason
+    from policies.runtime import Screening
+
+    gw = gateway_factory(models_dir=tiny_models, default_model="tiny-c2i", policy_file=LEXICAL_POLICY)
+    runtime = gw.state.ctx.policies.runtime()
+
+    def second_image_to_review(sets):
+        reason = Reason("look_closer", "image_concepts", "logo", 0.4, 0.3, "review", "a human decides")
+        return [[Screening(Decision("review" if i else "allow", (reason,) if i else (), runtime.revision,
+                                    stage="output"), (ClassifierResult("image_concepts", "v1", {"logo": 0.4}, 1.0),))
+                 for i in range(len(images))] for images, _ in sets]
+
+    monkeypatch.setattr(runtime, "screen_image_sets", second_image_to_review)
+    creator, reviewer = gw.key("creator"), gw.key("reviewer")
+    job_id = gw.client.post("/v1/generations", headers=gw.auth(creator),
+                            json={"class_id": 1, "params": {"seed": 2, "num_images": 2}}).json()["id"]
+    parked = gw.wait(job_id, creator)
+    assert parked["status"] == "review" and parked["images"] == []  # the requester sees nothing yet
+    assert gw.client.get(f"/v1/review/{job_id}/images/0", headers=gw.auth(creator)).status_code == 403
+
+    (item,) = [i for i in gw.client.get("/v1/review", headers=gw.auth(reviewer)).json()["data"] if i["id"] == job_id]
+    assert [image["index"] for image in item["held_images"]] == [0, 1]
+    held = []
+    for image in item["held_images"]:
+        response = gw.client.get(image["url"], headers=gw.auth(reviewer))
+        assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+        assert hashlib.sha256(response.content).hexdigest() == image["sha256"]
+        held.append(Image.open(io.BytesIO(response.content)).convert("RGB").tobytes())
+
+    decided = gw.client.post(f"/v1/review/{job_id}", headers=gw.auth(reviewer),
+                             json={"decision": "approve", "reason": "the logo is our own"})
+    assert decided.status_code == 200, decided.text
+    done = gw.wait(job_id, creator)
+    assert done["status"] == "completed" and [image["index"] for image in done["images"]] == [0, 1]
+    released = [Image.open(io.BytesIO(gw.client.get(image["url"], headers=gw.auth(creator)).content))
+                .convert("RGB").tobytes() for image in done["images"]]
+    assert released == held  # the very pixels the reviewer saw
+    assert gw.client.get(item["held_images"][0]["url"], headers=gw.auth(reviewer)).status_code == 404
+    trail = actions(gw, job_id)
+    assert trail.count("image.held") == 2 and trail.count("image.released") == 2
+    assert trail.index("image.held") < trail.index("review.decided") < trail.index("image.released")

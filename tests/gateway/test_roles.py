@@ -25,6 +25,7 @@ MATRIX = [
     ("POST", "/v1/policies/{revision}/activate?reason=roles+matrix", None, {"policy_admin", "admin"}, 200),
     ("GET", "/v1/review", None, {"reviewer", "admin"}, 200),
     ("POST", "/v1/review/{job}", "review", {"reviewer", "admin"}, 409),  # the job is completed, not in review
+    ("GET", "/v1/review/{job}/images/0", None, {"reviewer", "admin"}, 404),  # nothing held: it was released
     ("GET", "/v1/audit/events", None, {"auditor", "admin"}, 200),
     ("GET", "/v1/audit/export", None, {"auditor", "admin"}, 200),
     ("GET", "/v1/audit/verify", None, {"auditor", "admin"}, 200),
