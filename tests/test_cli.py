@@ -71,3 +71,22 @@ def test_a_bad_setting_names_the_variable_without_a_traceback(env) -> None:
     result = run({**env, "LLAMAGEN_GATEWAY_WORKER_BATCH_SIZE": "zero"}, "models", "list")
     assert result.returncode == 2
     assert "LLAMAGEN_GATEWAY_WORKER_BATCH_SIZE" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("junk", [b"this is not an image", b"\x89PNG\r\n\x1a\n" + b"garbage" * 100],
+                         ids=["text", "png-magic-then-garbage"])
+def test_provenance_verify_of_a_file_that_is_no_image_exits_2_as_unreadable(env, tmp_path, junk) -> None:
+    path = tmp_path / "junk.png"
+    path.write_bytes(junk)
+    result = run(env, "provenance", "verify", str(path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"error: {path}: not a readable image/png file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_provenance_verify_of_an_unsigned_image_exits_1(env, tmp_path) -> None:
+    from PIL import Image
+
+    path = tmp_path / "unsigned.png"
+    Image.new("RGB", (8, 8), "red").save(path)
+    result = run(env, "provenance", "verify", str(path))
+    assert result.returncode == 1 and "no C2PA manifest found" in result.stdout

@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub = provenance.add_subparsers(dest="provenance_command", required=True)
     p = sub.add_parser("verify", help="check an image's C2PA manifest: signature, signer trust, integrity",
                        description="Exit status 0: valid signature, trusted signer, intact content; "
-                                   "1: any of those is not so; 2: the file or trust anchors cannot be read.")
+                                   "1: any of those is not so; 2: the file (or the trust anchors) cannot be read, "
+                                   "or is not an image at all.")
     p.add_argument("file", type=Path)
     p.add_argument("--trust-anchors", type=Path, metavar="PEM",
                    help="trusted root certificates (default: LLAMAGEN_GATEWAY_TRUST_ANCHORS)")
@@ -91,6 +92,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         report = verify_image(data, mime=sniff_mime(args.file, data), trust_anchors_pem=anchors)
     except ProvenanceError as exc:
         print(f"error: {args.file}: {exc}", file=sys.stderr)
+        return BAD_INPUT
+    if not report.readable:  # junk, not an image: the file cannot be read as one (2), not "unsigned" (1)
+        print(f"error: {args.file}: {report.error}", file=sys.stderr)
         return BAD_INPUT
     print(f"{args.file}: {report.summary}")
     if report.has_manifest:
