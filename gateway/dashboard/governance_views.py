@@ -57,6 +57,14 @@ def review_decide(job_id: str, request: Request, state: StateDep, session: Sessi
     return RedirectResponse(f"{PREFIX}/review?done={verb}+{job.id[:8]}", status_code=303)
 
 
+@router.get("/review/{job_id}/images/{index}")
+def held_image(job_id: str, index: int, state: StateDep, session: SessionDep, signed: SignedInDep) -> Response:
+    """An image output screening held for this review (reviewers only, while the job waits)."""
+    data = services.held_image_bytes(state=state, session=session, principal=signed.principal, job_id=job_id,
+                                     index=index)
+    return Response(data, media_type="image/png", headers={"Cache-Control": "private, no-store"})
+
+
 # --- policies -------------------------------------------------------------------------------------------
 
 

@@ -68,6 +68,31 @@ def park_for_review(state: Any, *, team: str = "ads", key_id: str = "creator0001
         return job.id
 
 
+def park_with_held_image(state: Any, *, team: str = "ads", key_id: str = "creator0004") -> str:
+    """A generation whose output screening sent its one image to review: signed and stored as held."""
+    revision = state.ctx.policies.active_revision().revision
+    review = [screening("review", revision, [reason("test_red_star", "review", classifier="image_concepts")])]
+    event_id = str(uuid.uuid4())
+    with state.ctx.sessions() as session, session.begin():
+        job = _job(state, team=team, key_id=key_id, prompt="a red star", status="review",
+                   decisions={"prompt": {"action": "allow", "screenings": [screening("allow", revision, [])]},
+                              "output": {"action": "review", "images": review}})
+        signed = state.ctx.signer.sign_png(
+            png_bytes(), title=f"{job.id}-0.png", software_agent="llamagen-gateway/test (demo-shapes-t2i)",
+            assertions={"com.llamagen-gateway.audit": {"event_id": event_id, "job_id": job.id}})
+        uri = f"{job.id}/held/0-{event_id}.png"  # as the pipeline holds it
+        state.ctx.artifacts.put(uri, signed.data)
+        job.images = [{"index": 0, "sha256": hashlib.sha256(signed.data).hexdigest(), "uri": uri,
+                       "manifest_id": signed.manifest_id, "event_id": event_id, "width": 32, "height": 32}]
+        session.add(job)
+        session.flush()
+        append_event(session, event_id=event_id, action="image.held", key_id=key_id, team=team, job_id=job.id,
+                     payload={"index": 0, "sha256": job.images[0]["sha256"], "model": MODEL})
+        append_event(session, action="generation.review", key_id=key_id, team=team, job_id=job.id,
+                     payload={"images": 0, "held": 1})
+        return job.id
+
+
 def png_bytes(colour: tuple[int, int, int] = (200, 30, 30), size: int = 32) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (size, size), colour).save(buffer, format="PNG")

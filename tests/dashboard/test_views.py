@@ -190,6 +190,18 @@ def test_reviewer_must_give_a_reason(dash: Dashboard) -> None:
     assert _events(dash, "review.decided") == []
 
 
+def test_reviewer_sees_the_images_output_screening_held(dash: Dashboard) -> None:
+    job_id = factories.park_with_held_image(dash.state)
+    dash.sign_in("reviewer")
+    page = dash.client.get("/dashboard/review")
+    src = f"/dashboard/review/{job_id}/images/0"
+    assert "Held images" in page.text and f'src="{src}"' in page.text
+    image = dash.client.get(src)
+    assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    dash.sign_in("creator")
+    assert dash.client.get(src).status_code == 403
+
+
 def test_reviewer_rejection_is_audited_with_its_reason(dash: Dashboard) -> None:
     job_id = factories.park_for_review(dash.state)
     key = dash.sign_in("reviewer")
