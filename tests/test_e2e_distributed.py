@@ -1,5 +1,6 @@
 """Distributed mode, same code path: PostgreSQL + Redis, the gateway enqueues to Celery queue `gpu` and a
-`llamagen-gateway worker` in another process runs the job. Same outcome as the embedded test."""
+`llamagen-gateway worker` in another process, as deployed (the default prefork pool: the job runs in its child
+process, under the time limit), runs the job. Same outcome as the embedded test."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def distributed(tmp_path: Path):
         assert migrated.returncode == 0, migrated.stderr
         upgrade_database(db_url)  # idempotent: already at head
         state = build_state(settings)
-        worker = subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker", "--pool", "solo"], cwd=REPO,
+        worker = subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker"], cwd=REPO,
                                   env=_env(settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         client = TestClient(create_app(settings, state=state), raise_server_exceptions=False)
         client.__enter__()
