@@ -305,7 +305,8 @@ def run_with_companions(ctx: PipelineContext, job_id: str, wait_s: float, reclai
 
 
 def fail_jobs(ctx: PipelineContext, job_ids: Sequence[str], message: str) -> None:
-    retried: list[str] = []
+    """Fail the jobs that are not finished, with `message` as their error, audited (one transaction)."""
+    retried: list[tuple[str, set[str]]] = []  # jobs claimed more than once, and the images their rows record
 
     def work(session: Session) -> None:
         events = []
@@ -319,12 +320,12 @@ def fail_jobs(ctx: PipelineContext, job_ids: Sequence[str], message: str) -> Non
             events.append(NewEvent(action="generation.failed", key_id=job.key_id, team=job.team, job_id=job.id,
                                    payload={"error": message}))
             if (job.attempts or 0) > 1:
-                retried.append(job_id)
+                retried.append((job_id, {str(image["uri"]) for image in job.images or ()}))
         append_many(session, events)
 
     ctx.commits.run(work)
-    for job_id in retried:
-        _remove_leftovers(ctx, job_id, keep=set())
+    for job_id, recorded in retried:  # e.g. the images a job held for review stay: image.held names them
+        _remove_leftovers(ctx, job_id, keep=recorded)
 
 
 def _remove_leftovers(ctx: PipelineContext, job_id: str, keep: set[str]) -> None:
@@ -512,8 +513,8 @@ def _release(ctx: PipelineContext, run: SampledRun) -> None:
         if not release.recorded:
             _withdraw(ctx, release, attempted=id(release) in audited)
         elif (release.job.attempts or 0) > 1:  # taken over: an earlier attempt may have stored images
-            audited = [*release.released, *release.held, *(release.job.images if run.resumed else ())]
-            _remove_leftovers(ctx, release.job.id, keep={str(item["uri"]) for item in audited})
+            recorded = [*release.released, *release.held, *(release.job.images if run.resumed else ())]
+            _remove_leftovers(ctx, release.job.id, keep={str(item["uri"]) for item in recorded})
     for release in releases:
         if release.error is not None:
             fail_jobs(ctx, [release.job.id], release.error)

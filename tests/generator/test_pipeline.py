@@ -452,8 +452,8 @@ def test_a_held_image_changed_in_the_store_fails_the_job_instead_of_being_releas
     job_id = submit_c2i(c2i_state, class_id=1, seed=4, num_images=2)
     run_jobs(c2i_state.ctx, [job_id])
     with c2i_state.ctx.sessions() as session:
-        first = session.get(Job, job_id).images[0]
-    c2i_state.ctx.artifacts.put(first["uri"], b"\x89PNG swapped")
+        held = session.get(Job, job_id).images
+    c2i_state.ctx.artifacts.put(held[0]["uri"], b"\x89PNG swapped")
     decide(c2i_state, job_id, "approve")
     run_jobs(c2i_state.ctx, [job_id])
     with c2i_state.ctx.sessions() as session:
@@ -461,6 +461,8 @@ def test_a_held_image_changed_in_the_store_fails_the_job_instead_of_being_releas
     assert job.status == "failed"
     assert job.error == "release after review failed: held image 0 in the store is not the one audited"
     assert events(c2i_state, "image.released") == []
+    # The held images are audited evidence (image.held): failing the job removes none of them.
+    assert c2i_state.ctx.artifacts.keys(job_id) == sorted(image["uri"] for image in held)
 
 
 def test_an_output_classifier_that_fails_fails_the_job_saying_so_and_releases_nothing(c2i_state, monkeypatch) -> None:
