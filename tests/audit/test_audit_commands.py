@@ -257,13 +257,13 @@ def test_provenance_verify_with_a_foreign_trust_list_says_untrusted_not_invalid(
     assert "valid signature" in out and "NOT in your trust list" in out
 
 
-def test_provenance_verify_of_junk_says_no_manifest(
+def test_provenance_verify_of_junk_says_it_cannot_read_it(
     settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"definitely not a png")
-    assert run("provenance", "verify", str(junk)) == 1
-    assert "no C2PA manifest found" in capsys.readouterr().out
+    assert run("provenance", "verify", str(junk)) == 2  # the file cannot be read as an image at all
+    assert f"{junk}: not a readable image/png file" in capsys.readouterr().err
 
 
 def test_provenance_verify_of_a_missing_file_is_a_plain_error(
