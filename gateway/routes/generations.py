@@ -28,11 +28,15 @@ def note_model(request: Request, state: GatewayState, name: str | None) -> None:
         request.state.model = ""
 
 
+def image_public(image: dict[str, Any], url: str) -> ImagePublic:
+    """An image of a job's row as the API shows it, fetched from `url`."""
+    return ImagePublic(index=image["index"], sha256=image["sha256"], manifest_id=image["manifest_id"],
+                       audit_event_id=image["event_id"], width=image["width"], height=image["height"], url=url)
+
+
 def to_public(job: Job, request: Request) -> GenerationPublic:
     base = str(request.base_url).rstrip("/")
-    images = [ImagePublic(index=i["index"], sha256=i["sha256"], manifest_id=i["manifest_id"],
-                          audit_event_id=i["event_id"], width=i["width"], height=i["height"],
-                          url=f"{base}/v1/generations/{job.id}/images/{i['index']}")
+    images = [image_public(i, f"{base}/v1/generations/{job.id}/images/{i['index']}")
               for i in services.released_images(job)]
     return GenerationPublic(id=job.id, status=cast(Status, job.status), model=job.model,
                             model_card_hash=job.model_card_hash,
@@ -75,5 +79,9 @@ async def get_generation(
             response_class=Response, summary="The signed PNG (C2PA manifest embedded)")
 def get_image(job_id: str, index: int, state: StateDep, session: SessionDep, caller: CallerDep) -> Response:
     data = services.image_bytes(state=state, session=session, principal=caller, job_id=job_id, index=index)
+    return png_response(data, f"{job_id}-{index}.png")
+
+
+def png_response(data: bytes, filename: str) -> Response:
     return Response(content=data, media_type="image/png",
-                    headers={"Content-Disposition": f'inline; filename="{job_id}-{index}.png"'})
+                    headers={"Content-Disposition": f'inline; filename="{filename}"'})

@@ -9,18 +9,15 @@ from fastapi import APIRouter, Query, Request, Response
 from audit.models import Job
 from gateway import services
 from gateway.deps import CallerDep, SessionDep, StateDep
-from gateway.routes.generations import ERRORS, to_public
-from gateway.schemas import MAX_OFFSET, ErrorResponse, GenerationPublic, ImagePublic, Page, ReviewDecisionIn, ReviewItem
+from gateway.routes.generations import ERRORS, image_public, png_response, to_public
+from gateway.schemas import MAX_OFFSET, ErrorResponse, GenerationPublic, Page, ReviewDecisionIn, ReviewItem
 
 router = APIRouter(prefix="/v1/review", tags=["review"])
 
 
 def to_review_item(job: Job, request: Request) -> ReviewItem:
     base = str(request.base_url).rstrip("/")
-    held = [ImagePublic(index=i["index"], sha256=i["sha256"], manifest_id=i["manifest_id"],
-                        audit_event_id=i["event_id"], width=i["width"], height=i["height"],
-                        url=f"{base}/v1/review/{job.id}/images/{i['index']}")
-            for i in services.held_images(job)]
+    held = [image_public(i, f"{base}/v1/review/{job.id}/images/{i['index']}") for i in services.held_images(job)]
     return ReviewItem(**to_public(job, request).model_dump(), held_images=held)
 
 
@@ -36,8 +33,7 @@ def list_review(request: Request, session: SessionDep, caller: CallerDep,
             response_class=Response, summary="An image held for review (signed; its manifest says it is held)")
 def get_held_image(job_id: str, index: int, state: StateDep, session: SessionDep, caller: CallerDep) -> Response:
     data = services.held_image_bytes(state=state, session=session, principal=caller, job_id=job_id, index=index)
-    return Response(content=data, media_type="image/png",
-                    headers={"Content-Disposition": f'inline; filename="{job_id}-{index}-held.png"'})
+    return png_response(data, f"{job_id}-{index}-held.png")
 
 
 @router.post("/{job_id}", response_model=GenerationPublic, responses={**ERRORS, 409: {"model": ErrorResponse}},

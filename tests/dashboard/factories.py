@@ -68,6 +68,16 @@ def park_for_review(state: Any, *, team: str = "ads", key_id: str = "creator0001
         return job.id
 
 
+def _signed_image(state: Any, job_id: str, event_id: str, uri: str) -> dict[str, Any]:
+    """Image 0 of a job, C2PA-signed and stored at `uri`: its entry in the job row's images."""
+    signed = state.ctx.signer.sign_png(
+        png_bytes(), title=f"{job_id}-0.png", software_agent="llamagen-gateway/test (demo-shapes-t2i)",
+        assertions={"com.llamagen-gateway.audit": {"event_id": event_id, "job_id": job_id}})
+    state.ctx.artifacts.put(uri, signed.data)
+    return {"index": 0, "sha256": hashlib.sha256(signed.data).hexdigest(), "uri": uri,
+            "manifest_id": signed.manifest_id, "event_id": event_id, "width": 32, "height": 32}
+
+
 def park_with_held_image(state: Any, *, team: str = "ads", key_id: str = "creator0004") -> str:
     """A generation whose output screening sent its one image to review: signed and stored as held."""
     revision = state.ctx.policies.active_revision().revision
@@ -77,13 +87,7 @@ def park_with_held_image(state: Any, *, team: str = "ads", key_id: str = "creato
         job = _job(state, team=team, key_id=key_id, prompt="a red star", status="review",
                    decisions={"prompt": {"action": "allow", "screenings": [screening("allow", revision, [])]},
                               "output": {"action": "review", "images": review}})
-        signed = state.ctx.signer.sign_png(
-            png_bytes(), title=f"{job.id}-0.png", software_agent="llamagen-gateway/test (demo-shapes-t2i)",
-            assertions={"com.llamagen-gateway.audit": {"event_id": event_id, "job_id": job.id}})
-        uri = f"{job.id}/held/0-{event_id}.png"  # as the pipeline holds it
-        state.ctx.artifacts.put(uri, signed.data)
-        job.images = [{"index": 0, "sha256": hashlib.sha256(signed.data).hexdigest(), "uri": uri,
-                       "manifest_id": signed.manifest_id, "event_id": event_id, "width": 32, "height": 32}]
+        job.images = [_signed_image(state, job.id, event_id, f"{job.id}/held/0-{event_id}.png")]  # held there
         session.add(job)
         session.flush()
         append_event(session, event_id=event_id, action="image.held", key_id=key_id, team=team, job_id=job.id,
@@ -109,14 +113,8 @@ def released_image(state: Any, *, team: str = "design", key_id: str = "creator00
         job = _job(state, team=team, key_id=key_id, prompt=prompt, status="completed",
                    decisions={"prompt": {"action": "allow", "screenings": allowed},
                               "output": {"action": "allow", "images": allowed}})
-        signed = state.ctx.signer.sign_png(
-            png_bytes(), title=f"{job.id}-0.png", software_agent="llamagen-gateway/test (demo-shapes-t2i)",
-            assertions={"com.llamagen-gateway.audit": {"event_id": event_id, "job_id": job.id}})
-        uri = f"{job.id}/0-{event_id}.png"  # as the pipeline stores it
-        state.ctx.artifacts.put(uri, signed.data)
-        digest = hashlib.sha256(signed.data).hexdigest()
-        job.images = [{"index": 0, "sha256": digest, "uri": uri, "manifest_id": signed.manifest_id,
-                       "event_id": event_id, "width": 32, "height": 32}]
+        job.images = [_signed_image(state, job.id, event_id, f"{job.id}/0-{event_id}.png")]  # as the pipeline stores it
+        digest = job.images[0]["sha256"]
         session.add(job)
         session.flush()
         append_event(session, action="generation.requested", key_id=key_id, team=team, job_id=job.id,
@@ -128,7 +126,7 @@ def released_image(state: Any, *, team: str = "design", key_id: str = "creator00
         append_event(session, action="output.screened", key_id=key_id, team=team, job_id=job.id,
                      payload={"policy_revision": revision, "action": "allow", "screenings": allowed})
         append_event(session, event_id=event_id, action="image.released", key_id=key_id, team=team,
-                     job_id=job.id, payload={"index": 0, "sha256": digest, "manifest_id": signed.manifest_id,
+                     job_id=job.id, payload={"index": 0, "sha256": digest, "manifest_id": job.images[0]["manifest_id"],
                                              "model": MODEL, "policy_revision": revision})
         append_event(session, action="generation.completed", key_id=key_id, team=team, job_id=job.id,
                      payload={"images": 1})

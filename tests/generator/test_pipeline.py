@@ -425,12 +425,17 @@ def test_an_image_sent_to_review_holds_the_whole_job_signed_and_audited_but_unre
     assert policy_assertion(c2i_state.ctx.artifacts.get(job.images[1]["uri"]))["held_for_review"] is True
 
 
+def park_two_images(state, monkeypatch) -> tuple[str, list[dict]]:
+    """A two-image job whose second image output screening sent to review -> (job id, its held images)."""
+    review_second_image(state, monkeypatch)
+    job_id = submit_c2i(state, class_id=1, seed=4, num_images=2)
+    run_jobs(state.ctx, [job_id])
+    with state.ctx.sessions() as session:
+        return job_id, session.get(Job, job_id).images
+
+
 def test_approval_releases_the_held_images_without_sampling_again(c2i_state, monkeypatch) -> None:
-    review_second_image(c2i_state, monkeypatch)
-    job_id = submit_c2i(c2i_state, class_id=1, seed=4, num_images=2)
-    run_jobs(c2i_state.ctx, [job_id])
-    with c2i_state.ctx.sessions() as session:
-        held = session.get(Job, job_id).images
+    job_id, held = park_two_images(c2i_state, monkeypatch)
     calls = count_calls(c2i_state, monkeypatch)
     decide(c2i_state, job_id, "approve")
     assert run_jobs(c2i_state.ctx, [job_id]) == [job_id] and calls == []
@@ -448,11 +453,7 @@ def test_approval_releases_the_held_images_without_sampling_again(c2i_state, mon
 
 
 def test_a_held_image_changed_in_the_store_fails_the_job_instead_of_being_released(c2i_state, monkeypatch) -> None:
-    review_second_image(c2i_state, monkeypatch)
-    job_id = submit_c2i(c2i_state, class_id=1, seed=4, num_images=2)
-    run_jobs(c2i_state.ctx, [job_id])
-    with c2i_state.ctx.sessions() as session:
-        held = session.get(Job, job_id).images
+    job_id, held = park_two_images(c2i_state, monkeypatch)
     c2i_state.ctx.artifacts.put(held[0]["uri"], b"\x89PNG swapped")
     decide(c2i_state, job_id, "approve")
     run_jobs(c2i_state.ctx, [job_id])
