@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     worker_batch_wait_ms: int = Field(20, ge=0, le=5000, description="how long a worker waits to fill a batch")
     worker_concurrency: int = Field(1, ge=1, le=64)
     worker_metrics_port: int | None = Field(None, ge=1, le=65535, description="Prometheus port of a worker")
+    worker_start_timeout_s: int = Field(600, ge=4, description="how long a new worker process may take to load "
+                                        "its models before Celery gives up on it and starts another")
     job_time_limit_s: int = Field(600, ge=5, description="hard limit per job; also the running-job lease")
     job_max_attempts: int = Field(5, ge=1, le=100, description="claims of one job (worker deaths, time limits, "
                                   "faults): past this it fails instead of being run again")

@@ -45,6 +45,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
                                   or settings.job_time_limit_s * 2},
         task_ignore_result=True,
         worker_hijack_root_logger=False,  # the worker logs like the gateway (`_setup_logging` below)
+        # A new pool process reports for work only once `_init_worker_process` has loaded the default model;
+        # Celery's default 4 s would kill (and fork again, and kill) any process loading a real checkpoint.
+        worker_proc_alive_timeout=settings.worker_start_timeout_s,
     )
     return app
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init
 
 from gateway import cli
 from generator.celery_app import app
@@ -30,6 +31,12 @@ def stuck_job(marker: str, seconds: float) -> None:
         except SoftTimeLimitExceeded:
             pass
     path.with_suffix(".finished").write_text(str(os.getpid()))
+
+
+@worker_process_init.connect
+def _slow_start(**_: object) -> None:
+    """Each pool process takes STUCK_WORKER_START_S seconds to get ready, as loading a real checkpoint does."""
+    time.sleep(float(os.environ.get("STUCK_WORKER_START_S", "0")))
 
 
 if __name__ == "__main__":
