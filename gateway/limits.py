@@ -82,22 +82,37 @@ class Limits:
                     raise RateLimited(f"rate limit of {limit} requests per minute for {whose} reached",
                                       headers=retry_after(reset))
 
+    def _image_quotas(self, key_id: str, team: str) -> list[tuple[str, int, str]]:
+        return [(name, limit, whose) for name, limit, whose in ((f"team:{team}", self._team_images, f"team {team}"),
+                                                                (f"key-images:{key_id}", self._key_images, "this key"))
+                if limit]
+
     def charge_images(self, *, key_id: str, team: str, images: int) -> None:
-        """Count the images of a validated request against the daily quotas; a refused request is taken back."""
+        """Count the images of a validated request against the daily quotas; a refused charge is taken back."""
         charged: list[str] = []
         try:
-            for name, limit, whose in ((f"team:{team}", self._team_images, f"team {team}"),
-                                       (f"key-images:{key_id}", self._key_images, "this key")):
-                if limit and images:
+            for name, limit, whose in self._image_quotas(key_id, team):
+                if images:
                     total, reset = self._counter.hit(name, images, DAY)
                     charged.append(name)
                     if total > limit:
                         raise RateLimited(f"daily quota of {limit} images for {whose} reached",
                                           headers=retry_after(reset))
-        except RateLimited:
-            for name in charged:
-                self._counter.hit(name, -images, DAY)
+        except Exception:  # over a quota, or the store failed half-way
+            self._take_back(charged, images)
             raise
+
+    def refund_images(self, *, key_id: str, team: str, images: int) -> None:
+        """Give back what `charge_images` counted, for a request refused afterwards (blocked, or a 503)."""
+        if images:
+            self._take_back([name for name, _, _ in self._image_quotas(key_id, team)], images)
+
+    def _take_back(self, names: list[str], images: int) -> None:
+        for name in names:
+            try:  # best effort: the request's own error is what the caller must see
+                self._counter.hit(name, -images, DAY)
+            except Exception:
+                log.exception("could not give back %d images to quota %s", images, name)
 
 
 def retry_after(reset_s: float) -> dict[str, str]:

@@ -217,13 +217,25 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
     if request.prompt is not None and len(request.prompt) > state.settings.max_prompt_chars:
         raise InvalidRequest(f"prompt is longer than {state.settings.max_prompt_chars} characters")
     card = _card(state, request.model)
-    card_hash, checkpoints = card.content_hash, card.checkpoint_digests()  # cached on the card
     text = _condition_text(request, card)
     params = _params(state, request, card)
-    context = _context(principal, card)
     _require_signer(state)
-    # Valid and about to be screened: only now do its images count against the quota (a 422 costs nothing).
-    state.limits.charge_images(key_id=principal.key_id, team=principal.team, images=params["num_images"])
+    # Valid and about to be screened: only now do its images count against the quotas (a 422 costs nothing),
+    # and a request that is then refused (blocked, or a 503) gives them back.
+    images = {"key_id": principal.key_id, "team": principal.team, "images": params["num_images"]}
+    state.limits.charge_images(**images)
+    try:
+        return _admit(state, principal, request, request_id, card, text, params)
+    except Exception:
+        state.limits.refund_images(**images)
+        raise
+
+
+def _admit(state: GatewayState, principal: Principal, request: GenerationCreate, request_id: str, card: Any,
+           text: str, params: dict[str, Any]) -> Job:
+    """Screen the request, record it with its decision, and queue it or park it (or refuse it: 400)."""
+    card_hash, checkpoints = card.content_hash, card.checkpoint_digests()  # cached on the card
+    context = _context(principal, card)
     with state.intake.admitting():  # until its job is recorded: queued (below), parked or refused
         t0 = time.perf_counter()
         runtime, screenings, action = _screen(state, text, context, principal=principal, request_id=request_id,
@@ -486,6 +498,7 @@ def decide_review(*, state: GatewayState, principal: Principal, job_id: str, dec
         decided = NewEvent(action="review.decided", key_id=principal.key_id, team=job.team, job_id=job.id,
                            payload={"decision": decision, "reason": reason, "stage": stage})
         if decision == "approve":
+            job.attempts = 0  # a new phase: the claims that parked it do not count against the next ones
             transition(session, job, "queued", f"approved by reviewer {principal.key_id}: {reason}")
         else:
             job.error = f"rejected by reviewer: {reason}"

@@ -251,7 +251,7 @@ def claim_jobs(ctx: PipelineContext, job_ids: Sequence[str],
                 log.info("job %s is %s; nothing to do", job_id, job.status)
                 continue
             if (job.attempts or 0) >= ctx.max_attempts:
-                job.updated_at = now  # a fresh lease: no other worker takes it while it is failed below
+                job.updated_at = now  # another delivery of a running one leaves it alone while it is failed below
                 exhausted.append(job_id)
                 continue
             job.attempts = (job.attempts or 0) + 1
@@ -261,8 +261,11 @@ def claim_jobs(ctx: PipelineContext, job_ids: Sequence[str],
             claimed.append(job_id)
             groups.setdefault(("held", job_id) if resumes_held(job) else sampling_key(job), []).append(job_id)
     if exhausted:
-        fail_jobs(ctx, exhausted, f"gave up after {ctx.max_attempts} attempts: none ended with a result (the worker "
-              "died, ran out of time or memory, or a fault interrupted it)")
+        try:  # the claimed jobs are leased whatever happens here: their runs must not be lost to this fault
+            fail_jobs(ctx, exhausted, f"gave up after {ctx.max_attempts} attempts: none ended with a result (the "
+                      "worker died, ran out of time or memory, or a fault interrupted it)")
+        except Exception:
+            log.exception("could not fail jobs %s, which used up their attempts; the sweeper re-sends them", exhausted)
     runs = [ids[start:start + ctx.batch_size] for ids in groups.values()
             for start in range(0, len(ids), ctx.batch_size)]
     return claimed, runs
@@ -313,7 +316,7 @@ def fail_jobs(ctx: PipelineContext, job_ids: Sequence[str], message: str) -> Non
         retried.clear()
         for job_id in sorted(job_ids):  # rows in id order, as a claim locks them
             job = session.get(Job, job_id)
-            if job is None or job.status in TERMINAL:
+            if job is None or job.status not in ("queued", "running"):  # finished, or parked for a reviewer
                 continue
             job.error = message
             transition(session, job, "failed", message)
@@ -329,9 +332,10 @@ def fail_jobs(ctx: PipelineContext, job_ids: Sequence[str], message: str) -> Non
 
 
 def _remove_leftovers(ctx: PipelineContext, job_id: str, keep: set[str]) -> None:
-    """Delete what earlier attempts of a finished job stored but never audited: a worker killed between
-    storing its signed images and committing their audit record leaves them behind. Only once the job is
-    finished: no other delivery can record images for it any more. Best effort: a leftover is logged."""
+    """Delete what earlier attempts of a job stored but never audited: a worker killed between storing its
+    signed images and committing their audit record leaves them behind. Only once this attempt's outcome is
+    recorded (finished, or parked for review): no other delivery can record images for it then. Best effort:
+    a leftover that cannot be deleted is logged."""
     try:
         for key in ctx.artifacts.keys(job_id):
             if key not in keep:
@@ -413,6 +417,9 @@ def _held_run(ctx: PipelineContext, job: Job) -> SampledRun | None:
     its audit record holds; a missing or changed one fails the job."""
     try:
         card = ctx.registry.get(job.model)
+        if card.content_hash != job.model_card_hash:  # the manifest and the audit record must name the maker
+            raise PipelineError(f"model card of {job.model} changed while the job waited for review "
+                                f"({job.model_card_hash} -> {card.content_hash})")
         images = []
         for item in job.images:
             data = ctx.artifacts.get(item["uri"])
@@ -427,7 +434,8 @@ def _held_run(ctx: PipelineContext, job: Job) -> SampledRun | None:
         fail_jobs(ctx, [job.id], f"release after review failed: {exc}")
         return None
     first = job.images[0]
-    output = GenOutput(images, 0, 0.0, int(first["torch_threads"]), 0.0, str(first["decode_layout"]))
+    output = GenOutput(images=images, tokens=0, device_seconds=0.0, torch_threads=int(first["torch_threads"]),
+                       decode_seconds=0.0, decode_layout=str(first["decode_layout"]))
     release = _Release(job, output, indexes=[int(item["index"]) for item in job.images])
     return SampledRun([release], card, 0.0, 0.0, datetime.now(UTC), resumed=True)
 
@@ -467,7 +475,8 @@ def _each(releases: Sequence[_Release], stage: str, fn: Callable[[_Release], Non
         if release.error is not None:
             continue
         try:
-            fn(release)
+            with log_context(job_id=release.job.id, request_id=release.job.request_id):
+                fn(release)
         except Exception as exc:
             log.exception("%s failed for job %s", stage, release.job.id)
             release.error = f"release failed: {exc}"
@@ -646,8 +655,9 @@ def _record(ctx: PipelineContext, releases: Sequence[_Release], card: _CardFacts
     audit_s = time.perf_counter() - t_audit
     for release in recorded:  # committed
         release.recorded = True
-    for row_timings in timings:
-        for stage in WORKER_STAGES:
+    ran = [stage for stage in WORKER_STAGES if f"{stage}_s" in stages or (stage == "queue" and not resumed)]
+    for row_timings in timings:  # the stages this run went through (a release after review samples nothing)
+        for stage in ran:
             STAGE_SECONDS.labels(stage).observe(float(row_timings.get(f"{stage}_s", 0.0)))
         STAGE_SECONDS.labels("audit").observe(audit_s)
 

@@ -211,6 +211,19 @@ def test_invalid_requests_use_none_of_the_team_image_quota(gateway_factory, tiny
     gw.wait(accepted.json()["id"], key)
 
 
+def test_a_refused_request_gives_its_images_back_to_the_quota(gateway_factory, tiny_models) -> None:
+    gw = gateway_factory(models_dir=tiny_models, default_model="tiny-t2i", team_quota_per_day=1,
+                         policy_file=LEXICAL_POLICY)
+    key = gw.key("creator", team="small")
+    blocked = gw.client.post("/v1/generations", headers=gw.auth(key), json={"prompt": "a forbidden red star"})
+    assert blocked.status_code == 400, blocked.text
+    accepted = gw.client.post("/v1/generations", headers=gw.auth(key), json={"prompt": "a red star"})
+    assert accepted.status_code == 202, accepted.text  # the blocked request's image did not count
+    refused = gw.client.post("/v1/generations", headers=gw.auth(key), json={"prompt": "a blue star"})
+    assert refused.status_code == 429
+    gw.wait(accepted.json()["id"], key)
+
+
 def test_moderation_screens_and_audits_without_generating(gw) -> None:
     key = gw.key("creator")
     result = gw.client.post("/v1/moderations", headers=gw.auth(key), json={"prompt": "something forbidden"})

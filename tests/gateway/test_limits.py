@@ -46,6 +46,29 @@ def test_a_refused_image_request_uses_none_of_the_quota(counter) -> None:
     limits.charge_images(key_id="a", team="t", images=2)  # the 2 images left are still there
 
 
+def test_a_quota_store_failing_half_way_takes_back_what_it_counted() -> None:
+    class FailsOnKeyQuota(MemoryCounter):
+        def hit(self, key: str, amount: int, window_s: int) -> tuple[int, float]:
+            if key.startswith("key-images:") and amount > 0:
+                raise ServiceUnavailable("the rate-limit store (Redis) is unavailable")
+            return super().hit(key, amount, window_s)
+
+    counter = FailsOnKeyQuota()
+    limits = Limits(counter, per_key_per_minute=0, team_images_per_day=2, key_images_per_day=5)
+    with pytest.raises(ServiceUnavailable):
+        limits.charge_images(key_id="a", team="t", images=2)
+    assert counter.hit("team:t", 0, 86400)[0] == 0  # the team's charge was given back
+
+
+def test_refunded_images_can_be_requested_again(counter) -> None:
+    limits = Limits(counter, per_key_per_minute=0, team_images_per_day=3, key_images_per_day=3)
+    limits.charge_images(key_id="a", team="t", images=3)
+    limits.refund_images(key_id="a", team="t", images=3)  # e.g. the prompt was then blocked
+    limits.charge_images(key_id="a", team="t", images=3)
+    with pytest.raises(RateLimited):
+        limits.charge_images(key_id="a", team="t", images=1)
+
+
 def test_the_team_rate_limit_counts_requests_of_every_key_of_the_team(counter) -> None:
     limits = Limits(counter, per_key_per_minute=0, team_images_per_day=0, per_team_per_minute=2)
     limits.check(key_id="a", team="t")

@@ -452,6 +452,40 @@ def test_approval_releases_the_held_images_without_sampling_again(c2i_state, mon
         assert c2i_state.ctx.artifacts.exists(image["uri"])
 
 
+def test_a_job_that_used_its_attempts_before_review_is_still_released_after_approval(c2i_state,
+                                                                                     monkeypatch) -> None:
+    job_id, _ = park_two_images(c2i_state, monkeypatch)
+    with c2i_state.ctx.sessions() as session, session.begin():
+        session.get(Job, job_id).attempts = c2i_state.ctx.max_attempts  # workers died before it was parked
+    decide(c2i_state, job_id, "approve")
+    assert run_jobs(c2i_state.ctx, [job_id]) == [job_id]
+    with c2i_state.ctx.sessions() as session:
+        assert session.get(Job, job_id).status == "completed"
+
+
+def test_a_held_job_whose_model_card_changed_meanwhile_fails_instead_of_naming_the_new_card(c2i_state,
+                                                                                          monkeypatch) -> None:
+    job_id, _ = park_two_images(c2i_state, monkeypatch)
+    with c2i_state.ctx.sessions() as session, session.begin():
+        session.get(Job, job_id).model_card_hash = "sha256:" + "1" * 64  # as if the card was edited since
+    decide(c2i_state, job_id, "approve")
+    run_jobs(c2i_state.ctx, [job_id])
+    with c2i_state.ctx.sessions() as session:
+        job = session.get(Job, job_id)
+    assert job.status == "failed" and "model card of tiny-c2i changed while the job waited" in job.error
+    assert events(c2i_state, "image.released") == []
+
+
+def test_failing_jobs_leaves_a_job_parked_for_review_alone(c2i_state, monkeypatch) -> None:
+    from generator.pipeline import fail_jobs
+
+    job_id, _ = park_two_images(c2i_state, monkeypatch)
+    fail_jobs(c2i_state.ctx, [job_id], "stopped at the time limit")  # e.g. its task ran out of time afterwards
+    with c2i_state.ctx.sessions() as session:
+        job = session.get(Job, job_id)
+    assert job.status == "review" and job.error is None
+
+
 def test_a_held_image_changed_in_the_store_fails_the_job_instead_of_being_released(c2i_state, monkeypatch) -> None:
     job_id, held = park_two_images(c2i_state, monkeypatch)
     c2i_state.ctx.artifacts.put(held[0]["uri"], b"\x89PNG swapped")
