@@ -64,25 +64,26 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def _is_json(headers: Headers) -> bool:
-    media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
-    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+# Routes that read their raw bodies themselves, each with its own limit (`deps.read_body`: images to verify, policy
+# YAML), and the dashboard's forms and uploads.
+RAW_BODY_PATHS = ("/v1/provenance/", "/v1/policies", "/dashboard/")
 
 
-class JsonBodyLimit:
-    """Refuses a JSON body over `limit` bytes (413) before it is parsed: unread when its Content-Length says so,
-    and as soon as it passes `limit` while streaming in (a chunked body declares no length). Pure ASGI, so that
-    bodies are not buffered a second time; raw bodies have their own limits (`deps.read_body`)."""
+class BodyLimit:
+    """Refuses a request body over `limit` bytes (413) before it is parsed, whatever its Content-Type says (the
+    JSON routes read any body whole first): unread when its Content-Length says so, and as soon as it passes
+    `limit` while streaming in (a chunked body declares no length). Pure ASGI, so that bodies are not buffered
+    a second time. `RAW_BODY_PATHS` have their own limits."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
 
     def too_large(self) -> StarletteHTTPException:
         # An HTTPException, because FastAPI's body parsing re-raises those (anything else there becomes a 400).
-        return StarletteHTTPException(413, f"the JSON body is larger than {self.limit} bytes")
+        return StarletteHTTPException(413, f"the request body is larger than {self.limit} bytes")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _is_json(Headers(scope=scope)):
+        if scope["type"] != "http" or scope["path"].startswith(RAW_BODY_PATHS):
             await self.app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length", "")
@@ -135,7 +136,7 @@ def create_app(settings: Settings | None = None, state: Any = None) -> FastAPI:
                   description="Governed LlamaGen image generation: screened, signed with C2PA, audited.")
 
     # Added before request_context, so inside it: a 413 gets the request id and is logged and counted.
-    app.add_middleware(JsonBodyLimit, limit=(settings or get_settings()).max_json_body_bytes)
+    app.add_middleware(BodyLimit, limit=(settings or get_settings()).max_json_body_bytes)
 
     @app.middleware("http")
     async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -61,8 +61,8 @@ class Settings(BaseSettings):
     checkpoint_interval_s: float = Field(60.0, gt=0, le=3600)
     max_prompt_chars: int = Field(2000, ge=1)
     max_images_per_request: int = Field(4, ge=1, le=16)
-    max_json_body_bytes: int = Field(1024 * 1024, ge=1, description="JSON request bodies over this are refused "
-                                     "(413) before they are parsed")
+    max_json_body_bytes: int = Field(1024 * 1024, ge=1, description="bodies to the JSON routes (any Content-Type) "
+                                     "over this are refused (413) before they are read whole")
     rate_limit_per_minute: int = Field(120, ge=0, description="requests per key per minute; 0 disables")
     team_rate_limit_per_minute: int = Field(0, ge=0, description="requests per team per minute; 0 disables")
     team_quota_per_day: int = Field(10000, ge=0, description="images per team per day; 0 disables")

@@ -293,15 +293,16 @@ def test_an_invalid_policy_is_a_422_listing_field_and_line(gateway_factory, tiny
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-def test_a_json_body_over_the_limit_is_a_413_naming_the_limit(gw, chunked) -> None:
+@pytest.mark.parametrize("mime", ["application/json", "text/plain", None])
+def test_a_body_over_the_limit_is_a_413_naming_the_limit(gw, chunked, mime) -> None:
     body = json.dumps({"class_id": 1, "prompt": "x" * 2 * 1024 * 1024}).encode()  # 2 MiB, over the 1 MiB default
     chunks = [body[i:i + 65536] for i in range(0, len(body), 65536)]
     content = iter(chunks) if chunked else body  # an iterator goes without a Content-Length
-    response = gw.client.post("/v1/generations", content=content,
-                              headers={**gw.auth(gw.key("creator")), "Content-Type": "application/json"})
+    headers = {**gw.auth(gw.key("creator")), **({"Content-Type": mime} if mime else {})}
+    response = gw.client.post("/v1/generations", content=content, headers=headers)
     assert response.status_code == 413, response.text
     assert error_of(response)["code"] == "payload_too_large"
-    assert error_of(response)["message"] == "the JSON body is larger than 1048576 bytes"
+    assert error_of(response)["message"] == "the request body is larger than 1048576 bytes"
 
 
 def test_a_json_body_within_the_limit_is_accepted(gw) -> None:
