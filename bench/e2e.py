@@ -22,7 +22,9 @@ model, whose sampling takes seconds where the demo model's takes tens of millise
 
 `--compare DIR` serves each configuration from another checkout too (e.g. `git archive` of an older commit,
 with its `models` linked to this one's), alternating the two `--rounds` times, and prints new/old ratios:
-on shared, noisy machines only same-run ratios mean anything.
+on shared, noisy machines only same-run ratios mean anything. Without `--compare`, `--rounds N` runs all the
+configurations N times over, and prints the batching ratio of each round (its concurrency-16 run over its
+concurrency-1 run, minutes apart rather than the whole run apart) and their median.
 
     .venv/bin/python bench/e2e.py [--jobs 96] [--model demo-shapes-t2i | --official llamagen-c2i-b-256] [--poll 0]
                                   [--configs 1x1,8x16] [--readers 2] [--compare /tmp/old --rounds 2]
@@ -305,7 +307,8 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=0,
                         help="clients listing 200 generations in a loop while the jobs run")
     parser.add_argument("--compare", type=Path, help="another checkout to serve each configuration from too")
-    parser.add_argument("--rounds", type=int, default=1, help="with --compare: alternations per configuration")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --compare: alternations per configuration; without: passes over all of them")
     args = parser.parse_args()
     configs = [tuple(int(n) for n in pair.split("x")) for pair in args.configs.split(",")]
     trees = {"new": REPO} if args.compare is None else {"old": args.compare.resolve(), "new": REPO}
@@ -316,18 +319,26 @@ def main() -> None:
             started = time.perf_counter()
             models_dir, args.model = official_models(args.official, Path(tmp)), args.official
             print(f"{args.official}: random weights written in {time.perf_counter() - started:.1f} s", flush=True)
-        _run_configs(args, configs, trees, rows, models_dir)
-    _summary(args.model, trees, rows)
+        ratios: list[float] = []
+        if args.compare or args.rounds == 1:
+            _run_configs(args, configs, trees, rows, models_dir)
+        else:
+            ratios = _run_rounds(args, configs, rows, models_dir)
+    _summary(args.model, trees, rows, ratios)
+
+
+def _jobs(args: argparse.Namespace, concurrency: int) -> int:
+    return max(args.jobs // (4 if concurrency == 1 else 1), 4)
 
 
 def _run_configs(args: argparse.Namespace, configs: list[tuple[int, ...]], trees: dict[str, Path],
                  rows: dict[tuple[str, int, int], dict[str, float]], models_dir: Path | None) -> None:
     for batch, conc in configs:
-        jobs = max(args.jobs // (4 if conc == 1 else 1), 4)
         results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
         for _ in range(args.rounds if args.compare else 1):
             for name, tree in trees.items():
-                results[name].append(run(args.model, jobs, conc, batch, args.poll, tree, args.readers, models_dir))
+                results[name].append(run(args.model, _jobs(args, conc), conc, batch, args.poll, tree, args.readers,
+                                         models_dir))
         for name in trees:
             r = rows[(name, batch, conc)] = _mean(results[name])
             label = f"batch {batch} concurrency {conc:2}" + (f" [{name}]" if args.compare else "")
@@ -339,12 +350,36 @@ def _run_configs(args: argparse.Namespace, configs: list[tuple[int, ...]], trees
                   flush=True)
 
 
-def _summary(model: str, trees: dict[str, Path], rows: dict[tuple[str, int, int], dict[str, float]]) -> None:
+def _run_rounds(args: argparse.Namespace, configs: list[tuple[int, ...]],
+                rows: dict[tuple[str, int, int], dict[str, float]], models_dir: Path | None) -> list[float]:
+    """Every configuration once per round -> each round's batching ratio (8x16 over 1x1, when both run): the
+    machine's speed drifts between runs minutes apart less than across a whole multi-round run."""
+    results: dict[tuple[int, ...], list[dict[str, float]]] = {config: [] for config in configs}
+    ratios = []
+    for number in range(1, args.rounds + 1):
+        for batch, conc in configs:
+            results[(batch, conc)].append(run(args.model, _jobs(args, conc), conc, batch, args.poll, REPO,
+                                              args.readers, models_dir))
+        if (1, 1) in results and (8, 16) in results:
+            ratios.append(results[(8, 16)][-1]["throughput"] / results[(1, 1)][-1]["throughput"])
+            print(f"round {number}: batching {ratios[-1]:.2f}x", flush=True)
+    for (batch, conc), runs in results.items():
+        rows[("new", batch, conc)] = _mean(runs)
+        print(_line(f"batch {batch} concurrency {conc:2} (mean of {len(runs)} rounds)", rows[("new", batch, conc)]),
+              flush=True)
+    return ratios
+
+
+def _summary(model: str, trees: dict[str, Path], rows: dict[tuple[str, int, int], dict[str, float]],
+             ratios: list[float]) -> None:
     for name in trees:
         if (name, 8, 16) in rows and (name, 1, 1) in rows:
             ratio = rows[(name, 8, 16)]["throughput"] / rows[(name, 1, 1)]["throughput"]
             print(f"\n[{name}] {model} batching: concurrency 16 (batch 8) / concurrency 1 throughput = "
                   f"{ratio:.2f}x (target >= 3x with the demo model)")
+            if ratios:
+                print(f"[{name}] per round: {', '.join(f'{r:.2f}x' for r in ratios)}; "
+                      f"median {statistics.median(ratios):.2f}x")
         shares = [_governance(r) / r["mean"] for key, r in rows.items() if key[0] == name]
         print(f"[{name}] {model} governance share of end-to-end latency, worst case: {100 * max(shares):.1f}% "
               "(target <= 5% with the demo model)")
