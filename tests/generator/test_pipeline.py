@@ -500,6 +500,20 @@ def test_a_held_image_changed_in_the_store_fails_the_job_instead_of_being_releas
     assert c2i_state.ctx.artifacts.keys(job_id) == sorted(image["uri"] for image in held)
 
 
+def test_a_job_interrupted_by_its_soft_time_limit_fails_saying_so(c2i_state, monkeypatch) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    def interrupted(*args):
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(c2i_state.ctx.sampler, "generate", interrupted)
+    job_id = submit_c2i(c2i_state, class_id=1, seed=5)
+    run_jobs(c2i_state.ctx, [job_id])
+    with c2i_state.ctx.sessions() as session:
+        job = session.get(Job, job_id)
+    assert (job.status, job.error) == ("failed", "generation failed: the job's time limit was reached")
+
+
 def test_an_output_classifier_that_fails_fails_the_job_saying_so_and_releases_nothing(c2i_state, monkeypatch) -> None:
     from policies.classifiers.base import ClassifierResult
     from policies.decisions import Decision, Reason
