@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from audit.db import describe_fault
 from gateway.auth import Principal, authenticate
-from gateway.errors import PayloadTooLarge, ServiceUnavailable, Unauthorized
+from gateway.errors import ServiceUnavailable, Unauthorized
 from gateway.services import GatewayState
 from gateway.settings import Settings
 
@@ -82,17 +82,3 @@ def request_id(request: Request) -> str:
 
 RequestIdDep = Annotated[str, Depends(request_id)]
 
-
-async def read_body(request: Request, *, limit: int, what: str) -> bytes:
-    """The raw request body, refused (413) unread when its Content-Length is over `limit` bytes, and as soon as
-    it passes `limit` while streaming in (a chunked body declares no length)."""
-    too_large = PayloadTooLarge(f"{what} is larger than {limit} bytes")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)

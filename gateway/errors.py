@@ -51,10 +51,6 @@ class Conflict(ApiError):
     status, code = 409, "conflict"
 
 
-class PayloadTooLarge(ApiError):
-    status, code = 413, "payload_too_large"
-
-
 class RateLimited(ApiError):
     status, code = 429, "rate_limited"
 

@@ -64,39 +64,47 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-# Routes that read their raw bodies themselves, each with its own limit (`deps.read_body`: images to verify, policy
-# YAML), and the dashboard's forms and uploads.
-RAW_BODY_PATHS = ("/v1/provenance/", "/v1/policies", "/dashboard/")
+def body_limit(path: str, json_limit: int) -> tuple[int, str] | None:
+    """The most bytes a request body to `path` may have, and what to call it: uploads to verify and policy YAML
+    have their own room, the dashboard's forms and uploads are checked by its pages, every other route reads
+    JSON (`json_limit`). Read at each request, so that a changed limit takes effect."""
+    if path.startswith("/v1/provenance/"):
+        return provenance.MAX_UPLOAD, "the upload"
+    if path.startswith("/v1/policies"):
+        return policies.MAX_POLICY_BYTES, "the policy body"
+    if path.startswith("/dashboard/"):
+        return None
+    return json_limit, "the request body"
 
 
 class BodyLimit:
-    """Refuses a request body over `limit` bytes (413) before it is parsed, whatever its Content-Type says (the
-    JSON routes read any body whole first): unread when its Content-Length says so, and as soon as it passes
-    `limit` while streaming in (a chunked body declares no length). Pure ASGI, so that bodies are not buffered
-    a second time. `RAW_BODY_PATHS` have their own limits."""
+    """Refuses a request body over its `body_limit` (413) before a route has it, whatever its Content-Type says
+    (the JSON routes read any body whole first): unread when its Content-Length says so, and as soon as it passes
+    the limit while streaming in (a chunked body declares no length). Pure ASGI, so that bodies are not
+    buffered a second time."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    def too_large(self) -> StarletteHTTPException:
-        # An HTTPException, because FastAPI's body parsing re-raises those (anything else there becomes a 400).
-        return StarletteHTTPException(413, f"the request body is larger than {self.limit} bytes")
+    def __init__(self, app: ASGIApp, json_limit: int) -> None:
+        self.app, self.json_limit = app, json_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(RAW_BODY_PATHS):
+        limit = body_limit(scope["path"], self.json_limit) if scope["type"] == "http" else None
+        if limit is None:
             await self.app(scope, receive, send)
             return
+        most, what = limit
+        # An HTTPException, because FastAPI's body parsing re-raises those (anything else there becomes a 400).
+        too_large = StarletteHTTPException(413, f"{what} is larger than {most} bytes")
         declared = Headers(scope=scope).get("content-length", "")
         received = 0
 
         async def receive_within_limit() -> Message:
             nonlocal received
-            if declared.isdigit() and int(declared) > self.limit:  # refused unread
-                raise self.too_large()
+            if declared.isdigit() and int(declared) > most:  # refused unread
+                raise too_large
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.limit:
-                raise self.too_large()
+            if received > most:
+                raise too_large
             return message
 
         await self.app(scope, receive_within_limit, send)
@@ -136,7 +144,7 @@ def create_app(settings: Settings | None = None, state: Any = None) -> FastAPI:
                   description="Governed LlamaGen image generation: screened, signed with C2PA, audited.")
 
     # Added before request_context, so inside it: a 413 gets the request id and is logged and counted.
-    app.add_middleware(BodyLimit, limit=(settings or get_settings()).max_json_body_bytes)
+    app.add_middleware(BodyLimit, json_limit=(settings or get_settings()).max_json_body_bytes)
 
     @app.middleware("http")
     async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

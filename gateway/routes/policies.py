@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from gateway import services
-from gateway.deps import CallerDep, StateDep, read_body
+from gateway.deps import CallerDep, StateDep
 from gateway.errors import InvalidRequest
 from gateway.routes.generations import BODY_ERRORS, ERRORS
 from gateway.schemas import MAX_OFFSET, Page, PolicyPublic
@@ -31,7 +31,7 @@ MAX_POLICY_BYTES = 1_000_000
 
 
 async def _yaml_body(request: Request) -> str:
-    raw = await read_body(request, limit=MAX_POLICY_BYTES, what="the policy body")
+    raw = await request.body()  # at most MAX_POLICY_BYTES (gateway.main.BodyLimit)
     if not raw:
         raise InvalidRequest("send the policy YAML as the request body (Content-Type: application/yaml)")
     try:

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from gateway import services
-from gateway.deps import CallerDep, StateDep, read_body
+from gateway.deps import CallerDep, StateDep
 from gateway.errors import InvalidRequest
 from gateway.routes.generations import BODY_ERRORS
 
@@ -21,7 +21,7 @@ IMAGE_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
 @router.post("/verify", response_model=dict[str, Any], responses=BODY_ERRORS, openapi_extra=IMAGE_BODY,
              summary="Verify an image's C2PA manifest (send the image bytes as the body)")
 async def verify(request: Request, state: StateDep, caller: CallerDep) -> dict[str, Any]:
-    data = await read_body(request, limit=MAX_UPLOAD, what="the upload")
+    data = await request.body()  # at most MAX_UPLOAD bytes (gateway.main.BodyLimit)
     if not data:
         raise InvalidRequest("send the image bytes as the request body")
     return services.verify_provenance(state=state, data=data)
