@@ -91,13 +91,12 @@ class Limits:
         """Count the images of a validated request against the daily quotas; a refused charge is taken back."""
         charged: list[str] = []
         try:
-            for name, limit, whose in self._image_quotas(key_id, team):
-                if images:
-                    total, reset = self._counter.hit(name, images, DAY)
-                    charged.append(name)
-                    if total > limit:
-                        raise RateLimited(f"daily quota of {limit} images for {whose} reached",
-                                          headers=retry_after(reset))
+            for name, limit, whose in self._image_quotas(key_id, team) if images else ():
+                total, reset = self._counter.hit(name, images, DAY)
+                charged.append(name)
+                if total > limit:
+                    raise RateLimited(f"daily quota of {limit} images for {whose} reached",
+                                      headers=retry_after(reset))
         except Exception:  # over a quota, or the store failed half-way
             self._take_back(charged, images)
             raise

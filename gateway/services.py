@@ -411,11 +411,14 @@ def stored_image(*, state: GatewayState, session: Session, principal: Principal,
 def image_bytes(*, state: GatewayState, session: Session, principal: Principal, job_id: str,
                 index: int) -> bytes:
     """A released image, only if its stored bytes are the ones its audit record names."""
-    image = _released_image(session, principal, job_id, index)
+    return _audited_bytes(state, _released_image(session, principal, job_id, index), f"image {index}", job_id)
+
+
+def _audited_bytes(state: GatewayState, image: dict[str, Any], what: str, job_id: str) -> bytes:
     data = state.ctx.artifacts.get(image["uri"])
     if hashlib.sha256(data).hexdigest() != image["sha256"]:
-        raise ServiceUnavailable(f"the stored image {index} of generation {job_id} does not match its audit "
-                                 "record; it is withheld")
+        raise ServiceUnavailable(f"the stored {what} of generation {job_id} does not match its audit record; "
+                                 "it is withheld")
     return data
 
 
@@ -435,11 +438,7 @@ def held_image_bytes(*, state: GatewayState, session: Session, principal: Princi
     image = next((i for i in held_images(job) if int(i["index"]) == index), None)
     if image is None:
         raise NotFound(f"generation {job_id} holds no image {index} for review")
-    data = state.ctx.artifacts.get(image["uri"])
-    if hashlib.sha256(data).hexdigest() != image["sha256"]:
-        raise ServiceUnavailable(f"the held image {index} of generation {job_id} does not match its audit "
-                                 "record; it is withheld")
-    return data
+    return _audited_bytes(state, image, f"held image {index}", job_id)
 
 
 def moderate(*, state: GatewayState, principal: Principal, request: ModerationCreate,
