@@ -57,7 +57,7 @@ class GenerationCreate(Strict):
     class_id: int | None = Field(None, ge=0, description="class-conditional models")
     params: SamplingParamsIn = Field(default_factory=SamplingParamsIn)
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(json_schema_extra={"examples": [
         {"model": "demo-shapes-t2i", "prompt": "a small red star above a large blue circle on a white background",
          "params": {"cfg_scale": 3.0, "seed": 7, "num_images": 1}},
         {"model": "demo-shapes-c2i", "class_id": 3, "params": {"seed": 1}},
@@ -80,7 +80,7 @@ class ModerationCreate(Strict):
     model: str | None = Field(None, min_length=1, max_length=128,
                               description="model card name (its lineage can matter); the default model if omitted")
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(json_schema_extra={"examples": [
         {"prompt": "a small red star above a large blue circle on a white background", "model": "demo-shapes-t2i"},
     ]})
 
@@ -139,7 +139,7 @@ class ReviewDecisionIn(Strict):
     decision: Literal["approve", "reject"]
     reason: str = Field(..., min_length=3, max_length=2000, description="required: why")
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(json_schema_extra={"examples": [
         {"decision": "approve", "reason": "a generic illustration; no real person is depicted"},
         {"decision": "reject", "reason": "shows a real public figure"},
     ]})
