@@ -406,7 +406,7 @@ def sample_run(ctx: PipelineContext, job_ids: Sequence[str]) -> SampledRun | Non
         BUSY_SECONDS.inc(run_s)
     except Exception as exc:  # any model fault fails the jobs, with the reason recorded and audited
         log.exception("generation failed for jobs %s", list(job_ids))
-        fail_jobs(ctx, job_ids, f"generation failed: {_why(exc)}")
+        fail_jobs(ctx, job_ids, f"generation failed: {job_error(exc)}")
         return None
     decode_s = outputs[0].decode_seconds
     return SampledRun([_Release(job, output) for job, output in zip(jobs, outputs, strict=True)], card,
@@ -451,7 +451,7 @@ def release_run(ctx: PipelineContext, run: SampledRun) -> None:
         _release(ctx, run)
     except Exception as exc:
         log.exception("releasing jobs %s failed", run.job_ids)
-        fail_jobs(ctx, run.job_ids, f"release failed: {_why(exc)}")
+        fail_jobs(ctx, run.job_ids, f"release failed: {job_error(exc)}")
 
 
 @dataclass(frozen=True)
@@ -470,7 +470,7 @@ class _CardFacts:
         return cls(card.name, card.version, card.content_hash, card.checkpoint_digests(), card.lineage_dicts())
 
 
-def _why(exc: Exception) -> str:
+def job_error(exc: BaseException) -> str:
     """A fault as a job's error says it: a queue worker's soft time limit interrupts whatever is running."""
     return "the job's time limit was reached" if isinstance(exc, SoftTimeLimitExceeded) else str(exc)
 
@@ -485,7 +485,7 @@ def _each(releases: Sequence[_Release], stage: str, fn: Callable[[_Release], Non
                 fn(release)
         except Exception as exc:
             log.exception("%s failed for job %s", stage, release.job.id)
-            release.error = f"release failed: {_why(exc)}"
+            release.error = f"release failed: {job_error(exc)}"
 
 
 def _release(ctx: PipelineContext, run: SampledRun) -> None:
@@ -507,7 +507,7 @@ def _release(ctx: PipelineContext, run: SampledRun) -> None:
         except Exception as exc:  # e.g. the revision's runtime cannot be built: its jobs fail, with the reason
             log.exception("output screening failed for jobs %s", [r.job.id for r in group])
             for release in group:
-                release.error = f"release failed: {_why(exc)}"
+                release.error = f"release failed: {job_error(exc)}"
     screen_s = time.perf_counter() - t0
     _each(releases, "signing", lambda release: _sign(ctx, release, card))
     sign_s = time.perf_counter() - t0 - screen_s

@@ -6,7 +6,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from gateway.settings import get_settings
 from generator.celery_app import RUN_GENERATION, app, worker_context
-from generator.pipeline import RunInterrupted, fail_jobs, run_with_companions
+from generator.pipeline import RunInterrupted, fail_jobs, job_error, run_with_companions
 
 
 @app.task(name=RUN_GENERATION, bind=True, acks_late=True, max_retries=3, default_retry_delay=2)
@@ -22,7 +22,7 @@ def run_generation(self, job_id: str, reclaim: list[str] | None = None) -> list[
         return run_with_companions(ctx, job_id, settings.worker_batch_wait_ms / 1000, reclaim or ())
     except RunInterrupted as exc:
         if isinstance(exc.__cause__, SoftTimeLimitExceeded):
-            fail_jobs(ctx, exc.job_ids, f"stopped at the time limit ({settings.job_time_limit_s} s per job)")
+            fail_jobs(ctx, exc.job_ids, job_error(exc.__cause__))
             return []
         raise self.retry(exc=exc, countdown=2 ** self.request.retries,
                          kwargs={"job_id": job_id, "reclaim": exc.job_ids}) from exc

@@ -59,7 +59,7 @@ def test_jobs_past_the_soft_time_limit_fail_saying_so_and_are_not_retried(task, 
     assert task.run(job_id) == []
     with c2i_state.ctx.sessions() as session:
         job = session.get(Job, job_id)
-    assert job.status == "failed" and job.error.startswith("stopped at the time limit (")
+    assert job.status == "failed" and job.error == "the job's time limit was reached"
 
 
 def test_a_retry_runs_the_jobs_its_interrupted_try_leased(task, c2i_state) -> None:
