@@ -96,7 +96,7 @@ def _build(name: str, policy: Policy, models_dir: Path, device: str) -> Classifi
 # Classifiers are cached per (revision, classifier, models_dir, device): exemplar and prompt embeddings are
 # computed once per policy revision; the heavy models underneath are cached by weights hash.
 _CACHE: dict[tuple[str, str, str, str], Classifier] = {}
-IMAGE_RETRY_S = 10.0  # an unavailable image classifier is loaded again at most this often by `output_fault`
+IMAGE_RETRY_S = 10.0  # an image classifier that could not be loaded is tried again at most this often
 _CACHE_LOCK = threading.Lock()
 
 
@@ -173,17 +173,20 @@ class PolicyRuntime:
 
     def output_fault(self) -> str | None:
         """Why output screening cannot run, when this process loaded its image classifier and it is unavailable
-        (missing or wrong weights; loading is tried again every IMAGE_RETRY_S, so installing them heals it);
-        None when it works, is not needed, or was never loaded here."""
-        image = self._image
-        if isinstance(image, UnavailableClassifier) and time.monotonic() - self._image_tried >= IMAGE_RETRY_S:
-            image = self._image_classifier()
+        (missing or wrong weights); None when it works, is not needed, or was never loaded here."""
+        if self._image is None:
+            return None
+        image = self._image_classifier()
         return image.reason if isinstance(image, UnavailableClassifier) else None
 
     def _image_classifier(self) -> Classifier:
-        # Loaded on first use: the API process screens prompts only and never needs CLIP.
+        # Loaded on first use: the API process screens prompts only and never needs CLIP. One that could not
+        # be loaded is tried again at most every IMAGE_RETRY_S (installing its weights heals it), not on every
+        # call: a weights file with the wrong digest would be hashed again for each batch.
         with self._image_lock:
-            if self._image is None or isinstance(self._image, UnavailableClassifier):
+            retry = isinstance(self._image, UnavailableClassifier) and \
+                time.monotonic() - self._image_tried >= IMAGE_RETRY_S
+            if self._image is None or retry:
                 self._image_tried = time.monotonic()
                 self._image = self._classifier("image_concepts")
             return self._image

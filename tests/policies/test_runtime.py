@@ -112,6 +112,30 @@ def test_missing_clip_weights_block_images_with_a_message_naming_the_file(tmp_pa
     assert "tiny/tinyclip.pt" in screening.decision.reasons[0].message
 
 
+def test_an_image_classifier_that_cannot_load_is_tried_again_only_now_and_then(tmp_path: Path, monkeypatch) -> None:
+    import policies.runtime as runtime_module
+
+    output = """
+    output:
+      image_concepts:
+        model: {architecture: tinyclip, config: tiny/tinyclip.json, weights: tiny/tinyclip.pt}
+        concepts:
+          - {id: red, name: red, action: flag, threshold: 0.3, prompts: [a red square]}
+    """
+    rt = runtime(models_dir=tmp_path, output=output)
+    assert rt.output_fault() is None  # never loaded here: this process cannot tell
+    builds: list[str] = []
+    build = runtime_module._build
+    monkeypatch.setattr(runtime_module, "_build", lambda name, *args: (builds.append(name), build(name, *args))[1])
+    for _ in range(3):  # each batch screened while the weights are missing, and each check, within the window
+        rt.screen_images([Image.new("RGB", (8, 8))], CTX)
+        assert "CLIP weights not found" in (rt.output_fault() or "")
+    assert builds == ["image_concepts"]
+    monkeypatch.setattr(runtime_module, "IMAGE_RETRY_S", 0.0)  # the window has passed
+    rt.screen_images([Image.new("RGB", (8, 8))], CTX)
+    assert builds == ["image_concepts", "image_concepts"]
+
+
 def test_policy_without_output_rules_allows_images() -> None:
     (screening,) = runtime().screen_images([Image.new("RGB", (8, 8))], CTX)
     assert screening.decision.action == "allow" and screening.decision.stage == "output"
