@@ -267,15 +267,21 @@ def claim_jobs(ctx: PipelineContext, job_ids: Sequence[str],
                       "worker died, ran out of time or memory, or a fault interrupted it)")
         except Exception:
             log.exception("could not fail jobs %s, which used up their attempts; the sweeper re-sends them", exhausted)
-    runs = [ids[start:start + ctx.batch_size] for ids in groups.values()
-            for start in range(0, len(ids), ctx.batch_size)]
+    runs = [group[start:start + ctx.batch_size] for group in groups.values()
+            for start in range(0, len(group), ctx.batch_size)]
     return claimed, runs
 
 
-def resumes_held(job: Job) -> bool:
-    """A reviewer approved the images this job held at output screening: it releases them, sampling nothing."""
+def approved_at_output(job: Job) -> bool:
+    """A reviewer approved this job after output screening sent (some of) its images to review."""
     review = job.review or {}
-    return review.get("decision") == "approve" and review.get("stage") == "output" and bool(job.images)
+    return review.get("decision") == "approve" and review.get("stage") == "output"
+
+
+def resumes_held(job: Job) -> bool:
+    """A reviewer approved the images this job held at output screening: it releases them, sampling nothing.
+    (A job parked before images were held has none: it samples again.)"""
+    return approved_at_output(job) and bool(job.images)
 
 
 def run_with_companions(ctx: PipelineContext, job_id: str, wait_s: float, reclaim: Sequence[str] = ()) -> list[str]:
@@ -393,10 +399,7 @@ def sample_run(ctx: PipelineContext, job_ids: Sequence[str]) -> SampledRun | Non
         return _held_run(ctx, jobs[0])
     first = jobs[0]
     try:
-        card = ctx.registry.get(first.model)
-        if card.content_hash != first.model_card_hash:
-            raise PipelineError(f"model card of {first.model} changed since the job was accepted "
-                                f"({first.model_card_hash} -> {card.content_hash})")
+        card = _accepted_card(ctx, first)
         params = sampling_params(card, first.params)
         started = datetime.now(UTC)
         t0 = time.perf_counter()
@@ -413,14 +416,20 @@ def sample_run(ctx: PipelineContext, job_ids: Sequence[str]) -> SampledRun | Non
                       run_s - decode_s, decode_s, started)
 
 
+def _accepted_card(ctx: PipelineContext, job: Job) -> ModelCard:
+    """The model card the job was accepted under: its manifests and audit record must name what made it."""
+    card = ctx.registry.get(job.model)
+    if card.content_hash != job.model_card_hash:
+        raise PipelineError(f"model card of {job.model} changed since the job was accepted "
+                            f"({job.model_card_hash} -> {card.content_hash})")
+    return card
+
+
 def _held_run(ctx: PipelineContext, job: Job) -> SampledRun | None:
     """The images an approved job held for review, read back from the store, each checked against the digests
     its audit record holds; a missing or changed one fails the job."""
     try:
-        card = ctx.registry.get(job.model)
-        if card.content_hash != job.model_card_hash:  # the manifest and the audit record must name the maker
-            raise PipelineError(f"model card of {job.model} changed while the job waited for review "
-                                f"({job.model_card_hash} -> {card.content_hash})")
+        card = _accepted_card(ctx, job)
         images = []
         for item in job.images:
             data = ctx.artifacts.get(item["uri"])
@@ -432,7 +441,7 @@ def _held_run(ctx: PipelineContext, job: Job) -> SampledRun | None:
             images.append(image)
     except Exception as exc:
         log.exception("could not read back the held images of job %s", job.id)
-        fail_jobs(ctx, [job.id], f"release after review failed: {exc}")
+        fail_jobs(ctx, [job.id], f"release after review failed: {job_error(exc)}")
         return None
     first = job.images[0]
     output = GenOutput(images=images, tokens=0, device_seconds=0.0, torch_threads=int(first["torch_threads"]),
@@ -554,7 +563,7 @@ def _sign(ctx: PipelineContext, release: _Release, card: _CardFacts) -> None:
     screening releases what screening sent to review.
     """
     job = release.job
-    approved = bool(job.review and job.review.get("decision") == "approve" and job.review.get("stage") == "output")
+    approved = approved_at_output(job)
     holds = not approved and any(s.decision.action == "review" for s in release.screenings)
     indexes = release.indexes or list(range(len(release.output.images)))
     for index, image, screening in zip(indexes, release.output.images, release.screenings, strict=True):

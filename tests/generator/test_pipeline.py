@@ -472,7 +472,7 @@ def test_a_held_job_whose_model_card_changed_meanwhile_fails_instead_of_naming_t
     run_jobs(c2i_state.ctx, [job_id])
     with c2i_state.ctx.sessions() as session:
         job = session.get(Job, job_id)
-    assert job.status == "failed" and "model card of tiny-c2i changed while the job waited" in job.error
+    assert job.status == "failed" and "model card of tiny-c2i changed since the job was accepted" in job.error
     assert events(c2i_state, "image.released") == []
 
 
