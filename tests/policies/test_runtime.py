@@ -97,15 +97,17 @@ def test_classifiers_are_built_once_per_revision() -> None:
     assert first.text_classifiers[1] is second.text_classifiers[1]
 
 
+TINY_CLIP_OUTPUT = """
+output:
+  image_concepts:
+    model: {architecture: tinyclip, config: tiny/tinyclip.json, weights: tiny/tinyclip.pt}
+    concepts:
+      - {id: red, name: red, action: flag, threshold: 0.3, prompts: [a red square]}
+"""  # weights that the tests' models folders do not hold
+
+
 def test_missing_clip_weights_block_images_with_a_message_naming_the_file(tmp_path: Path) -> None:
-    output = """
-    output:
-      image_concepts:
-        model: {architecture: tinyclip, config: tiny/tinyclip.json, weights: tiny/tinyclip.pt}
-        concepts:
-          - {id: red, name: red, action: flag, threshold: 0.3, prompts: [a red square]}
-    """
-    rt = runtime(models_dir=tmp_path, output=output)
+    rt = runtime(models_dir=tmp_path, output=TINY_CLIP_OUTPUT)
     (screening,) = rt.screen_images([Image.new("RGB", (32, 32), "red")], CTX)
     assert screening.decision.action == "block"
     assert "CLIP weights not found" in (screening.results[0].error or "")
@@ -115,14 +117,7 @@ def test_missing_clip_weights_block_images_with_a_message_naming_the_file(tmp_pa
 def test_an_image_classifier_that_cannot_load_is_tried_again_only_now_and_then(tmp_path: Path, monkeypatch) -> None:
     import policies.runtime as runtime_module
 
-    output = """
-    output:
-      image_concepts:
-        model: {architecture: tinyclip, config: tiny/tinyclip.json, weights: tiny/tinyclip.pt}
-        concepts:
-          - {id: red, name: red, action: flag, threshold: 0.3, prompts: [a red square]}
-    """
-    rt = runtime(models_dir=tmp_path, output=output)
+    rt = runtime(models_dir=tmp_path, output=TINY_CLIP_OUTPUT)
     assert rt.output_fault() is None  # never loaded here: this process cannot tell
     builds: list[str] = []
     build = runtime_module._build
