@@ -63,3 +63,15 @@ def test_compose_workers_serve_their_metrics_on_an_exposed_port() -> None:
     port = worker["environment"]["LLAMAGEN_GATEWAY_WORKER_METRICS_PORT"]
     assert port in worker["expose"]
     assert worker["environment"]["LLAMAGEN_GATEWAY_BROKER_URL"] == "redis://redis:6379/0"  # still the common env
+
+
+def test_the_image_runs_its_services_as_an_unprivileged_user() -> None:
+    lines = [line.split(None, 1) for line in (REPO / "Dockerfile").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    instructions = [(words[0].upper(), words[1] if len(words) > 1 else "") for words in lines]
+    users = [i for i, (name, _) in enumerate(instructions) if name == "USER"]
+    assert users, "the image must drop root"
+    assert instructions[users[-1]][1].split(":")[0] not in ("root", "0")
+    assert all(name != "RUN" for name, _ in instructions[users[-1]:]), "nothing runs as root after USER"
+    home = yaml.safe_load(COMPOSE.read_text())["x-common-env"]["LLAMAGEN_GATEWAY_DATA_DIR"]
+    assert f"--home-dir {home}" in (REPO / "Dockerfile").read_text(), "the data volume is the user's own home"
