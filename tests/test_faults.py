@@ -85,12 +85,24 @@ def _worker(settings, name: str, log: Path) -> subprocess.Popen[bytes]:
 
 
 def _pool_process(worker: subprocess.Popen[bytes], timeout: float = 120) -> int:
-    """The pid of the process a prefork worker runs its jobs in (its one child)."""
+    """The pid of the process a prefork worker runs its jobs in: its one forked child, which keeps the worker's
+    command line. Not just any child: while it starts, the worker also runs `ldconfig -p` (ctypes.util's
+    find_library) and `uname -p` (platform.processor), which have the worker's command line only between their
+    fork and exec, so a child counts once it has kept it over two looks."""
+    command = Path(f"/proc/{worker.pid}/cmdline").read_bytes()
+    seen: set[str] = set()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
-        if children:
-            return int(children[0])
+        forked = set()
+        for child in Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split():
+            try:
+                if Path(f"/proc/{child}/cmdline").read_bytes() == command:
+                    forked.add(child)
+            except OSError:  # a helper that exited meanwhile
+                continue
+        if kept := forked & seen:
+            return int(kept.pop())
+        seen = forked
         time.sleep(0.1)
     raise AssertionError("the worker started no pool process")
 
