@@ -85,17 +85,19 @@ def compute_revision(data: Any) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+MAX_DEPTH = 64  # a policy nests a few levels; anything deeper is a mistake or an attack on the parser
+
+
 def parse_yaml(text: str, name: str) -> tuple[yaml.Node | None, Any]:
-    """Parse YAML keeping the node tree (for line numbers); duplicate keys are errors."""
-    loader = yaml.SafeLoader(text)
+    """Parse YAML keeping the node tree (for line numbers); duplicate keys, non-scalar keys and absurd nesting
+    are errors, and so is any value YAML cannot build (an impossible date, an integer past Python's limit)."""
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # rejects control characters here, before parsing starts
         node = loader.get_single_node()
         if node is None:
             raise PolicyError(name, [("", None, "the policy file is empty")])
-        duplicates = list(_duplicate_keys(node, ()))
-        if duplicates:
-            raise PolicyError(name, [(_dotted(path), line, f"duplicate key {key!r} (YAML would silently keep "
-                                                            f"the last one)") for path, key, line in duplicates])
+        _check_shape(node, name)
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -103,23 +105,44 @@ def parse_yaml(text: str, name: str) -> tuple[yaml.Node | None, Any]:
         raise PolicyError(name, [("", line, f"invalid YAML: {exc.problem or exc}")]) from None
     except yaml.YAMLError as exc:
         raise PolicyError(name, [("", None, f"invalid YAML: {exc}")]) from None
+    except RecursionError:
+        raise PolicyError(name, [("", None, f"the document nests deeper than {MAX_DEPTH} levels")]) from None
+    except (ValueError, OverflowError) as exc:  # PolicyError is a ValueError too: pass it on unchanged
+        if isinstance(exc, PolicyError):
+            raise
+        raise PolicyError(name, [("", None, f"invalid value: {exc}")]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return node, data
 
 
-def _duplicate_keys(node: yaml.Node, path: FieldPath) -> Any:
-    if isinstance(node, yaml.MappingNode):
-        seen: set[Any] = set()
-        for key_node, value_node in node.value:
-            key = key_node.value
-            if key in seen:
-                yield path, key, key_node.start_mark.line + 1
-            seen.add(key)
-            yield from _duplicate_keys(value_node, path + (key,))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            yield from _duplicate_keys(item, path + (i,))
+def _check_shape(root: yaml.Node, name: str) -> None:
+    """Walk the node tree without recursion: nesting depth, plain scalar keys, duplicate keys."""
+    problems: list[tuple[str, int | None, str]] = []
+    stack: list[tuple[yaml.Node, FieldPath]] = [(root, ())]
+    while stack:
+        node, path = stack.pop()
+        if len(path) > MAX_DEPTH:
+            raise PolicyError(name, [(_dotted(path[:3]) + ".…", _line(node),
+                                      f"the document nests deeper than {MAX_DEPTH} levels")])
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    problems.append((_dotted(path), _line(key_node), "mapping keys must be plain names, "
+                                                                     "not lists or mappings"))
+                    continue
+                key = key_node.value
+                if key in seen:
+                    problems.append((_dotted(path), _line(key_node),
+                                     f"duplicate key {key!r} (YAML would silently keep the last one)"))
+                seen.add(key)
+                stack.append((value_node, path + (key,)))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, path + (i,)) for i, item in enumerate(node.value))
+    if problems:
+        raise PolicyError(name, sorted(problems, key=lambda p: p[1] or 0))
 
 
 def _line(node: yaml.Node | None) -> int | None:

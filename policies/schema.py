@@ -45,6 +45,8 @@ def _check_regex(pattern: str) -> str:
         re.compile(pattern)
     except re.error as exc:
         raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from exc
+    except (OverflowError, RecursionError) as exc:  # repeat counts past the engine's limit, nesting past Python's
+        raise ValueError(f"regular expression {pattern!r} is too large or nests too deeply") from exc
     return pattern
 
 

@@ -292,6 +292,22 @@ def test_an_invalid_policy_is_a_422_listing_field_and_line(gateway_factory, tiny
     assert problem["field"].startswith("prompt.lexical.0") and problem["line"] >= 6
 
 
+@pytest.mark.parametrize("path", ["/v1/policies", "/v1/policies/dry-run"])
+@pytest.mark.parametrize("body", [
+    b"id: p\nversion: '1'\x00\n",  # a control character YAML refuses before parsing
+    b"id: p\nversion: 2020-02-30\n",  # a date that does not exist
+    b"id: p\nversion: " + b"9" * 5001 + b"\n",  # an integer past Python's digit limit
+    b"id: p\nversion: '1'\n? [a, b]\n: c\n",  # a list as a mapping key
+    b"id: p\nversion: " + b"[" * 5000 + b"]" * 5000 + b"\n",  # nesting past Python's recursion limit
+    b"id: p\nversion: '1'\nprompt:\n  lexical:\n    - {id: r, action: block, patterns: ['a{4294967296}']}\n",
+], ids=["control-character", "impossible-date", "huge-integer", "list-as-key", "deep-nesting", "huge-repeat"])
+def test_policy_yaml_that_cannot_be_built_is_a_422_not_a_500(gw, path: str, body: bytes) -> None:
+    response = gw.client.post(path, content=body,
+                              headers={**gw.auth(gw.key("policy_admin")), "Content-Type": "application/yaml"})
+    assert response.status_code == 422, response.text
+    assert error_of(response)["code"] == "invalid_policy"
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 @pytest.mark.parametrize("mime", ["application/json", "text/plain", None])
 def test_a_body_over_the_limit_is_a_413_naming_the_limit(gw, chunked, mime) -> None:

@@ -52,6 +52,28 @@ def test_invalid_yaml_reports_its_line() -> None:
         load_policy_text('id: p\nversion: "1"\nprompt: a: b\n', name="p.yaml")
 
 
+@pytest.mark.parametrize("text,expected", [
+    ('id: p\nversion: "1"\x00\n', r"p\.yaml: <document>: invalid YAML: .*special characters are not allowed"),
+    ("id: p\nversion: 2020-02-30\n", r"p\.yaml: <document>: invalid value: day is out of range"),
+    ("id: p\nversion: " + "9" * 5001 + "\n", r"p\.yaml: <document>: invalid value: Exceeds the limit"),
+    ('id: p\nversion: "1"\n? [a, b]\n: c\n', r"p\.yaml:3: <document>: mapping keys must be plain names"),
+    ("id: p\nversion: " + "[" * 80 + "]" * 80 + "\n", r"p\.yaml(:\d+)?: .*nests deeper than 64 levels"),
+    ("id: p\nversion: " + "[" * 5000 + "]" * 5000 + "\n", r"p\.yaml: <document>: the document nests deeper"),
+], ids=["control-character", "impossible-date", "huge-integer", "list-as-key", "deep", "deeper-than-python"])
+def test_yaml_that_cannot_become_python_values_is_a_policy_error(text: str, expected: str) -> None:
+    with pytest.raises(PolicyError, match=expected):
+        load_policy_text(text, name="p.yaml")
+
+
+@pytest.mark.parametrize("pattern", ["a{4294967296}", "(" * 5000 + "a" + ")" * 5000])
+def test_a_regex_past_the_engine_limits_is_a_field_error(pattern: str) -> None:
+    text = f'id: p\nversion: "1"\nprompt:\n  lexical:\n    - id: r\n      action: block\n      patterns:\n' \
+           f'        - "{pattern}"\n'
+    expected = r"p\.yaml:8: prompt\.lexical\.0\.patterns\.0: regular expression .* too large"
+    with pytest.raises(PolicyError, match=expected):
+        load_policy_text(text, name="p.yaml")
+
+
 def test_missing_required_field_is_named() -> None:
     with pytest.raises(PolicyError, match=r"version: required field is missing"):
         load_policy_text("id: p\n", name="p.yaml")
