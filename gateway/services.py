@@ -654,7 +654,9 @@ def _trust_anchors(state: GatewayState) -> str | None:
     return anchors.read_text() if anchors is not None and anchors.is_file() else None
 
 
-def verify_provenance(*, state: GatewayState, data: bytes) -> dict[str, Any]:
+def verify_provenance(*, state: GatewayState, principal: Principal, data: bytes) -> dict[str, Any]:
+    """The C2PA report of `data`; with the audit event its manifest names, when the manifest is valid and from a
+    trusted signer (anyone can write an event id into a manifest of their own) and the caller may see its team."""
     # The bytes decide the type (a declared Content-Type can be wrong); anything else is a clear 422.
     mime = "image/png" if data.startswith(b"\x89PNG\r\n\x1a\n") else "image/jpeg" if data[:3] == b"\xff\xd8\xff" else ""
     if not mime:
@@ -666,11 +668,21 @@ def verify_provenance(*, state: GatewayState, data: bytes) -> dict[str, Any]:
     if not report.readable:  # junk behind an image signature: nothing to report on
         raise InvalidRequest(report.error or f"not a readable {mime} file")
     result: dict[str, Any] = report.to_dict()
-    if report.audit_event_id:
-        with state.ctx.sessions() as session:
-            event = session.scalar(select(AuditEvent).where(AuditEvent.id == report.audit_event_id))
-            result["audit_event"] = _event_public(event) if event is not None else None
-            if event is not None and event.action == "image.released":
+    if not report.audit_event_id:
+        return result
+    result["audit_event"] = None
+    if not (report.signature_valid and report.signer_trusted):
+        result["audit_event_withheld"] = "the manifest is not validly signed by a trusted signer"
+        return result
+    with state.ctx.sessions() as session:
+        event = session.scalar(select(AuditEvent).where(AuditEvent.id == report.audit_event_id))
+        if event is None:
+            result["audit_event_withheld"] = "no such event in this gateway's audit log"
+        elif not principal.can_see_team(event.team):
+            result["audit_event_withheld"] = "the event belongs to a team this key cannot see"
+        else:
+            result["audit_event"] = _event_public(event)
+            if event.action == "image.released":
                 result["matches_audit_record"] = event.payload.get("sha256") == hashlib.sha256(data).hexdigest()
     return result
 

@@ -192,7 +192,7 @@ def audit_event(event_id: str, request: Request, state: StateDep, session: Sessi
         except (ArtifactError, NotFound) as exc:
             artifact_error = str(exc)
         else:
-            provenance = services.verify_provenance(state=state, data=data)
+            provenance = services.verify_provenance(state=state, principal=signed.principal, data=data)
             image_url = f"{PREFIX}/generations/{detail.event['job_id']}/images/{index}"
     model_name = (detail.job.model if detail.job is not None else None) or payload.get("model")
     card = None
@@ -238,7 +238,7 @@ async def provenance_check(request: Request, state: StateDep, signed: CsrfDep,
     if len(data) > MAX_UPLOAD_BYTES:
         raise InvalidRequest(f"the upload is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
     try:
-        report = services.verify_provenance(state=state, data=data)
+        report = services.verify_provenance(state=state, principal=signed.principal, data=data)
     except InvalidRequest as exc:
         return render(request, "provenance.html", signed, status_code=422, report=None,
                       filename=image.filename, error=exc.message)

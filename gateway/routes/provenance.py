@@ -24,4 +24,4 @@ async def verify(request: Request, state: StateDep, caller: CallerDep) -> dict[s
     data = await request.body()  # at most MAX_UPLOAD bytes (gateway.main.BodyLimit)
     if not data:
         raise InvalidRequest("send the image bytes as the request body")
-    return services.verify_provenance(state=state, data=data)
+    return services.verify_provenance(state=state, principal=caller, data=data)

@@ -108,3 +108,43 @@ def test_creator_of_another_team_cannot_see_the_job(world) -> None:
     assert gw.client.get(f"/v1/generations/{job_id}", headers=gw.auth(outsider)).status_code == 404
     listed = gw.client.get("/v1/generations", headers=gw.auth(outsider)).json()
     assert job_id not in {j["id"] for j in listed["data"]}
+
+
+def _verify(gw, key, image: bytes) -> dict:
+    response = gw.client.post("/v1/provenance/verify", content=image,
+                              headers={**gw.auth(key), "Content-Type": "image/png"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_provenance_verify_shows_the_audit_event_only_to_keys_that_may_see_its_team(world) -> None:
+    gw, keys, job_id, active, image = world
+    own = _verify(gw, keys["creator"], image)
+    assert own["ok"] is True and own["audit_event"]["job_id"] == job_id and own["matches_audit_record"] is True
+    assert _verify(gw, keys["auditor"], image)["audit_event"]["job_id"] == job_id
+    outsider = _verify(gw, gw.key("creator", team="legal"), image)
+    assert outsider["ok"] is True and outsider["audit_event_id"] == own["audit_event_id"]  # what the manifest says
+    assert outsider["audit_event"] is None and "matches_audit_record" not in outsider
+    assert "team this key cannot see" in outsider["audit_event_withheld"]
+
+
+def test_a_manifest_from_an_untrusted_signer_naming_an_audit_event_does_not_open_the_log(world, tmp_path) -> None:
+    import io
+
+    from PIL import Image
+
+    from audit.dev_ca import ensure_dev_ca
+    from audit.provenance import AUDIT_ASSERTION, load_signer
+
+    gw, keys, job_id, active, image = world
+    event_id = _verify(gw, keys["creator"], image)["audit_event_id"]
+    stranger = ensure_dev_ca(tmp_path / "stranger-ca")  # a valid signature, from a root nobody configured
+    signer = load_signer(stranger.chain_pem_path, stranger.key_path)
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(buf, format="PNG")
+    forged = signer.sign_png(buf.getvalue(), title="forged", software_agent="someone",
+                             assertions={AUDIT_ASSERTION: {"event_id": event_id, "job_id": job_id}}).data
+    report = _verify(gw, keys["creator"], forged)
+    assert report["signature_valid"] is True and report["signer_trusted"] is False
+    assert report["audit_event_id"] == event_id and report["audit_event"] is None
+    assert report["audit_event_withheld"] == "the manifest is not validly signed by a trusted signer"
