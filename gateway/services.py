@@ -51,7 +51,7 @@ from generator.pipeline import PipelineContext, strictest, transition
 from generator.registry import UnknownModelError
 from policies.classifiers.base import UnavailableClassifier
 from policies.loader import LoadedPolicy, PolicyError, load_policy_text
-from policies.replay import HistoryItem, replay
+from policies.replay import REPLAYABLE_ACTIONS, HistoryItem, history_of_event, replay
 from policies.runtime import Context
 
 log = logging.getLogger(__name__)
@@ -762,9 +762,6 @@ def requeue_stale_jobs(*, state: GatewayState, now: datetime | None = None) -> l
     return ids
 
 
-REPLAYABLE = ("prompt.screened", "moderation.screened", "output.screened")
-
-
 def dry_run_policy(*, state: GatewayState, principal: Principal, source: str, limit: int) -> dict[str, Any]:
     """Replay a candidate policy over the most recent stored decisions: what would change, by rule."""
     principal.require("policy_admin", "auditor")
@@ -772,12 +769,10 @@ def dry_run_policy(*, state: GatewayState, principal: Principal, source: str, li
 
     def history() -> Iterator[HistoryItem]:
         with state.ctx.sessions() as session:
-            events = session.scalars(select(AuditEvent).where(AuditEvent.action.in_(REPLAYABLE))
+            events = session.scalars(select(AuditEvent).where(AuditEvent.action.in_(REPLAYABLE_ACTIONS))
                                      .order_by(AuditEvent.seq.desc()).limit(limit))
             for event in events:
-                context = event.payload.get("context") or {"team": event.team}
-                for n, screening in enumerate(event.payload.get("screenings", [])):
-                    yield HistoryItem.from_dict({**screening, "context": context}, default_id=f"{event.id}#{n}")
+                yield from history_of_event(event.id, event.team, event.payload)
 
     report = replay(candidate, history())
     return {**report.to_dict(), "summary": report.summary()}

@@ -97,6 +97,8 @@ def load_cases(path: Path) -> CasesFile:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PolicyError(str(path), [("", None, f"cannot read cases file: {exc.strerror or exc}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise PolicyError(str(path), [("", None, f"cases file is not UTF-8: {exc}")]) from exc
     node, data = parse_yaml(text, str(path))
     cases = validate_document(CasesFile, node, data, str(path))
     problems: list[tuple[str, int | None, str]] = []
@@ -174,7 +176,14 @@ def run_cases_file(cases_path: Path, *, models_dir: Path, device: str = "cpu",
             built.append(PolicyRuntime(loaded, models_dir, device))
         return built[0]
 
-    return loaded, [run_case(loaded, case, runtime) for case in cases.cases]
+    results = []
+    for i, case in enumerate(cases.cases):
+        try:
+            results.append(run_case(loaded, case, runtime))
+        except PolicyError as exc:  # a case the policy cannot run (a classifier it does not have): name the file
+            raise PolicyError(str(cases_path), [(f"cases.{i}.{field}", line, f"case {case.id!r}: {message}")
+                                                for field, line, message in exc.problems]) from None
+    return loaded, results
 
 
 def summarise(results: Sequence[CaseResult]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ guessed, and keep the outcome they had (a skipped rule that fired still counts a
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,6 +19,8 @@ from policies.loader import LoadedPolicy
 
 MAX_EXAMPLES_PER_RULE = 5
 _STAGES = ("prompt", "output", "model")
+# Audit actions whose payload holds the screenings behind a decision (`screenings`, with the `context`).
+REPLAYABLE_ACTIONS = ("prompt.screened", "moderation.screened", "output.screened")
 
 
 class ReplayError(ValueError):
@@ -40,15 +42,19 @@ class HistoryItem:
         """Read a record shaped like `Screening.to_dict()` plus `id` and `context` (an audit payload works)."""
         record = data.get("payload", data) if isinstance(data.get("payload"), Mapping) else data
         ident = str(record.get("id") or data.get("id") or default_id)
+        if not isinstance(record.get("decision"), Mapping):
+            raise ReplayError(f"history record {ident or '?'}: no decision")
         try:
             decision = Decision.from_dict(record["decision"])
-        except (KeyError, TypeError) as exc:
-            raise ReplayError(f"history record {ident or '?'}: no decision ({exc})") from exc
-        stage = str(record.get("stage") or decision.stage)
-        if stage not in _STAGES:
-            raise ReplayError(f"history record {ident}: unknown stage {stage!r}")
-        results = tuple(ClassifierResult.from_dict(r) for r in record.get("results") or ())
-        context = Context.from_dict(record.get("context") or {})
+            stage = str(record.get("stage") or decision.stage)
+            if stage not in _STAGES:
+                raise ReplayError(f"history record {ident}: unknown stage {stage!r}")
+            results = tuple(ClassifierResult.from_dict(r) for r in record.get("results") or ())
+            context = Context.from_dict(record.get("context") or {})
+        except ReplayError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a field missing or of the wrong shape
+            raise ReplayError(f"history record {ident or '?'}: malformed ({type(exc).__name__}: {exc})") from exc
         return cls(id=ident, stage=stage, context=context, results=results, decision=decision)  # type: ignore[arg-type]
 
 
@@ -98,6 +104,18 @@ class ReplayReport:
             lines.append("  not replayable from stored scores (none stored, or computed with another contrast set): "
                          + ", ".join(f"{r} ({n})" for r, n in self.skipped_rules.most_common()))
         return "\n".join(lines)
+
+
+def history_of_event(event_id: str, team: str | None, payload: Mapping[str, Any]) -> Iterator[HistoryItem]:
+    """The screenings an audit event of a REPLAYABLE_ACTIONS action recorded, as history items."""
+    context = payload.get("context") or {"team": team}
+    screenings = payload.get("screenings") or []
+    if not isinstance(screenings, list):
+        raise ReplayError(f"history record {event_id}: `screenings` is not a list")
+    for n, screening in enumerate(screenings):
+        if not isinstance(screening, Mapping):
+            raise ReplayError(f"history record {event_id}#{n}: a screening is not an object")
+        yield HistoryItem.from_dict({**screening, "context": context}, default_id=f"{event_id}#{n}")
 
 
 def replay(candidate: LoadedPolicy, history: Iterable[HistoryItem],

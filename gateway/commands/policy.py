@@ -15,7 +15,7 @@ from pathlib import Path
 from policies.cases import cases_path_for, run_cases_file, summarise
 from policies.diff import diff_policies
 from policies.loader import LoadedPolicy, PolicyError, load_policy_file
-from policies.replay import HistoryItem, ReplayError, replay
+from policies.replay import REPLAYABLE_ACTIONS, HistoryItem, ReplayError, history_of_event, replay
 
 EXIT_OK, EXIT_POLICY, EXIT_USAGE = 0, 1, 2
 
@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     replay_cmd = commands.add_parser("replay", help="dry-run a candidate policy over exported history")
     replay_cmd.add_argument("file", type=Path, help="candidate policy YAML")
     replay_cmd.add_argument("--history", type=Path, required=True,
-                            help="JSONL: one past screening per line (Screening.to_dict() + id + context)")
+                            help="JSONL: the output of `audit export` (its screening events), or one past screening "
+                                 "per line (Screening.to_dict() + id + context)")
     replay_cmd.add_argument("--json", action="store_true", help="print the full report as JSON")
     replay_cmd.set_defaults(func=cmd_replay)
 
@@ -106,8 +107,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _history(path: Path) -> Iterator[HistoryItem]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ReplayError(f"{path}:{number}: not UTF-8 text ({exc.reason})") from exc
             if not line.strip():
                 continue
             try:
@@ -117,6 +122,12 @@ def _history(path: Path) -> Iterator[HistoryItem]:
             if not isinstance(record, dict):
                 raise ReplayError(f"{path}:{number}: expected a JSON object")
             try:
+                if "type" in record:  # a line of `audit export`: its screening events; header and checkpoints aside
+                    body = record.get("body")
+                    if record["type"] == "event" and isinstance(body, dict) and isinstance(body.get("payload"), dict) \
+                            and body.get("action") in REPLAYABLE_ACTIONS:
+                        yield from history_of_event(str(body.get("id")), body.get("team"), body["payload"])
+                    continue
                 yield HistoryItem.from_dict(record, default_id=f"line {number}")
             except ReplayError as exc:
                 raise ReplayError(f"{path}:{number}: {exc}") from exc

@@ -93,3 +93,40 @@ def test_replay_names_the_bad_history_line(tmp_path: Path, capsys: pytest.Captur
     history = write(tmp_path, "history.jsonl", "{}\nnot json\n")
     code, _, err = run(["policy", "replay", str(RULES / "default.yaml"), "--history", str(history)], capsys)
     assert code == 2 and f"{history}:1:" in err
+
+
+@pytest.mark.parametrize("line,fragment", [
+    ('{"decision": "allow"}', "no decision"),
+    ('{"decision": {"action": "allow", "reasons": [{"action": "block"}]}}', "malformed (KeyError"),
+    ('{"decision": {"action": "allow", "reasons": 5}}', "malformed (TypeError"),
+    ('{"decision": {"action": "allow", "stage": "prompt"}, "results": ["x"]}', "malformed ("),
+    ('{"decision": {"action": "allow", "stage": "prompt"}, "context": "design"}', "malformed (AttributeError"),
+], ids=["decision-not-object", "reason-without-rule", "reasons-not-list", "result-not-object", "context-not-object"])
+def test_replay_names_the_line_of_a_record_of_the_wrong_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              line: str, fragment: str) -> None:
+    history = write(tmp_path, "history.jsonl", line + "\n")
+    code, _, err = run(["policy", "replay", str(RULES / "default.yaml"), "--history", str(history)], capsys)
+    assert code == 2 and err.startswith(f"{history}:1: history record line 1: {fragment}"), err
+
+
+def test_replay_names_the_line_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    history = tmp_path / "history.jsonl"
+    history.write_bytes(b"\n\xff\xfe{}\n")
+    code, _, err = run(["policy", "replay", str(RULES / "default.yaml"), "--history", str(history)], capsys)
+    assert code == 2 and err.startswith(f"{history}:2: not UTF-8 text")
+
+
+def test_a_cases_file_that_is_not_utf8_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = write(tmp_path, "p.yaml", BASE_POLICY)
+    (tmp_path / "p.cases.yaml").write_bytes(b"cases:\n  - id: \xff\n")
+    code, _, err = run(["policy", "test", str(target)], capsys)
+    assert code == 1 and f"{tmp_path / 'p.cases.yaml'}: <document>: cases file is not UTF-8" in err
+
+
+def test_a_case_scoring_a_classifier_the_policy_lacks_names_the_cases_file_and_case(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "p.yaml", BASE_POLICY)
+    cases = write(tmp_path, "p.cases.yaml", "cases:\n  - id: typo\n    scores: {lexicl: {horror: 1.0}}\n"
+                                            "    expect: {action: flag}\n")
+    code, _, err = run(["policy", "test", str(path)], capsys)
+    assert code == 1 and f"{cases}: cases.0.scores: case 'typo': no classifier named lexicl" in err
