@@ -272,8 +272,8 @@ class ProvenanceReport:
 def _settings(trust_anchors_pem: bytes | str | None) -> dict[str, Any]:
     if trust_anchors_pem is None:
         return {}
-    pem = trust_anchors_pem.decode() if isinstance(trust_anchors_pem, bytes) else trust_anchors_pem
-    try:
+    try:  # UnicodeDecodeError is a ValueError: bytes that are not text are not PEM either
+        pem = trust_anchors_pem.decode() if isinstance(trust_anchors_pem, bytes) else trust_anchors_pem
         x509.load_pem_x509_certificates(pem.encode())
     except ValueError as exc:
         raise ProvenanceError(f"the trust anchors are not PEM certificates: {exc}") from exc

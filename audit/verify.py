@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
@@ -114,6 +115,8 @@ def _record(line: bytes | str, source: str, number: int) -> dict[str, Any]:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ExportFileError(f"{source} line {number} is not JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ExportFileError(f"{source} line {number} is not UTF-8 text: {exc.reason}") from exc
     if not isinstance(record, dict):
         raise ExportFileError(f"{source} line {number} is not a JSON object")
     return record
@@ -362,20 +365,27 @@ def verify_export(
     if not path.is_file():
         raise ExportFileError(f"{path} does not exist or is not a file")
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as pack:
-            if "events.jsonl" not in pack.namelist():
-                raise ExportFileError(f"{path} is a zip without events.jsonl: not an evidence pack")
-            extra: list[dict[str, Any]] = []
-            if "checkpoints.jsonl" in pack.namelist():
-                with pack.open("checkpoints.jsonl") as stream:
-                    extra = list(_records(stream, f"{path.name}:checkpoints.jsonl"))
-            with pack.open("events.jsonl") as stream:
-                report = _verify_jsonl(stream, f"{path.name}:events.jsonl", extra, trust_anchors)
-            problems = _manifest_problems(pack)
-        if report.ok and problems:
-            report.ok = False
-            report.reason = problems[0]
-        return report
+        try:
+            return _verify_pack(path, trust_anchors)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a truncated or corrupted member
+            raise ExportFileError(f"{path} is a damaged zip: {exc}") from exc
     with path.open("rb") as stream:
         return _verify_jsonl(stream, path.name, [], trust_anchors, path,
                              default_workers() if workers is None else workers)
+
+
+def _verify_pack(path: Path, trust_anchors: list[x509.Certificate] | None) -> ChainReport:
+    with zipfile.ZipFile(path) as pack:
+        if "events.jsonl" not in pack.namelist():
+            raise ExportFileError(f"{path} is a zip without events.jsonl: not an evidence pack")
+        extra: list[dict[str, Any]] = []
+        if "checkpoints.jsonl" in pack.namelist():
+            with pack.open("checkpoints.jsonl") as stream:
+                extra = list(_records(stream, f"{path.name}:checkpoints.jsonl"))
+        with pack.open("events.jsonl") as stream:
+            report = _verify_jsonl(stream, f"{path.name}:events.jsonl", extra, trust_anchors)
+        problems = _manifest_problems(pack)
+    if report.ok and problems:
+        report.ok = False
+        report.reason = problems[0]
+    return report

@@ -6,6 +6,7 @@ import argparse
 import getpass
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.main import create_app
+    from gateway.state import build_state, close_state
 
     settings = get_settings()
     configure_logging(settings.log_json)
@@ -26,8 +28,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _configure_embedded_runtime(settings.torch_threads)
     mode = "embedded (in-process worker)" if settings.embedded else f"distributed (broker {settings.broker_url})"
     logging.getLogger("gateway").info("starting gateway on %s:%s, %s", args.host, args.port, mode)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None, access_log=False)
+    # Built before the server starts, so a bad policy file, model card or key stops it with a plain message
+    # (main) rather than a traceback from inside the ASGI lifespan.
+    state = build_state(settings)
+    try:
+        uvicorn.run(create_app(settings, state=state, warm=True), host=args.host, port=args.port,
+                    log_config=None, access_log=False)
+    finally:
+        close_state(state)
     return 0
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is outside 1-65535")
+    return port
 
 
 def _configure_embedded_runtime(requested: int) -> None:
@@ -170,6 +189,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    out = Path(args.output)
+    problem = ("is a directory" if out.is_dir() else "its folder does not exist" if not out.parent.is_dir()
+               else "its folder is not writable" if not os.access(out.parent, os.W_OK) else None)
+    if problem:  # said before generating: a run whose image cannot be written would only fill the audit log
+        print(f"error: -o {out}: {problem}", file=sys.stderr)
+        return 2
     # One run, nothing else in this process: it samples in process (a sampler process would only add its start).
     state = build_state(settings.model_copy(update={"broker_url": None, "sampler_process": False}))
     principal = Principal(key_id=f"cli:{getpass.getuser()}", role="creator", team=args.team)
@@ -181,10 +206,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"generation {job.id}: {job.status} (policy {job.policy_revision})")
             if job.error:
                 print(f"  {job.error}")
-            out = Path(args.output)
             for image in job.images:
                 target = out if len(job.images) == 1 else out.with_stem(f"{out.stem}-{image['index']}")
-                target.write_bytes(state.ctx.artifacts.get(image["uri"]))
+                try:
+                    target.write_bytes(state.ctx.artifacts.get(image["uri"]))
+                except OSError as exc:
+                    print(f"error: cannot write {target}: {exc.strerror or exc}; the image is stored and audited "
+                          f"as {image['uri']}", file=sys.stderr)
+                    return 1
                 print(f"  wrote {target} (sha256 {image['sha256'][:16]}…, C2PA manifest {image['manifest_id']})")
         return 0 if job.status == "completed" else 1
     except ApiError as exc:
@@ -200,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the gateway (embedded worker unless a broker is configured)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run a Celery GPU worker (queue gpu)")
@@ -256,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except _user_errors() as exc:  # evaluated only when something is raised: the imports cost nothing otherwise
+        print(f"error: {_describe(exc)}", file=sys.stderr)
+        return 2
     except ValidationError as exc:  # settings from the environment: name the variable, no traceback
         for err in exc.errors():
             name = "LLAMAGEN_GATEWAY_" + "_".join(str(p) for p in err["loc"]).upper()
@@ -266,6 +298,29 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Faults in what the operator gave (files, settings, the database they named): a message, not a traceback."""
+    from sqlalchemy.exc import OperationalError
+
+    from audit.dev_ca import DevCAError
+    from audit.verify import ExportFileError
+    from generator.registry import RegistryError
+    from policies.loader import PolicyError
+    from policies.replay import ReplayError
+
+    return (PolicyError, RegistryError, ReplayError, ExportFileError, DevCAError, OperationalError)
+
+
+def _describe(exc: BaseException) -> str:
+    from sqlalchemy.exc import OperationalError
+
+    from audit.db import describe_fault
+
+    if isinstance(exc, OperationalError):
+        return f"{describe_fault(exc).message} ({str(exc.orig).strip() or type(exc.orig).__name__})"
+    return str(exc)
 
 
 if __name__ == "__main__":

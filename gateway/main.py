@@ -124,14 +124,15 @@ def _warm_up(app: FastAPI) -> None:
         app.state.gateway.warmed.set()
 
 
-def create_app(settings: Settings | None = None, state: Any = None) -> FastAPI:
-    """The gateway app. Tests may pass a prebuilt `state` (a `services.GatewayState`)."""
+def create_app(settings: Settings | None = None, state: Any = None, warm: bool = False) -> FastAPI:
+    """The gateway app. `serve` and tests may pass a prebuilt `state` (a `services.GatewayState`), which its
+    builder closes; `warm` loads its models in the background (not ready until then), as an owned one does."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = state is None
         app.state.gateway = state if state is not None else build_state(settings or get_settings())
-        if owned:  # a served gateway loads its models before the first request needs them (not ready until then)
+        if owned or warm:  # a served gateway loads its models before the first request needs them
             app.state.gateway.warmed = threading.Event()
             threading.Thread(target=_warm_up, args=(app,), name="warm-up", daemon=True).start()
         try:

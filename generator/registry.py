@@ -257,13 +257,19 @@ def _text_encoder_digest(spec: TextEncoderSpec, models_dir: Path | None) -> str 
 def read_card(path: Path, models_dir: Path | None = None) -> ModelCard:
     """Parse and validate one card file; errors name the file and the dotted path of the bad field."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
         card = ModelCard.model_validate(data)
+    except OSError as exc:
+        raise RegistryError(f"{path}: cannot read model card: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise RegistryError(f"{path}: model card is not UTF-8: {exc}") from exc
     except yaml.YAMLError as exc:
         raise RegistryError(f"{path}: not valid YAML: {exc}") from exc
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<card>'}: {e['msg']}" for e in exc.errors())
         raise RegistryError(f"{path}: invalid model card: {problems}") from exc
+    except (ValueError, OverflowError, TypeError, RecursionError) as exc:  # values YAML cannot build
+        raise RegistryError(f"{path}: not a valid model card: {exc}") from exc
     card._models_dir = models_dir if models_dir is not None else path.parent
     card._source = path
     return card

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -90,3 +91,60 @@ def test_provenance_verify_of_an_unsigned_image_exits_1(env, tmp_path) -> None:
     Image.new("RGB", (8, 8), "red").save(path)
     result = run(env, "provenance", "verify", str(path))
     assert result.returncode == 1 and "no C2PA manifest found" in result.stdout
+
+
+def _plain_error(result: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    assert result.returncode == code, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.stderr
+
+
+def test_serve_with_an_invalid_policy_file_stops_with_the_file_field_and_line(env, tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("id: p\nversion: '1'\nprompt:\n  lexical:\n    - id: r\n      action: explode\n")
+    error = _plain_error(run({**env, "LLAMAGEN_GATEWAY_POLICY_FILE": str(bad)}, "serve", "--port", "8791"))
+    assert f"error: {bad}:6: prompt.lexical.0.action" in error
+
+
+def test_serve_refuses_a_port_outside_the_tcp_range(env) -> None:
+    assert "99999 is outside 1-65535" in _plain_error(run(env, "serve", "--port", "99999"))
+
+
+def test_models_list_names_the_missing_models_directory_and_a_card_that_is_not_text(env, tmp_path) -> None:
+    missing = tmp_path / "no-models"
+    error = _plain_error(run({**env, "LLAMAGEN_GATEWAY_MODELS_DIR": str(missing)}, "models", "list"))
+    assert f"models directory {missing} does not exist" in error
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "broken.yaml").write_bytes(b"name: \xff\xfe\n")
+    error = _plain_error(run({**env, "LLAMAGEN_GATEWAY_MODELS_DIR": str(models)}, "models", "list"))
+    assert "broken.yaml: model card is not UTF-8" in error
+
+
+@pytest.mark.parametrize("target", ["a-directory", "no-such-folder/image.png"])
+def test_generate_refuses_an_output_it_cannot_write_before_generating(env, tmp_path, target) -> None:
+    (tmp_path / "a-directory").mkdir()
+    out = tmp_path / target
+    error = _plain_error(run(env, "generate", "--class-id", "3", "-o", str(out)))
+    assert f"error: -o {out}: " in error
+    assert not (tmp_path / "var" / "gateway.db").exists()  # nothing was started, so nothing was audited
+
+
+def test_provenance_verify_names_trust_anchors_that_are_not_pem(env, tmp_path) -> None:
+    from PIL import Image
+
+    image, anchors = tmp_path / "image.png", tmp_path / "anchors.pem"
+    Image.new("RGB", (8, 8)).save(image)
+    anchors.write_bytes(bytes(range(256)))
+    error = _plain_error(run(env, "provenance", "verify", str(image), "--trust-anchors", str(anchors)))
+    assert error.startswith(f"error: {anchors}: the trust anchors are not PEM certificates")
+
+
+def test_policy_replay_reads_what_audit_export_writes(env, tmp_path) -> None:
+    assert run(env, "generate", "--class-id", "3", "-o", str(tmp_path / "image.png")).returncode == 0
+    export = tmp_path / "export.jsonl"
+    assert run(env, "audit", "export", "-o", str(export)).returncode == 0
+    result = run(env, "policy", "replay", str(LEXICAL_POLICY), "--history", str(export), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["total"] >= 1 and report["changed"] == 0  # the policy that decided them, replayed unchanged

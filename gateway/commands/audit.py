@@ -64,7 +64,10 @@ def parse_time(value: str) -> datetime:
         parsed = datetime.fromisoformat(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{value!r} is not an ISO-8601 date or time") from exc
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    try:
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except OverflowError as exc:  # 9999-12-31T23:59-05:00 is past the last UTC date Python can hold
+        raise argparse.ArgumentTypeError(f"{value!r} is out of range in UTC") from exc
 
 
 def fail(message: str, code: int = BAD_INPUT) -> int:

@@ -69,6 +69,7 @@ def describe_audit_event(settings: Settings, event_id: str, data: bytes) -> list
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from audit.checkpoints import CheckpointError, load_trust_anchors
     from audit.provenance import ProvenanceError, verify_image
 
     settings = get_settings()
@@ -88,6 +89,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 print(f"error: cannot read the trust anchors {anchors_path}: {reason}", file=sys.stderr)
                 return BAD_INPUT
             anchors_path = None  # the configured default does not exist (yet): verify without a trust list
+    if anchors is not None:
+        try:
+            load_trust_anchors(anchors)
+        except CheckpointError as exc:
+            print(f"error: {anchors_path}: {exc}", file=sys.stderr)
+            return BAD_INPUT
     try:
         report = verify_image(data, mime=sniff_mime(args.file, data), trust_anchors_pem=anchors)
     except ProvenanceError as exc:

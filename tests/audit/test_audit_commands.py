@@ -109,6 +109,43 @@ def test_audit_export_rejects_a_malformed_since(settings: Settings, capsys: pyte
     assert info.value.code == 2 and "not an ISO-8601 date" in capsys.readouterr().err
 
 
+def test_audit_export_rejects_a_since_past_the_last_utc_date(settings: Settings,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        run("audit", "export", "--since", "9999-12-31T23:59:59-05:00")
+    assert info.value.code == 2 and "is out of range in UTC" in capsys.readouterr().err
+
+
+def test_audit_verify_of_an_export_with_a_line_that_is_not_utf8_names_the_line(
+    sessions: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    append(sessions, 2)
+    export = tmp_path / "export.jsonl"
+    assert run("audit", "export", "-o", str(export)) == 0
+    lines = export.read_bytes().splitlines(keepends=True)
+    export.write_bytes(b"".join(lines[:2]) + b'{"type":"event","body":"\xff\xfe"}\n' + b"".join(lines[2:]))
+    capsys.readouterr()
+    assert run("audit", "verify", "--export", str(export)) == 2
+    assert "line 3 is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_audit_verify_of_a_damaged_evidence_pack_is_a_plain_error(
+    sessions: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    append(sessions)
+    pack = tmp_path / "evidence.zip"
+    assert run("audit", "evidence", "-o", str(pack)) == 0
+    with zipfile.ZipFile(pack) as z:
+        member = z.getinfo("events.jsonl")
+    data = bytearray(pack.read_bytes())
+    start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
+    data[start:start + 16] = bytes(16)  # the compressed bytes of events.jsonl, overwritten
+    pack.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert run("audit", "verify", "--export", str(pack)) == 2
+    assert f"error: {pack} is a damaged zip" in capsys.readouterr().err
+
+
 def test_audit_checkpoint_signs_the_head(sessions: Any, capsys: pytest.CaptureFixture[str]) -> None:
     append(sessions, 4)
     assert run("audit", "checkpoint") == 0
