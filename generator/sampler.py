@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -167,6 +168,9 @@ def serve(conn: Connection, models_dir: Path, device: str, threads: int, decode_
     """The sampler process: load and run models as asked until told to stop (None) or the parent is gone."""
     from generator.llamagen import configure_runtime
 
+    # Ctrl-C in a terminal reaches the whole process group: the parent stops this process when it shuts down
+    # (None, or the pipe closing), so a sampling run is not cut off mid-batch with a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_runtime(num_threads=threads)  # as a worker process would (threads; TF32 on CUDA)
     registry = Registry(models_dir, decode_layout)
     while True:
