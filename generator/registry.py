@@ -34,7 +34,7 @@ from generator.llamagen import (
     to_uint8,
 )
 from generator.llamagen.layout import DecodeLayout
-from generator.llamagen.loading import CheckpointError, sha256_file
+from generator.llamagen.loading import CheckpointError, resolve_gpt_args, sha256_file
 from generator.llamagen.sampling import generate, make_generators
 from policies.classifiers.base import ClassifierError
 
@@ -167,6 +167,21 @@ class ModelCard(_Strict):
             raise ValueError("a t2i card needs architecture.text_encoder")
         if self.task == "c2i" and self.architecture.text_encoder is not None:
             raise ValueError("a c2i card takes no architecture.text_encoder")
+        return self
+
+    @model_validator(mode="after")
+    def _architecture_builds(self) -> ModelCard:
+        """The GPT and VQ configurations build (presets known, fields of the right types and consistent), so a
+        card that could never load is refused when read, not listed as servable."""
+        try:
+            vq = _vq_args(self)
+            gpt = _gpt_args(self, vq.downsample)
+        except RegistryError as exc:  # says which of architecture.gpt or .vq
+            raise ValueError(str(exc).removeprefix(f"{self.name}: ")) from None
+        try:
+            resolve_gpt_args(gpt, self.architecture.image_size, self.task, vq.downsample)
+        except ValueError as exc:
+            raise ValueError(f"architecture.gpt: {exc}") from None
         return self
 
     @property

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from generator.llamagen import gemv, packing
 from generator.llamagen.conditioning import CaptionEmbedder, LabelEmbedder, build_prefix_mask
+from generator.llamagen.fields import check_field_types
 from generator.llamagen.rope import precompute_freqs_cis_2d, rotary_tables, rotate
 
 Rope = tuple[Tensor, Tensor]  # (cos, sin) rotary tables [L, head_dim] for the positions being run
@@ -78,6 +79,7 @@ class ModelArgs:
     grid_size: int = field(init=False)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.task not in ("c2i", "t2i"):
             raise ValueError(f"task must be 'c2i' or 't2i', got {self.task!r}")
         if self.prefix_rotary not in ("zero", "identity"):

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from generator.llamagen.fields import check_field_types
+
 # Official codebook_used buffer length (fixed in vq_model.py, independent of codebook_size).
 CODEBOOK_USED_LEN = 65536
 OFFICIAL_NORM_GROUPS = 32  # every official GroupNorm has 32 groups
@@ -40,6 +42,7 @@ class VQArgs:
     encoder_context: Literal["global", "patch"] = "global"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.encoder_context not in ("global", "patch"):
             raise ValueError(f"encoder_context must be 'global' or 'patch'; got {self.encoder_context!r}")
         if self.norm_groups < 1:

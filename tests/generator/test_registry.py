@@ -152,6 +152,25 @@ def test_unknown_card_field_is_rejected_naming_file_and_field(tmp_path: Path) ->
         read_card(path)
 
 
+@pytest.mark.parametrize("gpt,vq,image_size,expected", [
+    ({"dim": "abc"}, None, 8, r"architecture\.gpt: dim must be int, got 'abc'"),
+    ("GPT-Q", None, 8, r"architecture\.gpt: unknown GPT preset 'GPT-Q'"),
+    (None, {"ch_mult": [1, "2"]}, 8, r"architecture\.vq: ch_mult must be tuple\[int, \.\.\.\]"),
+    (None, None, 16, r"image_size 16 \(grid 8\) contradicts ModelArgs\.block_size"),
+], ids=["string-dim", "unknown-preset", "string-in-ch-mult", "image-size-against-block-size"])
+def test_a_card_whose_architecture_cannot_build_is_refused_when_read(
+        tmp_path: Path, gpt: Any, vq: Any, image_size: int, expected: str) -> None:
+    data = card_data(None, None)
+    architecture = data["architecture"]
+    architecture["gpt"] = gpt if isinstance(gpt, str) else {**architecture["gpt"], **(gpt or {})}
+    architecture["vq"] = {**architecture["vq"], **(vq or {})}
+    architecture["image_size"] = image_size
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RegistryError, match=r"bad\.yaml: invalid model card: .*" + expected):
+        read_card(path)
+
+
 def test_unknown_caption_source_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     data = card_data(None, None)
