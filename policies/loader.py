@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,11 +119,21 @@ def parse_yaml(text: str, name: str) -> tuple[yaml.Node | None, Any]:
 
 
 def _check_shape(root: yaml.Node, name: str) -> None:
-    """Walk the node tree without recursion: nesting depth, plain scalar keys, duplicate keys."""
+    """Walk the node tree without recursion: nesting depth, no aliased collections, plain scalar keys, duplicate
+    keys."""
     problems: list[tuple[str, int | None, str]] = []
-    stack: list[tuple[yaml.Node, FieldPath]] = [(root, ())]
-    while stack:
-        node, path = stack.pop()
+    queue: deque[tuple[yaml.Node, FieldPath]] = deque([(root, ())])  # breadth first: the first alias is named
+    visited: set[int] = set()
+    while queue:
+        node, path = queue.popleft()
+        if isinstance(node, yaml.CollectionNode):
+            # An alias (*name) is the node of its anchor again. Ten lines of nested aliases expand to
+            # billions of values in every later step (validation, the revision hash), so a policy spells its
+            # lists and mappings out; repeated scalars cost nothing and stay allowed.
+            if id(node) in visited:
+                raise PolicyError(name, [(_dotted(path), _line(node), "YAML aliases of lists or mappings are not "
+                                                                      "allowed in policies: write the value out")])
+            visited.add(id(node))
         if len(path) > MAX_DEPTH:
             raise PolicyError(name, [(_dotted(path[:3]) + ".…", _line(node),
                                       f"the document nests deeper than {MAX_DEPTH} levels")])
@@ -138,9 +149,9 @@ def _check_shape(root: yaml.Node, name: str) -> None:
                     problems.append((_dotted(path), _line(key_node),
                                      f"duplicate key {key!r} (YAML would silently keep the last one)"))
                 seen.add(key)
-                stack.append((value_node, path + (key,)))
+                queue.append((value_node, path + (key,)))
         elif isinstance(node, yaml.SequenceNode):
-            stack.extend((item, path + (i,)) for i, item in enumerate(node.value))
+            queue.extend((item, path + (i,)) for i, item in enumerate(node.value))
     if problems:
         raise PolicyError(name, sorted(problems, key=lambda p: p[1] or 0))
 

@@ -300,7 +300,10 @@ def test_an_invalid_policy_is_a_422_listing_field_and_line(gateway_factory, tiny
     b"id: p\nversion: '1'\n? [a, b]\n: c\n",  # a list as a mapping key
     b"id: p\nversion: " + b"[" * 5000 + b"]" * 5000 + b"\n",  # nesting past Python's recursion limit
     b"id: p\nversion: '1'\nprompt:\n  lexical:\n    - {id: r, action: block, patterns: ['a{4294967296}']}\n",
-], ids=["control-character", "impossible-date", "huge-integer", "list-as-key", "deep-nesting", "huge-repeat"])
+    b"id: p\nversion: '1'\nl0: &l0 [x, x, x, x, x, x, x, x, x, x]\n"
+    + b"".join(b"l%d: &l%d [%s]\n" % (i, i, b", ".join([b"*l%d" % (i - 1)] * 10)) for i in range(1, 10)),
+], ids=["control-character", "impossible-date", "huge-integer", "list-as-key", "deep-nesting", "huge-repeat",
+        "alias-bomb"])
 def test_policy_yaml_that_cannot_be_built_is_a_422_not_a_500(gw, path: str, body: bytes) -> None:
     response = gw.client.post(path, content=body,
                               headers={**gw.auth(gw.key("policy_admin")), "Content-Type": "application/yaml"})

@@ -259,3 +259,16 @@ def test_organisation_category_may_not_contrast_with_a_team_category() -> None:
     with pytest.raises(PolicyError, match=r"prompt\.semantic\.categories\.0\.contrast_categories\.0: unknown "
                                           r"semantic category 'art_nude'"):
         load_policy_text(text, name="p.yaml")
+
+
+def test_aliased_lists_are_refused_before_they_expand() -> None:
+    # Each line refers to the previous list ten times: 10**9 values from a few hundred bytes.
+    lines = ["id: p", 'version: "1"', "l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
+    with pytest.raises(PolicyError, match=r"p\.yaml:3: l1\.0: YAML aliases of lists or mappings are not allowed"):
+        load_policy_text("\n".join(lines) + "\n", name="p.yaml")
+
+
+def test_an_aliased_scalar_is_just_its_value() -> None:
+    text = BASE_POLICY.replace("id: test", "id: &name test").replace("words: [zombie]", "words: [zombie, *name]")
+    assert "test" in load_policy_text(text, name="p.yaml").source
