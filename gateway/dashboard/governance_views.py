@@ -13,7 +13,7 @@ from gateway.dashboard.policy_check import Problem, problems_of, validate_source
 from gateway.dashboard.web import PREFIX, CsrfDep, DashboardRoute, SignedIn, SignedInDep, render
 from gateway.deps import SessionDep, StateDep
 from gateway.errors import InvalidPolicy, InvalidRequest
-from gateway.schemas import MAX_OFFSET
+from gateway.schemas import MAX_OFFSET, check_text
 from gateway.services import GatewayState
 
 router = APIRouter(prefix=PREFIX, route_class=DashboardRoute, include_in_schema=False)
@@ -47,10 +47,15 @@ def review_decide(job_id: str, request: Request, state: StateDep, session: Sessi
     reason = reason.strip()
     if decision not in ("approve", "reject"):
         raise InvalidRequest(f"decision must be 'approve' or 'reject', not {decision!r}")
-    if len(reason) < REASON_MIN:
+    problem = (f"Give a reason of at least {REASON_MIN} characters: it is recorded in the audit log."
+               if len(reason) < REASON_MIN else None)
+    try:
+        check_text(reason, field="The reason")  # as the REST API checks it: no control characters
+    except ValueError as exc:
+        problem = problem or f"{exc}."
+    if problem:
         return _review_page(request, session, signed, status_code=422, values={job_id: reason},
-                            errors={job_id: f"Give a reason of at least {REASON_MIN} characters: it is "
-                                            "recorded in the audit log."})
+                            errors={job_id: problem})
     job = services.decide_review(state=state, principal=signed.principal, job_id=job_id, decision=decision,
                                  reason=reason)
     verb = "approved" if decision == "approve" else "rejected"

@@ -190,6 +190,15 @@ def test_reviewer_must_give_a_reason(dash: Dashboard) -> None:
     assert _events(dash, "review.decided") == []
 
 
+def test_a_review_reason_with_control_characters_is_refused_as_the_api_refuses_it(dash: Dashboard) -> None:
+    job_id = factories.park_for_review(dash.state)
+    dash.sign_in("reviewer")
+    response = dash.post(f"/dashboard/review/{job_id}", {"decision": "approve", "reason": "looks fine\x00\x01 to me"})
+    assert response.status_code == 422
+    assert f'id="reason-error-{job_id}"' in response.text and "contains control characters" in response.text
+    assert _events(dash, "review.decided") == []
+
+
 def test_reviewer_sees_the_images_output_screening_held(dash: Dashboard) -> None:
     job_id = factories.park_with_held_image(dash.state)
     dash.sign_in("reviewer")
