@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -112,6 +114,35 @@ class Settings(BaseSettings):
     @property
     def dev_ca_dir(self) -> Path:
         return self.data_dir / "dev-ca"
+
+
+DEV_SESSION_SECRET_FILE = "dev-session-secret"
+
+
+def with_dev_session_secret(settings: Settings) -> Settings:
+    """In env=dev with a placeholder session secret, a random one kept under DATA_DIR (made once, owner-only):
+    with the placeholder anyone could sign a dashboard cookie for any key id, and key ids are not secret."""
+    if settings.env != "dev" or settings.session_secret.get_secret_value() not in PLACEHOLDER_SECRETS:
+        return settings
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.data_dir / DEV_SESSION_SECRET_FILE
+    secret = path.read_text().strip() if path.exists() else ""
+    if len(secret) < 32:  # none yet (or emptied): make one, whole or not at all
+        draft = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32) + "\n")
+        try:
+            if secret or path.exists():
+                os.replace(draft, path)
+            else:
+                os.link(draft, path)  # another process of this gateway starting now may have won: use its
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink(missing_ok=True)
+        secret = path.read_text().strip()
+    return settings.model_copy(update={"session_secret": SecretStr(secret)})
 
 
 @lru_cache(maxsize=1)

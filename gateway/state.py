@@ -11,7 +11,7 @@ from audit.db import upgrade_database
 from gateway.dispatch import CeleryDispatcher, Dispatcher, LocalWorker
 from gateway.limits import Limits, MemoryCounter, RedisCounter
 from gateway.services import GatewayState, requeue_stale_jobs
-from gateway.settings import Settings
+from gateway.settings import Settings, with_dev_session_secret
 from gateway.waiting import JobWaiters
 from generator.intake import Intake
 from generator.pipeline import build_context
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 def build_state(settings: Settings, *, dispatcher: Dispatcher | None = None) -> GatewayState:
     """Open the database, load the registry and signer, activate the first policy, start the worker."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings = with_dev_session_secret(settings)
     if settings.embedded and settings.database_url.startswith("sqlite"):
         upgrade_database(settings.database_url)  # embedded: the gateway owns its file; PostgreSQL uses `migrate`
     ctx = build_context(settings)

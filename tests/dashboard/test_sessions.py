@@ -67,3 +67,26 @@ def test_login_token_must_match_the_cookie_and_carry_our_signature() -> None:
     assert not codec.check_login_token(token, codec.login_token())
     assert not codec.check_login_token("nonce.forged", "nonce.forged")
     assert not SessionCodec("secret-two").check_login_token(token, token)
+
+
+def test_a_dev_gateway_with_the_placeholder_secret_signs_sessions_with_a_random_one_of_its_own(tmp_path) -> None:
+    from gateway.settings import DEV_SESSION_SECRET_FILE, with_dev_session_secret
+    from tests.conftest import make_settings
+
+    placeholder = make_settings(tmp_path, env="dev", session_secret="dev")
+    first = with_dev_session_secret(placeholder).session_secret.get_secret_value()
+    assert first != "dev" and len(first) >= 32
+    assert with_dev_session_secret(placeholder).session_secret.get_secret_value() == first  # kept for restarts
+    assert (tmp_path / DEV_SESSION_SECRET_FILE).stat().st_mode & 0o077 == 0  # readable by its owner only
+    cookie, _ = SessionCodec("dev").issue("abc123", now=NOW)  # what anyone could forge with the placeholder
+    assert SessionCodec(first).read(cookie, now=NOW) is None
+    other = with_dev_session_secret(make_settings(tmp_path / "other", env="dev", session_secret="dev"))
+    assert other.session_secret.get_secret_value() != first
+
+
+def test_a_configured_session_secret_is_used_as_given(tmp_path) -> None:
+    from gateway.settings import with_dev_session_secret
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path, env="dev", session_secret="a-real-secret-from-the-operator")
+    assert with_dev_session_secret(settings) is settings
