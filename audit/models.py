@@ -86,6 +86,17 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+class DashboardSignout(Base):
+    """A dashboard session ended by signing out, kept until the cookie would have expired anyway (session
+    cookies are signed, not stored: this is what makes a copied cookie useless after sign-out)."""
+
+    __tablename__ = "dashboard_signouts"
+
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
 class PolicyRevision(Base):
     """A stored policy, keyed by its content hash; exactly one revision is active per scope."""
 

@@ -3,7 +3,8 @@
 The cookie never contains the API key. It is `base64url(json) "." base64url(hmac_sha256)` over
 `{"k": key_id, "e": expiry (unix s), "n": nonce}`; the CSRF token is an HMAC of the nonce, so it needs no
 server-side storage and dies with the session. Each request re-reads the key row so a revoked key signs
-its sessions out at once.
+its sessions out at once, and looks the nonce up among the sign-outs, so a signed-out cookie is dead even
+where it was copied.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
+from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from audit.models import ApiKey
+from audit.models import ApiKey, DashboardSignout
 from gateway.auth import Principal
 
 SESSION_COOKIE = "lgw_session"
@@ -104,9 +107,21 @@ class SessionCodec:
             return False
 
 
-def principal_for_key_id(session: Session, key_id: str) -> Principal | None:
-    """The principal of an existing, unrevoked key (a session is only as good as its key)."""
-    row = session.get(ApiKey, key_id)
+def principal_of(db: Session, session: DashboardSession) -> Principal | None:
+    """The principal of a session not signed out, whose key exists and is not revoked (a session is only as
+    good as its key)."""
+    if db.get(DashboardSignout, session.nonce) is not None:
+        return None
+    row = db.get(ApiKey, session.key_id)
     if row is None or row.revoked_at is not None:
         return None
     return Principal(key_id=row.id, role=row.role, team=row.team)
+
+
+def sign_out(db: Session, session: DashboardSession, *, now: datetime | None = None) -> None:
+    """End `session` for good, wherever its cookie was copied; forget sign-outs whose cookies have expired."""
+    now = now or datetime.now(UTC)
+    db.execute(delete(DashboardSignout).where(DashboardSignout.expires_at <= now))
+    if db.get(DashboardSignout, session.nonce) is None:
+        db.add(DashboardSignout(nonce=session.nonce, key_id=session.key_id,
+                                expires_at=datetime.fromtimestamp(session.expires_at, UTC)))

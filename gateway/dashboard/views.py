@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from gateway import services, stats
 from gateway.auth import authenticate
-from gateway.dashboard.sessions import LOGIN_COOKIE, LOGIN_TTL_S, SESSION_COOKIE
+from gateway.dashboard.sessions import LOGIN_COOKIE, LOGIN_TTL_S, SESSION_COOKIE, sign_out
 from gateway.dashboard.web import (
     PREFIX,
     CsrfDep,
@@ -94,7 +94,9 @@ def login(request: Request, state: StateDep, api_key: Annotated[str, Form(max_le
 
 
 @router.post("/logout")
-def logout(request: Request, signed: CsrfDep) -> RedirectResponse:
+def logout(request: Request, state: StateDep, signed: CsrfDep) -> RedirectResponse:
+    with state.ctx.sessions() as db, db.begin():
+        sign_out(db, signed.session)
     response = RedirectResponse(f"{PREFIX}/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, **_cookie_args(request))
     return response

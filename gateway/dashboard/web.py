@@ -22,7 +22,7 @@ from gateway.dashboard.sessions import (
     SESSION_COOKIE,
     DashboardSession,
     SessionCodec,
-    principal_for_key_id,
+    principal_of,
 )
 from gateway.deps import StateDep
 from gateway.errors import ApiError, Forbidden, InvalidRequest, Unauthorized
@@ -124,7 +124,7 @@ def get_signed_in(request: Request, state: StateDep) -> SignedIn:
     if session is None:
         raise SignInRequired()
     with state.ctx.sessions() as db:
-        principal = principal_for_key_id(db, session.key_id)
+        principal = principal_of(db, session)
     if principal is None:
         raise SignInRequired()
     request.state.principal = principal
@@ -186,7 +186,7 @@ def error_page(request: Request, status: int, message: str) -> HTMLResponse:
         session = codec(state).read(request.cookies.get(SESSION_COOKIE))
         if session is not None:
             with state.ctx.sessions() as db:
-                principal = principal_for_key_id(db, session.key_id)
+                principal = principal_of(db, session)
             if principal is not None:
                 signed = SignedIn(principal, session, codec(state).csrf_token(session))
     except Exception:  # the error page must render even when the database is the problem

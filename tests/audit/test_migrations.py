@@ -24,6 +24,7 @@ TABLES = {
     "chain_head",
     "audit_events",
     "chain_checkpoints",
+    "dashboard_signouts",
 }
 
 

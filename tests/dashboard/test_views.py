@@ -87,10 +87,27 @@ def test_revoking_a_key_ends_its_dashboard_session(dash: Dashboard) -> None:
     assert response.status_code == 303 and response.headers["location"].startswith("/dashboard/login")
 
 
-def test_sign_out_ends_the_session(dash: Dashboard) -> None:
+def test_sign_out_ends_the_session_even_for_a_copy_of_its_cookie(dash: Dashboard) -> None:
     dash.sign_in("auditor")
+    copied = dash.client.cookies.get("lgw_session")
+    csrf = dash.csrf()
     assert dash.post("/dashboard/logout", {}).status_code == 303
     assert dash.client.get("/dashboard/audit", follow_redirects=False).status_code == 303
+    dash.client.cookies.set("lgw_session", copied, path="/dashboard")  # as someone who copied it would
+    response = dash.client.get("/dashboard/audit", follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"].startswith("/dashboard/login")
+    refused = dash.client.post("/dashboard/logout", data={"csrf_token": csrf}, follow_redirects=False)
+    assert refused.headers["location"].startswith("/dashboard/login")  # signed out already: no session to use
+
+
+def test_signing_out_of_one_session_leaves_the_keys_other_sessions_alone(dash: Dashboard) -> None:
+    key = dash.sign_in("auditor")
+    other = dash.client.cookies.get("lgw_session")
+    dash.client.cookies.clear()
+    assert dash.submit_login(key).status_code == 303
+    assert dash.post("/dashboard/logout", {}).status_code == 303
+    dash.client.cookies.set("lgw_session", other, path="/dashboard")
+    assert dash.client.get("/dashboard/audit", follow_redirects=False).status_code == 200
 
 
 def test_a_form_post_without_the_csrf_token_is_refused(dash: Dashboard) -> None:
