@@ -161,7 +161,9 @@ def audit_explorer(request: Request, state: StateDep, session: SessionDep, signe
                                  text=q or None)
     page = stats.search_events(session=session, principal=signed.principal, filters=filters, limit=limit,
                                before=before)
-    query = {k: v for k, v in form.items() if v}
+    query: dict[str, Any] = {k: v for k, v in form.items() if v}
+    if limit != 50:  # paging keeps the page size asked for
+        query["limit"] = limit
     context: dict[str, Any] = {"page": page, "form": form, "errors": errors, "query": query, "limit": limit,
                "before": before}
     if request.headers.get("hx-request") == "true" and request.headers.get("hx-target") == "results":

@@ -151,6 +151,23 @@ def test_audit_explorer_answers_htmx_with_the_results_table_only(dash: Dashboard
     assert "<html" not in response.text and "prompt.screened" in response.text
 
 
+def test_audit_explorer_says_in_the_htmx_results_which_bound_it_could_not_apply(dash: Dashboard) -> None:
+    dash.sign_in("auditor")
+    response = dash.client.get("/dashboard/audit", params={"since": "2026-13-01T00:00", "team": "ads"},
+                               headers={"HX-Request": "true", "HX-Target": "results"})
+    assert response.status_code == 200 and "<html" not in response.text
+    assert 'role="alert">Not applied: since: ' in response.text
+
+
+def test_audit_explorer_paging_keeps_the_page_size(dash: Dashboard) -> None:
+    for _ in range(3):
+        factories.park_for_review(dash.state, team="ads")
+    dash.sign_in("auditor")
+    page = dash.client.get("/dashboard/audit", params={"team": "ads", "limit": 2})
+    older = re.search(r'href="(/dashboard/audit\?[^"]*before=\d+[^"]*)"', page.text)
+    assert older is not None and "limit=2" in older.group(1)
+
+
 def test_audit_explorer_names_a_bad_date_at_its_field(dash: Dashboard) -> None:
     dash.sign_in("auditor")
     response = dash.client.get("/dashboard/audit", params={"since": "yesterday"})
