@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi.exceptions import RequestValidationError
+
 
 class ApiError(Exception):
     """An error with an HTTP status and a stable machine-readable code."""
@@ -57,3 +59,16 @@ class RateLimited(ApiError):
 
 class ServiceUnavailable(ApiError):
     status, code = 503, "service_unavailable"
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """A request's validation errors in one line: the field and what is wrong with it (the first five)."""
+    parts = []
+    for err in exc.errors()[:5]:
+        if err.get("type") == "json_invalid":  # loc is ("body", character offset)
+            where, why = err.get("loc", ("body", "?"))[-1], (err.get("ctx") or {}).get("error", "")
+            parts.append(f"the body is not valid JSON (at character {where}{': ' + why if why else ''})")
+            continue
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"

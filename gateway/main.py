@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from audit.db import describe_fault
 from gateway import dashboard, metrics
-from gateway.errors import ApiError, ServiceUnavailable
+from gateway.errors import ApiError, ServiceUnavailable, validation_message
 from gateway.routes import audit, generations, health, models, moderations, policies, provenance, review
 from gateway.settings import Settings, get_settings
 from gateway.state import build_state, close_state, warm_up
@@ -50,18 +50,6 @@ def error_response(status: int, code: str, message: str, request_id: str,
 
 def _rid(request: Request) -> str:
     return str(getattr(request.state, "request_id", "")) or str(uuid.uuid4())
-
-
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        if err.get("type") == "json_invalid":  # loc is ("body", character offset)
-            where, why = err.get("loc", ("body", "?"))[-1], (err.get("ctx") or {}).get("error", "")
-            parts.append(f"the body is not valid JSON (at character {where}{': ' + why if why else ''})")
-            continue
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg", "invalid")))
-    return "; ".join(parts) or "invalid request"
 
 
 def body_limit(path: str, json_limit: int) -> tuple[int, str] | None:
@@ -176,7 +164,7 @@ def create_app(settings: Settings | None = None, state: Any = None, warm: bool =
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "invalid_request", _validation_message(exc), _rid(request))
+        return error_response(422, "invalid_request", validation_message(exc), _rid(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -11,9 +11,11 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.auth import Principal
 from gateway.dashboard.sessions import (
@@ -25,7 +27,7 @@ from gateway.dashboard.sessions import (
     principal_of,
 )
 from gateway.deps import StateDep
-from gateway.errors import ApiError, Forbidden, InvalidRequest, Unauthorized
+from gateway.errors import ApiError, Forbidden, InvalidRequest, Unauthorized, validation_message
 from gateway.services import GatewayState
 from gateway.stats import OverviewCache
 
@@ -170,6 +172,10 @@ class DashboardRoute(APIRoute):
                 response = sign_in_redirect(request)
             except ApiError as exc:
                 response = error_page(request, exc.status, exc.message)
+            except RequestValidationError as exc:  # a query or form field out of range: a page, not JSON
+                response = error_page(request, 422, validation_message(exc))
+            except StarletteHTTPException as exc:  # e.g. a form field past the multipart parser's size limit
+                response = error_page(request, exc.status_code, str(exc.detail))
             for name, value in SECURITY_HEADERS.items():
                 response.headers.setdefault(name, value)
             return response

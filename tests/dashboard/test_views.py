@@ -168,6 +168,18 @@ def test_audit_explorer_paging_keeps_the_page_size(dash: Dashboard) -> None:
     assert older is not None and "limit=2" in older.group(1)
 
 
+@pytest.mark.parametrize("path,named", [("/dashboard/audit?limit=0", "query.limit: "),
+                                        ("/dashboard/review?offset=-1", "query.offset: "),
+                                        ("/dashboard/policies/diff", "query.a: Field required")])
+def test_a_dashboard_parameter_out_of_range_gets_the_error_page_not_json(dash: Dashboard, path: str,
+                                                                         named: str) -> None:
+    dash.sign_in("admin")
+    response = dash.client.get(path)
+    assert response.status_code == 422 and response.headers["content-type"].startswith("text/html")
+    assert "Cannot accept this" in response.text and named in response.text
+    assert "<nav" in response.text  # the signed-in page, with its menu
+
+
 def test_audit_explorer_names_a_bad_date_at_its_field(dash: Dashboard) -> None:
     dash.sign_in("auditor")
     response = dash.client.get("/dashboard/audit", params={"since": "yesterday"})
