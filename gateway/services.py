@@ -221,7 +221,8 @@ def submit_generation(*, state: GatewayState, principal: Principal, request: Gen
     params = _params(state, request, card)
     _require_signer(state)
     # Valid and about to be screened: only now do its images count against the quotas (a 422 costs nothing),
-    # and a request that is then refused (blocked, or a 503) gives them back.
+    # and a request that is then refused (blocked, or a 503) gives them back, as does one a reviewer rejects
+    # before generation (decide_review).
     images = {"key_id": principal.key_id, "team": principal.team, "images": params["num_images"]}
     state.limits.charge_images(**images)
     try:
@@ -384,7 +385,7 @@ def list_generations(*, session: Session, principal: Principal, status: str | No
     if status:
         query = query.where(Job.status == status)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(query.order_by(Job.created_at.desc()).limit(limit).offset(offset)).all()
+    rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit).offset(offset)).all()
     return list(rows), total
 
 
@@ -469,7 +470,7 @@ def list_review(*, session: Session, principal: Principal, limit: int, offset: i
     principal.require("reviewer")
     query = select(Job).where(Job.status == "review")
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(query.order_by(Job.created_at).limit(limit).offset(offset)).all()
+    rows = session.scalars(query.order_by(Job.created_at, Job.id).limit(limit).offset(offset)).all()
     return list(rows), total
 
 
@@ -507,6 +508,8 @@ def decide_review(*, state: GatewayState, principal: Principal, job_id: str, dec
                                                 payload={"stage": "review", "decision": decision})])
     if job.status == "queued":
         _dispatch(state, job.id)
+    elif stage == "prompt":  # refused before anything was generated: its images go back to the quotas
+        state.limits.refund_images(key_id=job.key_id, team=job.team, images=int(job.params["num_images"]))
     return job
 
 

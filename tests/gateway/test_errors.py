@@ -224,6 +224,24 @@ def test_a_refused_request_gives_its_images_back_to_the_quota(gateway_factory, t
     gw.wait(accepted.json()["id"], key)
 
 
+def test_a_prompt_a_reviewer_rejects_gives_its_images_back_to_the_quota(gateway_factory, tiny_models) -> None:
+    gw = gateway_factory(models_dir=tiny_models, default_model="tiny-t2i", team_quota_per_day=3,
+                         policy_file=LEXICAL_POLICY)
+    creator, reviewer = gw.key("creator", team="small"), gw.key("reviewer", team="review")
+    parked = gw.client.post("/v1/generations", headers=gw.auth(creator),
+                            json={"prompt": "a senator", "params": {"num_images": 3}})
+    assert parked.status_code == 202 and parked.json()["status"] == "review", parked.text
+    full = gw.client.post("/v1/generations", headers=gw.auth(creator), json={"prompt": "a red star"})
+    assert full.status_code == 429  # the parked job's three images are charged while it waits
+    decided = gw.client.post(f"/v1/review/{parked.json()['id']}", headers=gw.auth(reviewer),
+                             json={"decision": "reject", "reason": "no real people"})
+    assert decided.status_code == 200, decided.text
+    accepted = gw.client.post("/v1/generations", headers=gw.auth(creator),
+                              json={"prompt": "a red star", "params": {"num_images": 3}})
+    assert accepted.status_code == 202, accepted.text  # nothing was generated for the rejected one
+    gw.wait(accepted.json()["id"], creator)
+
+
 def test_moderation_screens_and_audits_without_generating(gw) -> None:
     key = gw.key("creator")
     result = gw.client.post("/v1/moderations", headers=gw.auth(key), json={"prompt": "something forbidden"})
