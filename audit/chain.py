@@ -205,11 +205,33 @@ def link_hash(link: Link, prev_hash: str) -> str | None:
     return None if computed == link.hash else computed
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            raise DuplicateKeyError(f"the key {key!r} appears twice in one JSON object")
+        value[key] = item
+    return value
+
+
+class DuplicateKeyError(ValueError):
+    """JSON with a repeated key: readers disagree on its value (Python keeps the last, others the first), so
+    evidence must not contain it."""
+
+
+def loads_strict(data: str | bytes) -> Any:
+    """`json.loads` that refuses repeated keys (DuplicateKeyError) instead of keeping the last one."""
+    return json.loads(data, object_pairs_hook=_unique_keys)
+
+
 def parse_body(raw: bytes | memoryview | None) -> dict[str, Any]:
     """An event body parsed from its JSON bytes."""
     if raw is None:
         raise ChainBrokenError("the event has neither a body nor its bytes")
-    body = json.loads(bytes(raw))
+    try:
+        body = loads_strict(bytes(raw))
+    except (ValueError, RecursionError) as exc:  # not JSON, a repeated key, absurd nesting
+        raise ChainBrokenError(f"the event body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ChainBrokenError("the event body is not a JSON object")
     return body

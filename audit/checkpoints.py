@@ -116,7 +116,7 @@ def verify_checkpoint_signature(record: Mapping[str, Any]) -> str | None:
         signature = base64.b64decode(str(record["signature"]), validate=True)
         message = checkpoint_message(int(record["seq"]), str(record["head_hash"]), str(record["ts"]),
                                      str(record["alg"]))
-    except (KeyError, ValueError, TypeError) as exc:
+    except (KeyError, ValueError, TypeError, OverflowError) as exc:  # OverflowError: a seq of 1e999
         return f"checkpoint at seq {record.get('seq')!r} is malformed: {exc}"
     public_key = leaf.public_key()
     alg = record["alg"]

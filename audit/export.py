@@ -19,10 +19,12 @@ from sqlalchemy import Select, Text, cast, select
 from sqlalchemy.orm import Session
 
 from audit.chain import (
+    ChainBrokenError,
     Link,
     body_bytes,
     canonical_json,
     format_ts,
+    loads_strict,
     parse_body,
     raw_body_verifies,
     raw_event_hash,
@@ -103,8 +105,12 @@ def iter_event_records(session: Session, filters: ExportFilters | None = None) -
 
 
 def _parsed_body(row: Any, ts: str) -> dict[str, Any]:
+    try:
+        payload = loads_strict(row.payload_json)
+    except (ValueError, RecursionError) as exc:  # a stored payload that is not JSON, or repeats a key
+        raise ChainBrokenError(f"the stored payload is not valid JSON: {exc}", row.seq) from None
     return {"seq": row.seq, "id": row.id, "ts": ts, "action": row.action, "key_id": row.key_id,
-            "team": row.team, "job_id": row.job_id, "payload": json.loads(row.payload_json)}
+            "team": row.team, "job_id": row.job_id, "payload": payload}
 
 
 def iter_event_links(

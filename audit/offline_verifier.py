@@ -16,23 +16,48 @@ import sys
 from typing import Any
 
 GENESIS = "0" * 64
+FORMAT, VERSION = "llamagen-gateway.audit-export", 1  # the header every export begins with
 
 
 def canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: with a repeated key, readers disagree on which value it has."""
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        value[key] = item
+    return value
+
+
 def check(path: str) -> str | None:
     checkpoints: dict[int, str] = {}
-    prev, expected = GENESIS, 1
-    with open(path, encoding="utf-8") as lines:
+    prev, expected, seen_header = GENESIS, 1, False
+    with open(path, encoding="utf-8-sig") as lines:  # -sig: a byte-order mark some editors add is not content
         for number, line in enumerate(lines, start=1):
-            record = json.loads(line)
+            try:
+                record = json.loads(line, object_pairs_hook=_object)
+            except (ValueError, RecursionError) as exc:
+                return f"line {number}: not a JSON record of an export ({exc})"
+            if not isinstance(record, dict):
+                return f"line {number}: not a JSON object"
             kind = record.get("type")
+            if not seen_header and kind != "header":
+                return f"line {number}: the export must begin with its header line"
             if kind == "header":
+                if seen_header:
+                    return f"line {number}: a second header"
+                if record.get("format") != FORMAT or record.get("version") != VERSION:
+                    return f"line {number}: not a {FORMAT} version {VERSION} file"
                 if record.get("filters"):
                     return f"{path} is a filtered export: only a full export proves the chain"
+                seen_header = True
             elif kind == "checkpoint":
+                if expected > 1:
+                    return f"line {number}: a checkpoint after the events (exports write them first)"
                 checkpoints[record["seq"]] = record["head_hash"]
             elif kind == "error":
                 return f"line {number}: the export was cut short: {record.get('message')}"
@@ -50,6 +75,8 @@ def check(path: str) -> str | None:
                 prev, expected = digest, expected + 1
             else:
                 return f"line {number}: unknown record type {kind!r}"
+    if not seen_header:
+        return f"{path} is empty: no header line"
     last = expected - 1
     beyond = [seq for seq in checkpoints if seq > last]
     if beyond:

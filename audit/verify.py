@@ -21,11 +21,12 @@ from audit.chain import (
     ChainReport,
     Link,
     event_body,
+    loads_strict,
     verify_fragment_links,
     verify_links,
 )
 from audit.checkpoints import CheckedCheckpoints, check_checkpoints, load_trust_anchors
-from audit.export import EXPORT_FORMAT, iter_checkpoint_records, iter_event_links, stored_body_batches
+from audit.export import EXPORT_FORMAT, EXPORT_VERSION, iter_checkpoint_records, iter_event_links, stored_body_batches
 from audit.line_scan import (
     HASH_KEY,
     HEAD,
@@ -112,11 +113,13 @@ def _records(lines: Iterable[bytes | str], source: str) -> Iterator[dict[str, An
 
 def _record(line: bytes | str, source: str, number: int) -> dict[str, Any]:
     try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ExportFileError(f"{source} line {number} is not JSON: {exc}") from exc
+        record = loads_strict(line)
     except UnicodeDecodeError as exc:
         raise ExportFileError(f"{source} line {number} is not UTF-8 text: {exc.reason}") from exc
+    except json.JSONDecodeError as exc:
+        raise ExportFileError(f"{source} line {number} is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # a key given twice, absurd nesting
+        raise ExportFileError(f"{source} line {number} cannot be evidence: {exc or 'it nests too deeply'}") from None
     if not isinstance(record, dict):
         raise ExportFileError(f"{source} line {number} is not a JSON object")
     return record
@@ -227,6 +230,9 @@ def _read_prefix(stream: IO[bytes], source: str) -> _Prefix:
         pos = end + 1
     if header is None or header.get("type") != "header" or header.get("format") != EXPORT_FORMAT:
         raise ExportFileError(f"{source} is not a {EXPORT_FORMAT} JSONL file (its first line is no header)")
+    if header.get("version") != EXPORT_VERSION:
+        raise ExportFileError(f"{source} is version {header.get('version')!r} of {EXPORT_FORMAT}; this "
+                              f"verifier reads version {EXPORT_VERSION}")
     return _Prefix(header, checkpoints, buf[pos:], base + pos, number)
 
 
@@ -295,6 +301,7 @@ def _verify_jsonl(
     trust_anchors: list[x509.Certificate] | None,
     path: Path | None = None,
     workers: int = 1,
+    whole_chain: bool = False,
 ) -> ChainReport:
     """One pass: the header, the checkpoints (written before the events), then the events streamed.
 
@@ -307,8 +314,11 @@ def _verify_jsonl(
     checkpoints += [record for record in prefix.checkpoints if record not in checkpoints]
     checked = check_checkpoints(checkpoints, trust_anchors)
     if prefix.header.get("filters"):
+        if whole_chain:
+            raise ExportFileError(f"{source}: its header says it is filtered, and an evidence pack holds the "
+                                  "whole chain")
         links = _general_links(_lines(stream, prefix.rest, prefix.lines), source)
-        return _finish(verify_fragment_links(links, checked.anchors), checked)
+        return _trusted(_finish(verify_fragment_links(links, checked.anchors), checked), checked, trust_anchors)
     anchors: dict[int, frozenset[bytes]] = {}
     for anchor in checked.anchors:
         anchors[anchor.seq] = anchors.get(anchor.seq, frozenset()) | {anchor.head_hash.encode()}
@@ -322,7 +332,19 @@ def _verify_jsonl(
     links = _general_links(_lines(stream, rest, state.lines), source)
     report = verify_links(links, checked.anchors, start_prev_hash=state.prev.decode("ascii"),
                           start_seq=state.seq)
-    return _finish(report, checked)
+    return _trusted(_finish(report, checked), checked, trust_anchors)
+
+
+def _trusted(report: ChainReport, checked: CheckedCheckpoints,
+             trust_anchors: list[x509.Certificate] | None) -> ChainReport:
+    """With trust anchors, an export must carry at least one checkpoint they vouch for: without one, whoever
+    holds the file could have rewritten every event and recomputed every hash."""
+    if report.ok and trust_anchors is not None and report.count and not checked.anchors:
+        report.ok = False
+        report.first_bad_seq = None
+        report.reason = ("no checkpoint signed by a trusted signer: without one the whole chain could have been "
+                         "rewritten (export after `audit checkpoint`)")
+    return report
 
 
 def _event_or_fail(record: Mapping[str, Any] | None, source: str, number: int) -> Link:
@@ -343,6 +365,12 @@ def _manifest_problems(pack: zipfile.ZipFile) -> list[str]:
     except KeyError:
         return ["the evidence pack has no MANIFEST.sha256"]
     problems = []
+    listed = [line.partition("  ")[2] for line in manifest.splitlines()]
+    unlisted = sorted(set(pack.namelist()) - set(listed) - {"MANIFEST.sha256"})
+    if unlisted:
+        problems.append(f"{', '.join(unlisted)} not listed in MANIFEST.sha256, which covers every other file")
+    if len(set(listed)) != len(listed):
+        problems.append("MANIFEST.sha256 lists a file twice")
     for line in manifest.splitlines():
         digest, _, name = line.partition("  ")
         try:
@@ -383,7 +411,7 @@ def _verify_pack(path: Path, trust_anchors: list[x509.Certificate] | None) -> Ch
             with pack.open("checkpoints.jsonl") as stream:
                 extra = list(_records(stream, f"{path.name}:checkpoints.jsonl"))
         with pack.open("events.jsonl") as stream:
-            report = _verify_jsonl(stream, f"{path.name}:events.jsonl", extra, trust_anchors)
+            report = _verify_jsonl(stream, f"{path.name}:events.jsonl", extra, trust_anchors, whole_chain=True)
         problems = _manifest_problems(pack)
     if report.ok and problems:
         report.ok = False

@@ -109,6 +109,10 @@ def trust_anchors(explicit: Path | None, settings: Settings) -> bytes | None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    import psycopg
+
     from audit.checkpoints import CheckpointError
     from audit.verify import ExportFileError, verify_database, verify_export
 
@@ -125,6 +129,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except OSError as exc:
         return fail(f"cannot read {exc.filename}: {exc.strerror}")
     except SQLAlchemyError as exc:
+        return fail(f"cannot read the audit database: {exc.__class__.__name__}: {exc}", FAILED)
+    except (ValueError, OverflowError) as exc:  # a stored value the driver cannot convert (say, ts='garbage')
+        return fail(f"the audit database holds a value that cannot be read: {exc.__class__.__name__}: {exc}",
+                    FAILED)
+    except (sqlite3.Error, psycopg.Error) as exc:  # the fast path reads through the driver itself
         return fail(f"cannot read the audit database: {exc.__class__.__name__}: {exc}", FAILED)
     print_report(report)
     return OK if report.ok else FAILED

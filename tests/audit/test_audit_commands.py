@@ -349,3 +349,37 @@ def test_a_jsonl_export_to_standard_output_the_database_fails_part_way_ends_in_a
         "type": "error", "message": "the audit database failed part-way; see stderr"}
     assert run("audit", "verify", "--export", str(tmp_path / "cut.jsonl")) != 0
     assert "cut.jsonl line 2: the export was cut short: the audit database failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("statement,fragment", [
+    ("UPDATE audit_events SET ts = 'garbage' WHERE seq = 2", "holds a value that cannot be read"),
+    ("UPDATE audit_events SET team = CAST(X'FF' AS TEXT) WHERE seq = 2", "cannot read the audit database"),
+], ids=["unreadable-time", "team-not-utf8"])
+def test_audit_verify_of_a_database_with_unreadable_values_fails_with_a_message(
+    sessions: Any, capsys: pytest.CaptureFixture[str], statement: str, fragment: str
+) -> None:
+    from sqlalchemy import text
+
+    append(sessions, 3)
+    with sessions() as session, session.begin():
+        session.execute(text("DROP TRIGGER IF EXISTS audit_events_no_update"))
+        session.execute(text(statement))
+    capsys.readouterr()
+    assert run("audit", "verify") == 1
+    assert fragment in capsys.readouterr().err
+
+
+def test_audit_verify_of_an_export_with_an_absurd_checkpoint_seq_names_the_checkpoint(
+    sessions: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    append(sessions, 2)
+    assert run("audit", "checkpoint") == 0
+    export = tmp_path / "export.jsonl"
+    assert run("audit", "export", "-o", str(export)) == 0
+    lines = export.read_text().splitlines()
+    checkpoint = json.loads(lines[1])
+    lines[1] = json.dumps(checkpoint).replace(f'"seq": {checkpoint["seq"]}', '"seq": 1e999')
+    export.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert run("audit", "verify", "--export", str(export)) == 1
+    assert "checkpoint at seq inf is malformed" in capsys.readouterr().out

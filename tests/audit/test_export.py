@@ -222,3 +222,21 @@ def test_the_standalone_verifier_refuses_a_record_type_it_does_not_know(sessions
     (tmp_path / "verify_chain.py").write_text(OFFLINE_VERIFIER.read_text())
     result = run_offline_verifier(tmp_path)
     assert result.returncode == 1 and "line 5: unknown record type 'note'" in result.stderr
+
+
+@pytest.mark.parametrize("edit,accepted,fragment", [
+    (lambda text: "\ufeff" + text, True, "chain OK: 3 events"),  # a byte-order mark an editor added
+    (lambda text: text + text.splitlines(keepends=True)[0], False, "line 5: a second header"),
+    (lambda text: "".join(text.splitlines(keepends=True)[1:]), False, "line 1: the export must begin with its header"),
+    (lambda text: text.replace('"version":1', '"version":99', 1), False, "audit-export version 1"),
+    (lambda text: text.replace('"seed":2', '"seed":3,"seed":2', 1), False, "the key 'seed' appears twice"),
+    (lambda text: text + "[" * 100_000 + "\n", False, "line 5: not a JSON record of an export"),
+], ids=["bom", "trailing-header", "no-header", "unknown-version", "key-twice", "deep-nesting"])
+def test_the_standalone_verifier_judges_files_as_the_cli_does(sessions: Any, tmp_path: Path, edit: Any,
+                                                              accepted: bool, fragment: str) -> None:
+    (tmp_path / "events.jsonl").write_text(edit(export(sessions)), encoding="utf-8")
+    (tmp_path / "verify_chain.py").write_text(OFFLINE_VERIFIER.read_text())
+    result = run_offline_verifier(tmp_path)
+    assert (result.returncode == 0) is accepted, result.stdout + result.stderr
+    assert fragment in (result.stdout if accepted else result.stderr)
+    assert "Traceback" not in result.stderr

@@ -344,3 +344,97 @@ def test_a_whole_chain_export_has_the_stored_bytes_on_every_database(any_chain: 
     assert lines[2:] == expected  # header and checkpoint first; seq 2 re-encoded, the rest as stored
     report = verify_export(write_lines(tmp_path / "audit.jsonl", lines))
     assert (report.ok, report.count) == (True, 10), report.summary
+
+
+# --- forgeries a verifier must not pass: the whole chain rewritten, keys given twice, files outside the manifest
+
+
+def _rehashed_without_checkpoints(lines: list[str], edit: tuple[bytes, bytes]) -> list[str]:
+    """The export as someone holding it could rewrite it: an event edited, every hash recomputed, the
+    (unforgeable) checkpoints dropped."""
+    from audit.chain import GENESIS_HASH, event_hash
+
+    out, prev = [lines[0]], GENESIS_HASH
+    for line in lines[1:]:
+        record = json.loads(line.replace(*(part.decode() for part in edit)))
+        if record["type"] != "event":
+            continue
+        record["prev_hash"], record["hash"] = prev, event_hash(prev, record["body"])
+        prev = record["hash"]
+        out.append(json.dumps(record))
+    return out
+
+
+def test_with_trust_anchors_an_export_without_a_trusted_checkpoint_fails(
+    chain: Any, dev_ca: DevCA, tmp_path: Path
+) -> None:
+    forged = write_lines(tmp_path / "forged.jsonl",
+                         _rehashed_without_checkpoints(export_lines(chain), (b'"seed":1002', b'"seed":1003')))
+    assert verify_export(forged).ok  # internally consistent: all a file alone can show
+    report = verify_export(forged, dev_ca.root_pem_path.read_bytes())
+    assert not report.ok and "no checkpoint signed by a trusted signer" in report.reason
+
+
+def test_a_key_given_twice_in_an_exported_event_is_refused(chain: Any, tmp_path: Path) -> None:
+    lines = export_lines(chain)
+    record = json.loads(lines[event_line(3)])
+    body = json.dumps(record["body"], sort_keys=True, separators=(",", ":"))
+    forged_body = body.replace('"seed":1002', '"seed":9999')
+    # Readers differ on which "body" counts: Python's json keeps the last (the original, which verifies),
+    # others the first (the forgery).
+    lines[event_line(3)] = (f'{{"type":"event","body":{forged_body},"body":{body},"hash":"{record["hash"]}",'
+                            f'"prev_hash":"{record["prev_hash"]}"}}')
+    with pytest.raises(ExportFileError, match=r"line 5 cannot be evidence: the key 'body' appears twice"):
+        verify_export(write_lines(tmp_path / "audit.jsonl", lines))
+
+
+def test_a_stored_payload_with_a_key_given_twice_breaks_the_chain_at_its_event(chain: Any) -> None:
+    # SQLite keeps JSON text as given (PostgreSQL's jsonb cannot hold a key twice). SQLite's json_extract reads
+    # the first "i" (the forged 7); json.loads alone would keep the last (the hashed 2) and find the hash right.
+    as_dba(chain, """UPDATE audit_events SET payload = '{"i": 7, "seed": 1002, "i": 2}' WHERE seq = 3""")
+    report = verify_db(chain)
+    assert (report.ok, report.first_bad_seq) == (False, 3) and "appears twice" in report.reason
+
+
+def _repacked(pack: Path, target: Path, change: Any) -> Path:
+    with zipfile.ZipFile(pack) as original:
+        files = {name: original.read(name) for name in original.namelist()}
+    change(files)
+    with zipfile.ZipFile(target, "w") as out:
+        for name, data in files.items():
+            out.writestr(name, data)
+    return target
+
+
+def test_an_evidence_pack_must_list_every_file_in_its_manifest(chain: Any, dev_ca: DevCA, tmp_path: Path) -> None:
+    with chain() as session:
+        pack = write_evidence_pack(session, tmp_path / "evidence.zip", [dev_ca.chain_pem_path])
+
+    def emptied(files: dict[str, bytes]) -> None:
+        files["MANIFEST.sha256"] = b""
+        files["model_cards.json"] = b"[]"
+
+    report = verify_export(_repacked(pack, tmp_path / "forged.zip", emptied))
+    assert not report.ok and "model_cards.json" in report.reason and "not listed in MANIFEST.sha256" in report.reason
+
+
+def test_an_evidence_pack_whose_header_claims_filters_is_refused(chain: Any, dev_ca: DevCA, tmp_path: Path) -> None:
+    with chain() as session:
+        pack = write_evidence_pack(session, tmp_path / "evidence.zip", [dev_ca.chain_pem_path])
+
+    def filtered(files: dict[str, bytes]) -> None:
+        header, rest = files["events.jsonl"].split(b"\n", 1)
+        files["events.jsonl"] = header.replace(b'"filters":{}', b'"filters":{"team":"ads"}') + b"\n" + rest
+
+    with pytest.raises(ExportFileError, match="says it is filtered, and an evidence pack holds the whole chain"):
+        verify_export(_repacked(pack, tmp_path / "forged.zip", filtered))
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda lines: [lines[0].replace('"version":1', '"version":99')] + lines[1:], "is version 99"),
+    (lambda lines: lines[:4] + ["[" * 200_000] + lines[4:], "line 5 cannot be evidence"),
+], ids=["unknown-version", "deep-nesting"])
+def test_exports_this_version_cannot_read_are_refused_plainly(chain: Any, tmp_path: Path, edit: Any,
+                                                              fragment: str) -> None:
+    with pytest.raises(ExportFileError, match=fragment):
+        verify_export(write_lines(tmp_path / "audit.jsonl", edit(export_lines(chain))))
