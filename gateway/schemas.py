@@ -164,6 +164,8 @@ class PolicyPublic(BaseModel):
 class Page(BaseModel, Generic[T]):
     data: list[T]
     count: int
+    next_before: str | None = Field(None, description="where a list pages by cursor: pass as `before` for the "
+                                                      "next page (stable while new items arrive); null on the last")
 
 
 class ErrorBody(BaseModel):

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import anyio
 from PIL import Image
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -377,7 +377,9 @@ async def wait_for_generation(*, state: GatewayState, principal: Principal, job_
 
 
 def list_generations(*, session: Session, principal: Principal, status: str | None, limit: int,
-                     offset: int) -> tuple[list[Job], int]:
+                     offset: int, before: str | None = None) -> tuple[list[Job], int]:
+    """Newest first. `before` (a job id the caller can see) starts the page after that job: a client paging
+    with it sees each job once while new ones arrive, which offsets cannot promise. `count` is every match."""
     principal.require("creator", "auditor", "reviewer")
     query = select(Job)
     if not principal.can_see_team("*"):
@@ -385,6 +387,12 @@ def list_generations(*, session: Session, principal: Principal, status: str | No
     if status:
         query = query.where(Job.status == status)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    if before is not None:
+        cursor = session.get(Job, before)
+        if cursor is None or not principal.can_see_team(cursor.team):
+            raise InvalidRequest(f"before: no generation {before!r} to page from")
+        query = query.where(or_(Job.created_at < cursor.created_at,
+                                and_(Job.created_at == cursor.created_at, Job.id < cursor.id)))
     rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit).offset(offset)).all()
     return list(rows), total
 

@@ -59,10 +59,14 @@ def create_generation(body: GenerationCreate, request: Request, state: StateDep,
 def list_generations(request: Request, session: SessionDep, caller: CallerDep,
                      status: Status | None = None,
                      limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Page[GenerationPublic]:
+                     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+                     before: Annotated[str | None, Query(max_length=64, description=(
+                         "a job id: the page starts after it (use `next_before` of the previous page)"))] = None,
+                     ) -> Page[GenerationPublic]:
     jobs, total = services.list_generations(session=session, principal=caller, status=status, limit=limit,
-                                            offset=offset)
-    return Page[GenerationPublic](data=[to_public(j, request) for j in jobs], count=total)
+                                            offset=offset, before=before)
+    return Page[GenerationPublic](data=[to_public(j, request) for j in jobs], count=total,
+                                  next_before=jobs[-1].id if len(jobs) == limit else None)
 
 
 @router.get("/{job_id}", response_model=GenerationPublic, responses=ERRORS, summary="Status, decisions, images")

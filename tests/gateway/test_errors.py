@@ -105,6 +105,35 @@ def test_listing_generations_by_a_status_returns_only_those(gw) -> None:
     assert gw.client.get("/v1/generations", params={"status": "review"}, headers=gw.auth(key)).json()["count"] == 0
 
 
+def test_paging_generations_with_before_sees_each_job_once_while_new_ones_arrive(gw) -> None:
+    key = gw.key("creator")
+
+    def submit() -> str:
+        job = gw.client.post("/v1/generations", headers=gw.auth(key), json={"class_id": 1}).json()
+        gw.wait(job["id"], key)
+        return str(job["id"])
+
+    first = [submit() for _ in range(5)]
+    seen, before = [], None
+    while True:
+        page = gw.client.get("/v1/generations", headers=gw.auth(key),
+                             params={"limit": 2, **({"before": before} if before else {})}).json()
+        seen += [job["id"] for job in page["data"]]
+        submit()  # arrives between pages: offsets would shift the next page onto jobs already read
+        before = page["next_before"]
+        if before is None:
+            break
+    assert seen == list(reversed(first))
+
+
+def test_paging_from_a_job_the_caller_cannot_see_is_a_422(gw) -> None:
+    other = gw.key("creator", team="legal")
+    job = gw.client.post("/v1/generations", headers=gw.auth(other), json={"class_id": 1}).json()
+    for before in (job["id"], "no-such-job"):
+        response = gw.client.get("/v1/generations", headers=gw.auth(gw.key("creator")), params={"before": before})
+        assert response.status_code == 422 and error_of(response)["message"].startswith("before: no generation")
+
+
 def test_junk_upload_to_provenance_verify_is_a_clear_4xx(gw) -> None:
     response = gw.client.post("/v1/provenance/verify", content=b"this is not an image",
                               headers={**gw.auth(gw.key("auditor")), "Content-Type": "image/png"})
