@@ -133,7 +133,7 @@ def with_dev_session_secret(settings: Settings) -> Settings:
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_urlsafe(32) + "\n")
         try:
-            if secret or path.exists():
+            if path.exists():  # emptied: replace it
                 os.replace(draft, path)
             else:
                 os.link(draft, path)  # another process of this gateway starting now may have won: use its

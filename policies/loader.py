@@ -108,9 +108,9 @@ def parse_yaml(text: str, name: str) -> tuple[yaml.Node | None, Any]:
         raise PolicyError(name, [("", None, f"invalid YAML: {exc}")]) from None
     except RecursionError:
         raise PolicyError(name, [("", None, f"the document nests deeper than {MAX_DEPTH} levels")]) from None
-    except (ValueError, OverflowError) as exc:  # PolicyError is a ValueError too: pass it on unchanged
-        if isinstance(exc, PolicyError):
-            raise
+    except PolicyError:  # a ValueError too: raised above, passed on unchanged
+        raise
+    except (ValueError, OverflowError) as exc:  # a value YAML cannot build: 2020-02-30, 5001 digits
         raise PolicyError(name, [("", None, f"invalid value: {exc}")]) from None
     finally:
         if loader is not None:

@@ -46,15 +46,13 @@ class HistoryItem:
             raise ReplayError(f"history record {ident or '?'}: no decision")
         try:
             decision = Decision.from_dict(record["decision"])
-            stage = str(record.get("stage") or decision.stage)
-            if stage not in _STAGES:
-                raise ReplayError(f"history record {ident}: unknown stage {stage!r}")
             results = tuple(ClassifierResult.from_dict(r) for r in record.get("results") or ())
             context = Context.from_dict(record.get("context") or {})
-        except ReplayError:
-            raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a field missing or of the wrong shape
             raise ReplayError(f"history record {ident or '?'}: malformed ({type(exc).__name__}: {exc})") from exc
+        stage = str(record.get("stage") or decision.stage)
+        if stage not in _STAGES:
+            raise ReplayError(f"history record {ident}: unknown stage {stage!r}")
         return cls(id=ident, stage=stage, context=context, results=results, decision=decision)  # type: ignore[arg-type]
 
 

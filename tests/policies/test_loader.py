@@ -271,4 +271,5 @@ def test_aliased_lists_are_refused_before_they_expand() -> None:
 
 def test_an_aliased_scalar_is_just_its_value() -> None:
     text = BASE_POLICY.replace("id: test", "id: &name test").replace("words: [zombie]", "words: [zombie, *name]")
-    assert "test" in load_policy_text(text, name="p.yaml").source
+    [horror] = [rule for rule in load_policy_text(text, name="p.yaml").policy.prompt.lexical if rule.id == "horror"]
+    assert list(horror.words) == ["zombie", "test"]
